@@ -1,0 +1,136 @@
+"""The `agentspeed` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from agentspeed.config import CacheConfig, EngineConfig, KernelConfig, ParallelConfig
+from agentspeed.errors import AgentspeedError
+
+log = logging.getLogger("agentspeed")
+
+
+def _parse_bytes(text: str) -> int:
+    """'4GiB', '512MiB', '2G', or a plain number of bytes."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(float(t))
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None, help="local Hugging Face model directory or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct GGUF)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: float32 on CPU, the checkpoint's 16-bit type on GPU)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--tp", type=int, default=1, help="tensor parallel size (processes; gloo on CPU, NCCL on GPU)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+    g.add_argument("--kv-cache-memory", type=_parse_bytes, default=2 << 30,
+                   help="bytes of KV cache per rank, e.g. 4GiB (default 2GiB)")
+    g.add_argument("--kernel-backend", default=None,
+                   help="force kernel backends: 'reference', or 'op=backend,...' "
+                        "(also AGENTSPEED_KERNEL_BACKEND); fails if the backend cannot run")
+    g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+    g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        parallel=ParallelConfig(tp=args.tp, rank=rank, master_port=port),
+        cache=CacheConfig(page_size=args.page_size, kv_cache_memory=args.kv_cache_memory),
+        kernels=KernelConfig.parse(args.kernel_backend),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentspeed",
+        description="An LLM inference engine for multi-turn agentic workloads.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser(
+        "generate",
+        help="generate a completion for a prompt and print it",
+        description="Send PROMPT as one user message through the model's chat template "
+                    "(or as raw text with --raw) and print only the completion on stdout.",
+    )
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    gen.add_argument("--max-tokens", type=int, default=128, help="maximum new tokens (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    add_engine_args(gen)
+    return parser
+
+
+def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from agentspeed.engine.simple_generate import generate
+    from agentspeed.execution import launch
+    from agentspeed.execution.model_runner import ModelRunner
+    from agentspeed.sampling_params import SamplingParams
+    from agentspeed.tokenizer import Tokenizer
+
+    rank = launch.worker_rank()
+    port = launch.tp_port()
+    workers = launch.spawn_workers(args.tp, port, ["-m", "agentspeed.cli", *argv]) if rank == 0 else []
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed,
+        )
+        runner = ModelRunner(engine_config(args, rank, port))
+        tok = Tokenizer.load(runner.source)
+        if args.raw:
+            prompt = tok.encode(args.prompt)
+        else:
+            prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+        eos = (*tok.eos_token_ids, *runner.model_config.eos_token_ids)
+        [out] = generate(runner, [prompt], params, eos)
+        if rank == 0:
+            print(tok.decode(out.token_ids), flush=True)
+        runner.shutdown()
+    except BaseException:
+        for w in workers:
+            w.kill()
+        raise
+    launch.reap(workers)
+    failed = [w.returncode for w in workers if w.returncode]
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if args.command == "generate":
+            return _run_generate(args, argv)
+    except AgentspeedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The one frozen configuration hierarchy. Built once (from the CLI or the Python API)
+and passed down; nothing reads options from anywhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agentspeed.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """RoPE frequency scaling. kind is "linear" or "llama3"."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture hyper-parameters of a Llama-family decoder, whatever the file format."""
+
+    architecture: str  # e.g. "LlamaForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2, Llama attention_bias)
+    o_proj_bias: bool = False  # bias on the output projection (Llama attention_bias)
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
+    rope_scaling: RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """Tensor parallelism. rank is this process's rank; all ranks share everything else."""
+
+    tp: int = 1
+    rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29517
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or not 0 <= self.rank < self.tp:
+            raise ConfigError(f"invalid tensor parallel rank {self.rank} of {self.tp}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache. num_pages=None sizes the pool from kv_cache_memory."""
+
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_cache_memory: int = 2 << 30  # bytes, across all layers, on this rank
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1:
+            raise ConfigError(f"page size must be >= 1, got {self.page_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Kernel backend overrides: (op, backend) pairs; op "*" forces a backend for every op
+    it implements. Selection fails loudly when a forced backend cannot run."""
+
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def parse(spec: str | None) -> KernelConfig:
+        """Parse "backend" or "op=backend,op=backend" (CLI flag / AGENTSPEED_KERNEL_BACKEND)."""
+        if not spec:
+            return KernelConfig()
+        pairs: list[tuple[str, str]] = []
+        for item in spec.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            op, sep, backend = item.partition("=")
+            pairs.append((op.strip(), backend.strip()) if sep else ("*", op))
+        return KernelConfig(tuple(pairs))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything needed to build an engine. model is a local path (HF directory or GGUF
+    file); None means the embedded default model."""
+
+    model: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None
+    seed: int = 0
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)

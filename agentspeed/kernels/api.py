@@ -1,0 +1,167 @@
+"""The public op API.
+
+Ops (each has a torch `reference` backend that runs everywhere):
+  rms_norm(x, weight, eps) -> Tensor
+  rotary_embedding(positions, q, k, cos_sin) -> (q, k)       NeoX-style, cos|sin halves
+  silu_and_mul(x) -> Tensor                                   silu(x[..., :d]) * x[..., d:]
+  store_kv(k, v, k_cache, v_cache, slot_mapping) -> None      writes new tokens' K/V in place
+  paged_attention_prefill(q, k_cache, v_cache, meta, scale) -> Tensor
+  paged_attention_decode(q, k_cache, v_cache, meta, scale) -> Tensor
+  sample(logits, params) -> Tensor[int64]
+
+Shapes: q [T, H, D]; k/v [T, KVH, D]; caches [num_pages, page_size, KVH, D]; tokens of all
+sequences are flattened along T in sequence order (no padding). `KernelSet` resolves every op
+once for a model so hot paths make no per-call registry lookups.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from agentspeed.config import KernelConfig
+from agentspeed.kernels.registry import Traits, select_kernel
+
+OPS = (
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "store_kv",
+    "paged_attention_prefill",
+    "paged_attention_decode",
+    "sample",
+)
+
+ENV_OVERRIDE = "AGENTSPEED_KERNEL_BACKEND"
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Where each sequence's tokens and KV live for one forward.
+
+    Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; its context (cached
+    prefix plus new tokens) is seq_lens[b] tokens stored in pages page_table[b, :]. New token t
+    is written to flat cache slot slot_mapping[t] (page * page_size + offset). A query row i of
+    sequence b sits at position seq_lens[b] - query_len[b] + i and attends causally.
+    The *_cpu tuples mirror the tensors on the host so kernels can plan without a sync.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32
+    page_table: torch.Tensor  # [B, max_pages] int32
+    query_lens_cpu: tuple[int, ...]
+    seq_lens_cpu: tuple[int, ...]
+    page_size: int
+
+    @property
+    def is_decode(self) -> bool:
+        return max(self.query_lens_cpu) == 1
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_cpu)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingTensors:
+    """Per-row sampling settings for one batched `sample` call.
+
+    temperature 0 means greedy for that row; top_k 0 and top_p 1 mean off. A row with a
+    generator draws only from it, so its samples do not depend on the rest of the batch.
+    """
+
+    temperature: torch.Tensor  # [B] float32
+    top_p: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64
+    generators: tuple[torch.Generator | None, ...]
+    all_greedy: bool
+    use_top_p: bool
+    use_top_k: bool
+
+
+def resolve_overrides(config: KernelConfig) -> dict[str, str]:
+    """op -> forced backend, from the config, else from the environment variable."""
+    pairs = config.overrides or KernelConfig.parse(os.environ.get(ENV_OVERRIDE)).overrides
+    return dict(pairs)
+
+
+class KernelSet:
+    """Every op resolved once for (device, dtype, traits)."""
+
+    def __init__(
+        self,
+        device: str,
+        dtype: torch.dtype,
+        traits: Traits | None = None,
+        config: KernelConfig | None = None,
+    ) -> None:
+        overrides = resolve_overrides(config or KernelConfig())
+        self.backends: dict[str, str] = {}
+        self._fns: dict[str, Callable[..., Any]] = {}
+        for op in OPS:
+            force = overrides.get(op, overrides.get("*"))
+            # A blanket "*" override applies to the ops that backend implements;
+            # a per-op override must be honoured or fail.
+            if force is not None and op not in overrides and not _implements(force, op):
+                force = None
+            # Sampling runs on fp32 logits whatever the model dtype.
+            op_dtype = torch.float32 if op == "sample" else dtype
+            impl = select_kernel(op, device, op_dtype, traits, force)
+            self.backends[op] = impl.backend
+            self._fns[op] = impl.fn
+        self.rms_norm = self._fns["rms_norm"]
+        self.rotary_embedding = self._fns["rotary_embedding"]
+        self.silu_and_mul = self._fns["silu_and_mul"]
+        self.store_kv = self._fns["store_kv"]
+        self.paged_attention_prefill = self._fns["paged_attention_prefill"]
+        self.paged_attention_decode = self._fns["paged_attention_decode"]
+        self.sample = self._fns["sample"]
+
+    def describe(self) -> Mapping[str, str]:
+        return dict(self.backends)
+
+
+def _implements(backend: str, op: str) -> bool:
+    from agentspeed.kernels.registry import backends_for
+
+    return any(k.backend == backend for k in backends_for(op))
+
+
+def _device_of(t: torch.Tensor) -> str:
+    return t.device.type
+
+
+# Convenience entry points: select per call (for users and tests, not hot paths).
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return select_kernel("rms_norm", _device_of(x), x.dtype).fn(x, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return select_kernel("silu_and_mul", _device_of(x), x.dtype).fn(x)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return select_kernel("rotary_embedding", _device_of(q), q.dtype).fn(positions, q, k, cos_sin)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    op = "paged_attention_decode" if meta.is_decode else "paged_attention_prefill"
+    traits = {"head_dim": q.shape[-1], "page_size": meta.page_size}
+    return select_kernel(op, _device_of(q), q.dtype, traits).fn(q, k_cache, v_cache, meta, scale)
+
+
+def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    return select_kernel("sample", _device_of(logits), logits.dtype).fn(logits, params)

@@ -1,0 +1,69 @@
+"""CPU backend: where it pays over the reference. Attention uses torch's fused SDPA
+(flash-style CPU kernel with GQA) instead of materialising repeated K/V and the score matrix
+in fp32 math by hand; decode gathers all sequences' pages into one padded batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from agentspeed.kernels.api import AttentionMetadata
+from agentspeed.kernels.reference import gather_context
+from agentspeed.kernels.registry import register_kernel
+
+_CPU = ("cpu",)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@register_kernel("paged_attention_prefill", "cpu", _CPU, _FLOATS, priority=10)
+def paged_attention_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    out = torch.empty_like(q)
+    start = 0
+    for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        k = gather_context(k_cache, meta.page_table[b], slen).transpose(0, 1)
+        v = gather_context(v_cache, meta.page_table[b], slen).transpose(0, 1)
+        qb = q[start : start + qlen].transpose(0, 1)
+        if qlen == slen:
+            o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            # Causal with a cached prefix: row i sees keys up to slen - qlen + i.
+            rows = torch.arange(slen - qlen, slen)[:, None]
+            mask = torch.arange(slen)[None, :] <= rows
+            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + qlen] = o.transpose(0, 1)
+        start += qlen
+    return out
+
+
+@register_kernel("paged_attention_decode", "cpu", _CPU, _FLOATS, priority=10)
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    page_size = k_cache.shape[1]
+    n_pages = -(-meta.max_seq_len // page_size)
+    pages = meta.page_table[:, :n_pages].long()
+    B = pages.shape[0]
+    # [B, n_pages, page_size, KVH, D] -> [B, KVH, L, D]
+    k = k_cache[pages].flatten(1, 2).transpose(1, 2)
+    v = v_cache[pages].flatten(1, 2).transpose(1, 2)
+    L = k.shape[2]
+    mask = (torch.arange(L)[None, :] < meta.seq_lens[:, None]).view(B, 1, 1, L)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return o.squeeze(2)
+
+
+@register_kernel("rms_norm", "cpu", _CPU, (torch.float32,), priority=10)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)

@@ -1,0 +1,64 @@
+"""Attention core over the paged KV cache: Shard(-1) qkv in, Shard(-1) attention output out.
+Heads are sharded, so everything here is local to the rank."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from agentspeed.kernels.api import KernelSet
+from agentspeed.modeling.compiler import SpmdModule
+from agentspeed.modeling.context import ForwardContext
+from agentspeed.modeling.layers.weights import LazyTensor, copy_into
+from agentspeed.modeling.placement import Shard
+
+
+class PagedAttention(SpmdModule):
+    in_placement = Shard(-1)
+    out_placement = Shard(-1)
+
+    def __init__(
+        self,
+        layer_idx: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        cos_sin: torch.Tensor,
+        kernels: KernelSet,
+        qk_norm_eps: float | None,
+        dtype: torch.dtype,
+        device: str,
+    ) -> None:
+        """num_heads/num_kv_heads are this rank's (local) counts. qk_norm_eps enables
+        per-head RMSNorm on q and k (Qwen3)."""
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.kernels = kernels
+        self.register_buffer("cos_sin", cos_sin, persistent=False)
+        self.qk_norm_eps = qk_norm_eps
+        if qk_norm_eps is not None:
+            self.q_norm = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
+            self.k_norm = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
+
+    def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
+        copy_into(getattr(self, param), t.read(), param)
+
+    def forward(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        ks = self.kernels
+        if self.qk_norm_eps is not None:
+            q = ks.rms_norm(q, self.q_norm, self.qk_norm_eps)
+            k = ks.rms_norm(k, self.k_norm, self.qk_norm_eps)
+        q, k = ks.rotary_embedding(ctx.positions, q, k, self.cos_sin)
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        ks.store_kv(k, v, k_cache, v_cache, ctx.attn.slot_mapping)
+        attend = ks.paged_attention_decode if ctx.attn.is_decode else ks.paged_attention_prefill
+        out = attend(q, k_cache, v_cache, ctx.attn, self.scale)
+        return out.reshape(T, self.q_size)

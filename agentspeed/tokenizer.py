@@ -1,0 +1,60 @@
+"""Tokenizer and chat template, from a Hugging Face directory or from GGUF metadata
+(both through transformers; nothing downloaded)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from agentspeed.errors import ConfigError, ModelLoadError
+from agentspeed.modeling.loaders.source import ModelSource
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+
+
+class Tokenizer:
+    def __init__(self, hf: Any, eos_token_ids: Sequence[int], chat_template: str | None = None) -> None:
+        self.hf = hf
+        self.eos_token_ids = tuple(dict.fromkeys(eos_token_ids))
+        if chat_template is not None:
+            self.hf.chat_template = chat_template
+
+    @staticmethod
+    def load(source: ModelSource, chat_template: str | None = None) -> Tokenizer:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        try:
+            if source.format == "gguf":
+                hf = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+            else:
+                hf = AutoTokenizer.from_pretrained(str(source.path))
+        except Exception as e:
+            raise ModelLoadError(f"cannot load a tokenizer for {source.path}: {e}") from None
+        eos = [hf.eos_token_id] if hf.eos_token_id is not None else []
+        return Tokenizer(hf, eos, chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        if not getattr(self.hf, "chat_template", None):
+            raise ConfigError("this model has no chat template: send raw text or pass --chat-template")
+        text = self.hf.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        # The template already contains any BOS token; do not add another.
+        return self.encode(text, add_special_tokens=False)
