@@ -38,7 +38,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel-backend", default=None,
                    help="force kernel backends: 'reference', or 'op=backend,...' "
                         "(also AGENTSPEED_KERNEL_BACKEND); fails if the backend cannot run")
-    g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
@@ -73,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
     add_engine_args(gen)
     return parser
 
@@ -91,7 +90,7 @@ def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed,
+            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         )
         runner = ModelRunner(engine_config(args, rank, port))
         tok = Tokenizer.load(runner.source)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from agentspeed.config import KernelConfig
+from agentspeed.errors import KernelUnavailableError
 from agentspeed.kernels.registry import Traits, select_kernel
 
 OPS = (
@@ -101,6 +102,12 @@ class KernelSet:
         config: KernelConfig | None = None,
     ) -> None:
         overrides = resolve_overrides(config or KernelConfig())
+        blanket = overrides.get("*")
+        if blanket is not None and not any(_implements(blanket, op) for op in OPS):
+            raise KernelUnavailableError(f"unknown kernel backend {blanket!r}")
+        unknown = set(overrides) - {"*", *OPS}
+        if unknown:
+            raise KernelUnavailableError(f"unknown kernel op(s) in override: {', '.join(sorted(unknown))}")
         self.backends: dict[str, str] = {}
         self._fns: dict[str, Callable[..., Any]] = {}
         for op in OPS:

@@ -1,0 +1,133 @@
+"""Greedy tokens and logits identical to Hugging Face transformers for the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from agentspeed.config import CacheConfig, EngineConfig
+from agentspeed.engine.simple_generate import generate
+from agentspeed.execution.inputs import SequenceChunk
+from agentspeed.execution.model_runner import ModelRunner
+from agentspeed.sampling_params import SamplingParams
+
+NEW_TOKENS = 32
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(30, 60)), [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+
+
+def hf_greedy_loop(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Plain greedy decoding with transformers' forward (no generate(): its min_new_tokens
+    would bias the EOS logit). Returns the new tokens and the logits at every position of
+    prompt + completion[:-1]."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        logits = model(torch.tensor([ids[:-1]])).logits[0]
+    return ids[len(prompt):], logits
+
+
+def hf_greedy(path: Path, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return hf_greedy_loop(model, prompt, n)
+
+
+def runner_for(path: Path | str, page_size: int = 16, **kw: object) -> ModelRunner:
+    cfg = EngineConfig(model=str(path), cache=CacheConfig(page_size=page_size, num_pages=64), **kw)  # type: ignore[arg-type]
+    return ModelRunner(cfg)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_greedy_tokens_and_logits_match_transformers(tiny_models: dict[str, Path], kind: str) -> None:
+    path = tiny_models[kind]
+    # page size 5 puts page boundaries at awkward places for every prompt
+    runner = runner_for(path, page_size=5)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    batched = generate(runner, PROMPTS, params)
+    single = [generate(runner, [p], params)[0] for p in PROMPTS]
+    for prompt, b, s in zip(PROMPTS, batched, single):
+        ref_tokens, ref_logits = hf_greedy(path, prompt, NEW_TOKENS)
+        assert b.token_ids == ref_tokens
+        assert s.token_ids == ref_tokens
+        # final-position logits of the prompt, and after the full completion
+        full = prompt + ref_tokens
+        pages = list(range(1, 1 + -(-len(full) // 5)))
+        logits = runner.forward([SequenceChunk("x", full[:-1], 0, pages)])
+        torch.testing.assert_close(logits[0], ref_logits[-1], rtol=1e-4, atol=1e-4)
+        logits = runner.forward([SequenceChunk("x", prompt, 0, pages)])
+        torch.testing.assert_close(logits[0], ref_logits[len(prompt) - 1], rtol=1e-4, atol=1e-4)
+
+
+VARIANTS = {
+    "llama3-rope": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                              "rope_theta": 500000.0}),
+    "linear-rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "tied-qwen2": ("qwen2", {"tie_word_embeddings": True}),
+    "llama-bias": ("llama", {"attention_bias": True}),
+    "mistral": ("mistral", {}),
+    "mqa": ("llama", {"num_key_value_heads": 1}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_match_transformers(tmp_path: Path, variant: str) -> None:
+    from conftest import make_tiny
+
+    kind, overrides = VARIANTS[variant]
+    path = make_tiny(kind, tmp_path, **overrides)
+    runner = runner_for(path, page_size=7)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = PROMPTS[:2]
+    outs = generate(runner, prompts, params)
+    for prompt, out in zip(prompts, outs):
+        ref_tokens, ref_logits = hf_greedy(path, prompt, 16)
+        assert out.token_ids == ref_tokens
+        full = prompt + ref_tokens
+        logits = runner.forward([SequenceChunk("x", full[:-1], 0, list(range(1, 1 + -(-len(full) // 7))))])
+        torch.testing.assert_close(logits[0], ref_logits[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_runs_close_to_float32(tiny_models: dict[str, Path]) -> None:
+    path = tiny_models["llama"]
+    prompt = PROMPTS[1]
+    pages = list(range(1, 1 + -(-len(prompt) // 16)))
+    f32 = runner_for(path).forward([SequenceChunk("x", prompt, 0, pages)])
+    bf16_runner = runner_for(path, dtype="bfloat16")
+    assert bf16_runner.dtype == torch.bfloat16
+    bf16 = bf16_runner.forward([SequenceChunk("x", prompt, 0, pages)])
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, f32, rtol=0.1, atol=0.1)
+    assert bf16.argmax(-1).item() == f32.argmax(-1).item()
+
+
+def test_smollm2_gguf_matches_transformers(smollm2_path: Path) -> None:
+    """Our dequantized GGUF weights vs transformers loading the same GGUF file."""
+    from transformers import AutoModelForCausalLM
+
+    from agentspeed.tokenizer import Tokenizer
+
+    runner = runner_for(smollm2_path, page_size=16)
+    tok = Tokenizer.load(runner.source)
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
+        tok.apply_chat_template([{"role": "user", "content": "Write a Python function that adds two numbers."}]),
+        tok.encode("The quick brown fox"),
+    ]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    ours = generate(runner, prompts, params)
+    hf = AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+    ).eval()
+    for prompt, out in zip(prompts, ours):
+        ref, ref_all_logits = hf_greedy_loop(hf, prompt, NEW_TOKENS)
+        ref_logits = ref_all_logits[len(prompt) - 1]
+        assert out.token_ids == ref
+        pages = list(range(1, 1 + -(-len(prompt) // 16)))
+        logits = runner.forward([SequenceChunk("x", prompt, 0, pages)])[0]
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-3, atol=1e-3)
+    assert "Paris" in tok.decode(ours[0].token_ids)

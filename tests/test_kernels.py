@@ -1,0 +1,210 @@
+"""Every kernel backend matches `reference`; paged attention with a shared cached prefix
+and awkward page boundaries matches dense attention; the registry selects and overrides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import agentspeed.kernels  # noqa: F401  (registers backends)
+from agentspeed.config import KernelConfig
+from agentspeed.errors import KernelUnavailableError
+from agentspeed.kernels.api import OPS, AttentionMetadata, KernelSet, SamplingTensors
+from agentspeed.kernels.registry import backends_for, register_kernel, select_kernel
+
+H, KVH, D = 4, 2, 16
+
+
+def make_paged(
+    ctx_lens: list[int], query_lens: list[int], page_size: int, shared_prefix: int = 0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor], list[torch.Tensor]]:
+    """Random K/V for each sequence written into a shuffled paged cache. Sequences share the
+    pages of their first `shared_prefix` tokens (a cached prefix). Returns q, caches, meta,
+    and each sequence's dense K and V."""
+    g = torch.Generator().manual_seed(seed)
+    n_pages_total = 1 + sum(-(-c // page_size) for c in ctx_lens)
+    k_cache = torch.zeros(n_pages_total, page_size, KVH, D)
+    v_cache = torch.zeros_like(k_cache)
+    free = (torch.randperm(n_pages_total - 1, generator=g) + 1).tolist()  # page 0 = null
+    shared_pages = shared_prefix // page_size
+    prefix_k = torch.randn(shared_pages * page_size, KVH, D, generator=g)
+    prefix_v = torch.randn(shared_pages * page_size, KVH, D, generator=g)
+    prefix_page_ids = [free.pop() for _ in range(shared_pages)]
+    dense_k, dense_v, tables, slots = [], [], [], []
+    for b, (c, q) in enumerate(zip(ctx_lens, query_lens)):
+        k = torch.randn(c, KVH, D, generator=g)
+        v = torch.randn(c, KVH, D, generator=g)
+        n_shared = min(shared_pages, c // page_size) if b > 0 else shared_pages
+        pages = prefix_page_ids[:n_shared] + [free.pop() for _ in range(-(-c // page_size) - n_shared)]
+        k[: n_shared * page_size] = prefix_k[: n_shared * page_size]
+        v[: n_shared * page_size] = prefix_v[: n_shared * page_size]
+        for t in range(c):
+            k_cache[pages[t // page_size], t % page_size] = k[t]
+            v_cache[pages[t // page_size], t % page_size] = v[t]
+        slots += [pages[t // page_size] * page_size + t % page_size for t in range(c - q, c)]
+        dense_k.append(k)
+        dense_v.append(v)
+        tables.append(pages)
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
+        seq_lens=torch.tensor(ctx_lens, dtype=torch.int32),
+        page_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        query_lens_cpu=tuple(query_lens),
+        seq_lens_cpu=tuple(ctx_lens),
+        page_size=page_size,
+    )
+    q = torch.randn(sum(query_lens), H, D, generator=g)
+    return q, k_cache, v_cache, meta, dense_k, dense_v
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [n, H, D] as the last n positions of a causal sequence with keys k/v [L, KVH, D]."""
+    n, L = q.shape[0], k.shape[0]
+    k = k.repeat_interleave(H // KVH, 1).transpose(0, 1)
+    v = v.repeat_interleave(H // KVH, 1).transpose(0, 1)
+    mask = torch.ones(L, L, dtype=torch.bool).tril()[L - n :]
+    return F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask).transpose(0, 1)
+
+
+PREFILL_CASES = [
+    # (context lens, query lens, page size, shared prefix tokens)
+    ([7], [7], 4, 0),
+    ([23, 9, 40], [23, 9, 40], 5, 0),
+    ([37, 41, 19], [5, 41, 1], 3, 12),  # cached prefix, mixed prefill + decode rows
+    ([64, 65, 33], [1, 17, 33], 16, 32),
+]
+
+
+@pytest.mark.parametrize("ctx,qlens,ps,shared", PREFILL_CASES)
+@pytest.mark.parametrize("op", ["paged_attention_prefill", "paged_attention_decode"])
+def test_paged_attention_matches_dense(ctx: list[int], qlens: list[int], ps: int, shared: int, op: str) -> None:
+    if op == "paged_attention_decode" and max(qlens) > 1:
+        qlens = [1] * len(ctx)
+    q, kc, vc, meta, dk, dv = make_paged(ctx, qlens, ps, shared)
+    scale = D**-0.5
+    expected = torch.cat(
+        [dense_attention(qb, k, v) for qb, k, v in zip(q.split(qlens), dk, dv)]
+    )
+    for impl in backends_for(op):
+        if impl.why_not("cpu", torch.float32, {"head_dim": D, "page_size": ps}):
+            continue
+        out = impl.fn(q, kc, vc, meta, scale)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=f"{impl.backend}")
+
+
+def _sample_inputs(op: str, dtype: torch.dtype) -> tuple[object, ...]:
+    g = torch.Generator().manual_seed(1)
+    if op == "rms_norm":
+        return (torch.randn(9, 64, generator=g).to(dtype), torch.randn(64, generator=g).to(dtype), 1e-6)
+    if op == "silu_and_mul":
+        return (torch.randn(9, 2 * 48, generator=g).to(dtype),)
+    if op == "rotary_embedding":
+        from agentspeed.modeling.layers.rotary import cos_sin_table
+
+        table = cos_sin_table(D, 128, 10000.0, None, "cpu")
+        return (torch.tensor([0, 5, 77, 3]), torch.randn(4, H, D, generator=g).to(dtype),
+                torch.randn(4, KVH, D, generator=g).to(dtype), table)
+    if op == "store_kv":
+        return (torch.randn(3, KVH, D, generator=g).to(dtype), torch.randn(3, KVH, D, generator=g).to(dtype),
+                torch.zeros(4, 4, KVH, D, dtype=dtype), torch.zeros(4, 4, KVH, D, dtype=dtype),
+                torch.tensor([5, 6, 13]))
+    if op == "sample":
+        logits = torch.randn(6, 50, generator=g)
+        return (logits, SamplingTensors(
+            temperature=torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0, 0.9]),
+            top_p=torch.tensor([1.0, 0.9, 1.0, 0.5, 1.0, 1.0]),
+            top_k=torch.tensor([0, 0, 5, 0, 3, 1]),
+            generators=tuple(torch.Generator().manual_seed(i) for i in range(6)),
+            all_greedy=False, use_top_p=True, use_top_k=True))
+    raise AssertionError(op)
+
+
+@pytest.mark.parametrize("op", [o for o in OPS if not o.startswith("paged_")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_backend_matches_reference(op: str, dtype: torch.dtype) -> None:
+    if op == "sample":
+        dtype = torch.float32
+    ref = select_kernel(op, "cpu", dtype, force="reference")
+
+    for impl in backends_for(op):
+        if impl.backend == "reference" or impl.why_not("cpu", dtype, {}):
+            continue
+        args_ref, args = _sample_inputs(op, dtype), _sample_inputs(op, dtype)
+        want, got = ref.fn(*args_ref), impl.fn(*args)
+        if op == "store_kv":
+            want, got = args_ref[2:4], args[2:4]
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+
+def test_every_op_has_a_reference_that_runs_everywhere() -> None:
+    for op in OPS:
+        assert any(k.backend == "reference" for k in backends_for(op)), op
+        assert select_kernel(op, "cpu", torch.float32, force="reference").backend == "reference"
+
+
+def test_selection_prefers_priority_and_override_forces_or_fails() -> None:
+    ks = KernelSet("cpu", torch.float32, {"head_dim": D, "page_size": 16})
+    assert ks.backends["paged_attention_decode"] == "cpu"
+    forced = KernelSet("cpu", torch.float32, config=KernelConfig.parse("reference"))
+    assert set(forced.backends.values()) == {"reference"}
+    per_op = KernelSet("cpu", torch.float32, config=KernelConfig.parse("paged_attention_decode=reference"))
+    assert per_op.backends["paged_attention_decode"] == "reference"
+    assert per_op.backends["paged_attention_prefill"] == "cpu"
+    with pytest.raises(KernelUnavailableError, match="cannot run"):
+        KernelSet("cuda", torch.float32, config=KernelConfig.parse("paged_attention_decode=cpu"))
+    with pytest.raises(KernelUnavailableError, match="does not implement"):
+        KernelSet("cpu", torch.float32, config=KernelConfig.parse("sample=cpu"))
+    with pytest.raises(KernelUnavailableError):
+        KernelSet("cpu", torch.float32, config=KernelConfig.parse("nosuch"))
+
+
+def test_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTSPEED_KERNEL_BACKEND", "rms_norm=reference")
+    assert KernelSet("cpu", torch.float32).backends["rms_norm"] == "reference"
+
+
+def test_traits_filter_selection() -> None:
+    calls = []
+
+    @register_kernel("silu_and_mul", "test-big-only", ["cpu"], [torch.float32], priority=99,
+                     supports=lambda t: t.get("head_dim", 0) >= 256)
+    def _fake(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return x
+
+    try:
+        assert select_kernel("silu_and_mul", "cpu", torch.float32, {"head_dim": 64}).backend != "test-big-only"
+        assert select_kernel("silu_and_mul", "cpu", torch.float32, {"head_dim": 256}).backend == "test-big-only"
+    finally:
+        from agentspeed.kernels import registry
+
+        del registry._REGISTRY["silu_and_mul"]["test-big-only"]
+
+
+def test_sampling_semantics() -> None:
+    ref = select_kernel("sample", "cpu", torch.float32).fn
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
+
+    def st(temp: list[float], top_p: list[float], top_k: list[int], seed: int) -> SamplingTensors:
+        return SamplingTensors(torch.tensor(temp), torch.tensor(top_p), torch.tensor(top_k),
+                               tuple(torch.Generator().manual_seed(seed + i) for i in range(2)),
+                               all_greedy=False, use_top_p=True, use_top_k=True)
+
+    # top_k=1 is greedy whatever the temperature
+    for seed in range(20):
+        assert ref(logits, st([5.0, 5.0], [1.0, 1.0], [1, 1], seed)).tolist() == [1, 0]
+    # top_p small keeps only the most likely token
+    for seed in range(20):
+        assert ref(logits, st([1.0, 1.0], [0.01, 0.01], [0, 0], seed)).tolist() == [1, 0]
+    # top_k=2 never leaves the two best; both appear over many seeds
+    seen = {ref(logits, st([1.0, 1.0], [1.0, 1.0], [2, 0], s)).tolist()[0] for s in range(200)}
+    assert seen == {1, 3}
+    # same seed -> same sample
+    a = ref(logits, st([1.0, 1.0], [1.0, 1.0], [0, 0], 7))
+    b = ref(logits, st([1.0, 1.0], [1.0, 1.0], [0, 0], 7))
+    assert a.tolist() == b.tolist()
