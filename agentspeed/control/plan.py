@@ -1,0 +1,76 @@
+"""Messages between the control plane and the execution plane. Plain frozen dataclasses of
+ints and strings: no tensors (they also serialise as msgspec structs for other processes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agentspeed.control.fsm import FinishReason
+
+# In a chunk's token_ids: "the token this request sampled in the step still in flight".
+# The execution plane substitutes it (it runs steps in order, so it knows it by then).
+LAST_SAMPLED = -1
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    """A new request. stop_token_ids end it (after min_tokens outputs); max_tokens caps it.
+    session_key groups the turns of one agent session; cache_salt partitions the prefix cache."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+    min_tokens: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
+    priority: int = 0
+    session_key: str | None = None
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """Compute token_ids at positions start, start+1, ... for one request, whose pages (in
+    position order) cover [0, start + len(token_ids)). sample: sample one token afterwards."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start: int
+    pages: tuple[int, ...]
+    sample: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionPlan:
+    """One step. An empty plan (no chunks) is not registered and must not be advanced.
+    released: requests whose execution-side state (e.g. sampler seeds) can be dropped."""
+
+    step_id: int
+    chunks: tuple[ScheduledChunk, ...]
+    released: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """sampled[request_id]: the token sampled for each chunk of the step with sample=True."""
+
+    step_id: int
+    sampled: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestUpdate:
+    """What changed for one request in one advance()."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    num_cached_tokens: int = 0
+    message: str = ""

@@ -1,0 +1,391 @@
+"""The scheduler: the control plane's whole public interface.
+
+    submit(spec)            queue a request (raises RequestRejected if it can never be served)
+    abort(request_id)       finish it now; its pages go back (fenced if a step is in flight)
+    next_plan()             the next step: decodes first, then chunked prefill, in one budget
+    advance(result)         take a step's sampled tokens; returns what changed per request
+
+Overlap, depth 1: next_plan() may be called once while the previous plan is still executing.
+Decode inputs then refer to tokens not yet known (LAST_SAMPLED), and pages given back while
+a planned step has not been advanced are fenced until it is.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from agentspeed.control import fsm
+from agentspeed.control.errors import InvariantViolation
+from agentspeed.control.fsm import FinishReason, RequestState
+from agentspeed.control.page_pool import BlockTable, PagePool, PageState
+from agentspeed.control.plan import (
+    LAST_SAMPLED,
+    ExecutionPlan,
+    RequestSpec,
+    RequestUpdate,
+    ScheduledChunk,
+    StepResult,
+)
+from agentspeed.control.prefix_cache import extend_hashes
+from agentspeed.errors import AgentspeedError
+
+
+class RequestRejected(AgentspeedError):
+    """The request can never be served (too long for the model or the KV pool)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    num_pages: int
+    page_size: int
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int = 8192
+    enable_prefix_caching: bool = True
+
+
+@dataclass(slots=True)
+class _Request:
+    spec: RequestSpec
+    arrival: int
+    state: RequestState = field(default_factory=fsm.Waiting)
+    tokens: list[int] = field(default_factory=list)  # prompt + known outputs
+    num_outputs: int = 0
+    pending: int = 0  # samples in flight (tokens not yet known)
+    num_computed: int = 0  # tokens whose KV is written or scheduled to be
+    num_confirmed: int = 0  # tokens whose KV is written by advanced steps
+    num_published: int = 0  # leading pages checked for publication
+    num_cached_tokens: int = -1  # prefix-cache hit at first admission (-1: not admitted yet)
+    hashes: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens) + self.pending
+
+    @property
+    def blocks(self) -> BlockTable | None:
+        s = self.state
+        return s.blocks if isinstance(s, (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding)) else None
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg
+        self.pool = PagePool(cfg.num_pages, cfg.page_size)
+        self._requests: dict[str, _Request] = {}
+        self._waiting: list[tuple[int, int, str]] = []  # sorted (priority, arrival, id)
+        self._running: list[_Request] = []  # admission order
+        self._arrivals = itertools.count()
+        self._step_ids = itertools.count()
+        self._unadvanced: deque[ExecutionPlan] = deque()
+        self._aborted: list[RequestUpdate] = []
+        self._released: list[str] = []
+        self._preempted_now: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---- public interface ---------------------------------------------------------------
+    def submit(self, spec: RequestSpec) -> None:
+        if spec.request_id in self._requests:
+            raise ValueError(f"duplicate request id {spec.request_id!r}")
+        n_prompt = len(spec.prompt_token_ids)
+        if n_prompt == 0:
+            raise RequestRejected("the prompt is empty")
+        if spec.max_tokens < 1:
+            raise RequestRejected("max_tokens must be at least 1")
+        total = n_prompt + spec.max_tokens
+        if total > self.cfg.max_model_len:
+            raise RequestRejected(
+                f"prompt ({n_prompt} tokens) + max_tokens ({spec.max_tokens}) exceeds the "
+                f"context length {self.cfg.max_model_len}"
+            )
+        if self._pages_for(total) > self.pool.num_usable:
+            raise RequestRejected(
+                f"prompt + max_tokens ({total} tokens) exceeds the whole KV cache "
+                f"({self.pool.num_usable * self.cfg.page_size} tokens)"
+            )
+        r = _Request(spec, next(self._arrivals), tokens=list(spec.prompt_token_ids))
+        self._requests[spec.request_id] = r
+        self._enqueue(r)
+
+    def abort(self, request_id: str) -> None:
+        r = self._requests.get(request_id)
+        if r is None or isinstance(r.state, fsm.Finished):
+            return
+        self._finish(r, FinishReason.ABORT)
+        self._aborted.append(RequestUpdate(request_id, (), FinishReason.ABORT, max(r.num_cached_tokens, 0)))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def next_plan(self) -> ExecutionPlan:
+        if len(self._unadvanced) > 1:
+            raise InvariantViolation("next_plan() with two steps un-advanced: overlap depth is 1")
+        step_id = next(self._step_ids)
+        budget = self.cfg.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[str] = set()
+        self._preempted_now = set()
+
+        # 1. Running decodes (and their pages), preempting when memory runs out.
+        for r in list(self._running):
+            if r.spec.request_id in scheduled or not isinstance(r.state, (fsm.PrefillDone, fsm.Decoding)):
+                continue
+            if budget < 1 or r.num_outputs + r.pending >= r.spec.max_tokens:
+                continue
+            if r.num_tokens - r.num_computed != 1:
+                continue
+            if not self._reserve(r, r.num_computed + 1, scheduled):
+                continue
+            tok = r.tokens[-1] if r.pending == 0 else LAST_SAMPLED
+            chunks.append(self._chunk(r, (tok,), sample=True))
+            scheduled.add(r.spec.request_id)
+            budget -= 1
+
+        # 2. Chunked prefill: running prefills, then waiting requests in order.
+        for r in list(self._running):
+            if budget < 1 or len(scheduled) >= self.cfg.max_num_seqs:
+                break
+            if isinstance(r.state, fsm.Prefilling) and r.spec.request_id not in scheduled:
+                budget -= self._schedule_prefill(r, budget, chunks, scheduled)
+        while self._waiting and budget >= 1 and len(scheduled) < self.cfg.max_num_seqs:
+            r = self._requests[self._waiting[0][2]]
+            # Not while a token of its previous run is in flight, nor right after preemption
+            # (a step still in flight holds chunks of its previous run).
+            if r.pending or r.spec.request_id in self._preempted_now:
+                break
+            if not self._admit(r):
+                break
+            self._waiting.pop(0)
+            self._running.append(r)
+            budget -= self._schedule_prefill(r, budget, chunks, scheduled)
+
+        released, self._released = tuple(self._released), []
+        plan = ExecutionPlan(step_id, tuple(chunks), released)
+        if chunks:
+            self._unadvanced.append(plan)
+        return plan
+
+    def advance(self, result: StepResult) -> list[RequestUpdate]:
+        if not self._unadvanced or self._unadvanced[0].step_id != result.step_id:
+            raise InvariantViolation(f"advance of step {result.step_id} out of order")
+        plan = self._unadvanced.popleft()
+        updates, self._aborted = self._aborted, []
+        for c in plan.chunks:
+            r = self._requests.get(c.request_id)
+            if r is None or isinstance(r.state, fsm.Finished):
+                continue
+            running = isinstance(r.state, (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding))
+            if running:
+                r.num_confirmed = max(r.num_confirmed, c.start + len(c.token_ids))
+            if not c.sample:
+                continue
+            # A token sampled before a preemption is still a valid continuation: keep it.
+            tok = result.sampled[c.request_id]
+            r.pending -= 1
+            r.tokens.append(tok)
+            r.num_outputs += 1
+            if isinstance(r.state, fsm.PrefillDone):
+                r.state = fsm.start_decode(r.state)
+            reason = self._stop_reason(r, tok)
+            if reason is not None:
+                self._finish(r, reason)
+            elif running:
+                self._publish(r)
+            updates.append(
+                RequestUpdate(r.spec.request_id, (tok,), reason, max(r.num_cached_tokens, 0))
+            )
+        for c in plan.chunks:  # prefill progress of requests that sampled nothing
+            r = self._requests.get(c.request_id)
+            if r is not None and not c.sample and isinstance(r.state, fsm.Prefilling):
+                self._publish(r)
+        self.pool.clear_fence(plan.step_id)
+        for u in updates:
+            if u.finish_reason is not None:
+                self._requests.pop(u.request_id, None)
+        return updates
+
+    def num_cached_tokens(self, request_id: str) -> int:
+        r = self._requests.get(request_id)
+        return max(r.num_cached_tokens, 0) if r else 0
+
+    # ---- internals ----------------------------------------------------------------------
+    def _pages_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.cfg.page_size)
+
+    def _fence(self) -> int | None:
+        """The step whose advance must precede reuse of pages given back now."""
+        return self._unadvanced[-1].step_id if self._unadvanced else None
+
+    def _enqueue(self, r: _Request, front: bool = False) -> None:
+        key = (-(1 << 62) if front else r.spec.priority, r.arrival, r.spec.request_id)
+        bisect.insort(self._waiting, key)
+
+    def _chunk(self, r: _Request, tokens: tuple[int, ...], sample: bool) -> ScheduledChunk:
+        bt = r.blocks
+        assert bt is not None
+        start = r.num_computed
+        ps = self.cfg.page_size
+        pages = bt.pages
+        # Published pages are immutable: every page this chunk writes must be owned.
+        for p in range(start // ps, (start + len(tokens) - 1) // ps + 1):
+            if self.pool.state[pages[p]] != PageState.OWNED:
+                raise InvariantViolation(f"chunk would write published page {pages[p]}")
+        r.num_computed += len(tokens)
+        if sample:
+            r.pending += 1
+        return ScheduledChunk(r.spec.request_id, tokens, start, tuple(pages), sample)
+
+    def _reserve(self, r: _Request, n_tokens: int, scheduled: set[str]) -> bool:
+        """Make r's pages cover n_tokens, preempting the running request that frees the most
+        (never one already in this plan) while memory is short. False if r cannot run now."""
+        bt = r.blocks
+        assert bt is not None
+        need = self._pages_for(n_tokens) - len(bt.pages)
+        while need > 0 and not self.pool.can_allocate(need):
+            victims = [v for v in self._running if v.spec.request_id not in scheduled]
+            if not victims:
+                return False
+            victim = max(victims, key=lambda v: len(v.blocks or ()))
+            self._preempt(victim)
+            if victim is r:
+                return False
+        if need > 0:
+            self.pool.allocate(bt, need)
+        return True
+
+    def _preempt(self, r: _Request) -> None:
+        s = r.state
+        assert isinstance(s, (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding))
+        preempted, bt = fsm.preempt(s)
+        self.pool.release(bt, self._fence())
+        r.state = fsm.requeue(preempted)
+        r.num_computed = r.num_confirmed = r.num_published = 0
+        self._running.remove(r)
+        self._enqueue(r, front=True)
+        self._preempted_now.add(r.spec.request_id)
+        self.num_preemptions += 1
+
+    def _admit(self, r: _Request) -> bool:
+        """Waiting -> Prefilling: share its prefix-cache hits and allocate pages for all its
+        known tokens up front (so a started prefill never waits for memory). False, with
+        nothing changed, if the pool cannot hold it now."""
+        assert isinstance(r.state, fsm.Waiting)
+        ps = self.cfg.page_size
+        hits: list[int] = []
+        if self.cfg.enable_prefix_caching:
+            extend_hashes(r.hashes, r.tokens, ps, r.spec.cache_salt)
+            # The last known token is always recomputed: its logits are needed.
+            for h in r.hashes[: (r.num_tokens - 1) // ps]:
+                page = self.pool.lookup(h)
+                if page is None:
+                    break
+                hits.append(page)
+        cached_hits = sum(1 for p in hits if self.pool.state[p] == PageState.CACHED)
+        need = self._pages_for(r.num_tokens) - len(hits)
+        if not self.pool.can_allocate(need + cached_hits):
+            return False
+        bt = self.pool.new_table()
+        for p in hits:
+            self.pool.share(bt, p)
+        self.pool.allocate(bt, need)
+        r.state = fsm.start_prefill(r.state, bt)
+        r.num_computed = r.num_confirmed = len(hits) * ps
+        r.num_published = len(hits)
+        if r.num_cached_tokens < 0:
+            r.num_cached_tokens = len(hits) * ps
+        return True
+
+    def _schedule_prefill(
+        self, r: _Request, budget: int, chunks: list[ScheduledChunk], scheduled: set[str]
+    ) -> int:
+        """Schedule as much of r's remaining prefill as budget and memory allow; returns the
+        tokens used. Completing the prefill samples its first (next) token."""
+        assert isinstance(r.state, fsm.Prefilling)
+        remaining = r.num_tokens - r.num_computed
+        n = min(remaining, budget)
+        done = n == remaining
+        toks = tuple(r.tokens[r.num_computed : r.num_computed + n])
+        chunks.append(self._chunk(r, toks, sample=done))
+        scheduled.add(r.spec.request_id)
+        if done:
+            r.state = fsm.complete_prefill(r.state)
+        return n
+
+    def _publish(self, r: _Request) -> None:
+        if not self.cfg.enable_prefix_caching:
+            return
+        bt = r.blocks
+        if bt is None:
+            return
+        ps = self.cfg.page_size
+        n_full = min(r.num_confirmed, len(r.tokens)) // ps
+        if n_full <= r.num_published:
+            return
+        extend_hashes(r.hashes, r.tokens[: n_full * ps], ps, r.spec.cache_salt)
+        pages = bt.pages
+        for i in range(r.num_published, n_full):
+            if self.pool.state[pages[i]] == PageState.OWNED:
+                self.pool.publish(pages[i], r.hashes[i])
+        r.num_published = n_full
+
+    def _stop_reason(self, r: _Request, tok: int) -> FinishReason | None:
+        if tok in r.spec.stop_token_ids and r.num_outputs >= r.spec.min_tokens:
+            return FinishReason.STOP
+        if r.num_outputs >= r.spec.max_tokens or len(r.tokens) >= self.cfg.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, r: _Request, reason: FinishReason) -> None:
+        s = r.state
+        assert not isinstance(s, fsm.Finished)
+        r.state, bt = fsm.finish(s, reason)
+        if bt is not None:
+            self.pool.release(bt, self._fence())
+        if r in self._running:
+            self._running.remove(r)
+        else:
+            key = next((k for k in self._waiting if k[2] == r.spec.request_id), None)
+            if key is not None:
+                self._waiting.remove(key)
+        if reason == FinishReason.ABORT:
+            self._requests.pop(r.spec.request_id, None)
+        self._released.append(r.spec.request_id)
+
+    # ---- invariants ---------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
+        ps = self.cfg.page_size
+        waiting_ids = [k[2] for k in self._waiting]
+        if len(set(waiting_ids)) != len(waiting_ids):
+            raise InvariantViolation("a request is queued twice")
+        running_ids = {r.spec.request_id for r in self._running}
+        if running_ids & set(waiting_ids):
+            raise InvariantViolation("a request is both running and waiting")
+        for rid in waiting_ids:
+            r = self._requests[rid]
+            if not isinstance(r.state, fsm.Waiting) or r.blocks is not None:
+                raise InvariantViolation(f"waiting request {rid} in state {type(r.state).__name__}")
+        for r in self._running:
+            bt = r.blocks
+            if bt is None or bt.released:
+                raise InvariantViolation(f"running request {r.spec.request_id} without pages")
+            if len(bt.pages) * ps < r.num_computed:
+                raise InvariantViolation(f"request {r.spec.request_id}: pages do not cover its KV")
+            if not r.num_confirmed <= r.num_computed <= r.num_tokens:
+                raise InvariantViolation(f"request {r.spec.request_id}: token counters out of order")
+            if r.pending > len(self._unadvanced):
+                raise InvariantViolation(f"request {r.spec.request_id}: more samples in flight than steps")
+        for rid, r in self._requests.items():
+            if rid not in running_ids and rid not in waiting_ids and not isinstance(r.state, fsm.Finished):
+                raise InvariantViolation(f"request {rid} is lost (neither queued nor running)")
