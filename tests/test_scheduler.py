@@ -1,0 +1,284 @@
+"""Control plane: hypothesis stateful test over random interleavings, directed scheduler
+tests, and the FSM's static (mypy) and run-time rejection of illegal transitions."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from agentspeed.control import fsm
+from agentspeed.control.errors import HandleReleased, IllegalTransition
+from agentspeed.control.page_pool import PagePool, PageState
+from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, RequestSpec, StepResult
+from agentspeed.control.scheduler import RequestRejected, Scheduler, SchedulerConfig
+
+EOS = 0
+# What the stateful runs exercised (checked by test_stateful_run_exercised_pressure).
+COVERAGE = {"preemptions": 0, "evictions": 0, "overlapped_plans": 0, "prefix_hits": 0}
+
+
+def written_pages(plan: ExecutionPlan, page_size: int) -> dict[int, str]:
+    out = {}
+    for c in plan.chunks:
+        for p in range(c.start // page_size, (c.start + len(c.token_ids) - 1) // page_size + 1):
+            out[c.pages[p]] = c.request_id
+    return out
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random submit/abort/plan/advance with overlap (a second plan while one is in flight),
+    random finishes (EOS), a pool small enough to force preemption and eviction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ps = 4
+        self.sched = Scheduler(SchedulerConfig(num_pages=12, page_size=self.ps, max_num_batched_tokens=16,
+                                               max_num_seqs=4, max_model_len=40))
+        self.rng = random.Random(0)
+        self.in_flight: list[ExecutionPlan] = []
+        self.n = 0
+        self.live: set[str] = set()
+        self.outputs: dict[str, list[int]] = {}
+        self.prefixes = [[7, 7, 7, 7, 8, 8, 8, 8], [9, 9, 9, 9, 9, 9, 9, 9, 1, 2, 3, 4]]
+
+    @rule(length=st.integers(1, 24), max_tokens=st.integers(1, 12), shared=st.booleans(),
+          prefix=st.integers(0, 1))
+    def submit(self, length: int, max_tokens: int, shared: bool, prefix: int) -> None:
+        rid = f"r{self.n}"
+        self.n += 1
+        body = [self.rng.randrange(1, 50) for _ in range(length)]
+        prompt = (self.prefixes[prefix] + body) if shared else body
+        spec = RequestSpec(rid, tuple(prompt), max_tokens, stop_token_ids=frozenset({EOS}))
+        try:
+            self.sched.submit(spec)
+        except RequestRejected:
+            assert len(prompt) + max_tokens > 40 or -(-(len(prompt) + max_tokens) // self.ps) > 11
+            return
+        self.live.add(rid)
+        self.outputs[rid] = []
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.live)))
+        self.sched.abort(rid)
+        self.live.discard(rid)
+
+    @precondition(lambda self: len(self.in_flight) < 2)
+    @rule()
+    def plan(self) -> None:
+        plan = self.sched.next_plan()
+        if plan.empty:
+            return
+        # Never reuse a page an in-flight step touches for another request's writes.
+        for old in self.in_flight:
+            touched = {p: c.request_id for c in old.chunks for p in c.pages}
+            for page, rid in written_pages(plan, self.ps).items():
+                assert touched.get(page, rid) == rid, f"page {page} reused while fenced"
+        for c in plan.chunks:
+            assert all(t >= 0 for t in c.token_ids) or (len(c.token_ids) == 1 and self.in_flight)
+            COVERAGE["prefix_hits"] += self.sched.num_cached_tokens(c.request_id) > 0
+        COVERAGE["overlapped_plans"] += bool(self.in_flight)
+        self.in_flight.append(plan)
+
+    @precondition(lambda self: self.in_flight)
+    @rule(eos_prob=st.sampled_from([0.0, 0.2, 0.6]))
+    def advance(self, eos_prob: float) -> None:
+        plan = self.in_flight.pop(0)
+        sampled = {c.request_id: (EOS if self.rng.random() < eos_prob else self.rng.randrange(1, 50))
+                   for c in plan.chunks if c.sample}
+        for u in self.sched.advance(StepResult(plan.step_id, sampled)):
+            if u.request_id in self.outputs:
+                self.outputs[u.request_id].extend(u.new_token_ids)
+            if u.finish_reason is not None:
+                self.live.discard(u.request_id)
+
+    @invariant()
+    def invariants_hold(self) -> None:
+        self.sched.check_invariants()
+
+    def teardown(self) -> None:
+        # Drain: everything finishes and every page comes back.
+        for _ in range(500):
+            if not self.in_flight and not self.sched.has_unfinished():
+                break
+            if len(self.in_flight) < 2:
+                p = self.sched.next_plan()
+                if not p.empty:
+                    self.in_flight.append(p)
+            if self.in_flight:
+                plan = self.in_flight.pop(0)
+                self.sched.advance(StepResult(plan.step_id, {c.request_id: 5 for c in plan.chunks if c.sample}))
+            self.sched.check_invariants()
+        assert not self.sched.has_unfinished(), "scheduler did not drain (deadlock?)"
+        COVERAGE["preemptions"] += self.sched.num_preemptions
+        COVERAGE["evictions"] += self.sched.pool.evictions
+        pool = self.sched.pool
+        assert pool.num_available() == pool.num_usable
+        pool.check_invariants()
+
+
+TestSchedulerStateful = SchedulerMachine.TestCase
+TestSchedulerStateful.settings = settings(
+    max_examples=150, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
+)
+
+
+def test_stateful_run_exercised_pressure() -> None:
+    """Guards the stateful test against silently testing nothing interesting."""
+    assert all(v > 0 for v in COVERAGE.values()), COVERAGE
+
+
+def run_to_end(sched: Scheduler, answer: list[int], overlap: bool = False) -> dict[str, list[int]]:
+    """Drive the scheduler with a fake model that emits answer[i] as i-th output token."""
+    outs: dict[str, list[int]] = {}
+    in_flight: list[ExecutionPlan] = []
+    for _ in range(10_000):
+        if not sched.has_unfinished() and not in_flight:
+            return outs
+        if len(in_flight) < (2 if overlap else 1):
+            p = sched.next_plan()
+            if not p.empty:
+                in_flight.append(p)
+                if overlap:
+                    continue
+        plan = in_flight.pop(0)
+        sampled = {c.request_id: answer[len(outs.get(c.request_id, []))] for c in plan.chunks if c.sample}
+        for u in sched.advance(StepResult(plan.step_id, sampled)):
+            outs.setdefault(u.request_id, []).extend(u.new_token_ids)
+        sched.check_invariants()
+    raise AssertionError("did not finish")
+
+
+def test_multi_turn_prefix_hits_cover_previous_turn() -> None:
+    ps = 4
+    sched = Scheduler(SchedulerConfig(num_pages=64, page_size=ps, max_model_len=512))
+    turn1 = list(range(1, 23))  # 22 tokens
+    sched.submit(RequestSpec("t1", tuple(turn1), 9))
+    answer = list(range(100, 109))
+    out1 = run_to_end(sched, answer)["t1"]
+    assert out1 == answer
+    turn2 = turn1 + out1 + [200, 201, 202]
+    sched.submit(RequestSpec("t2", tuple(turn2), 3))
+    sched.next_plan()
+    # KV exists for prompt + answer except the last sampled token (never fed back): 30 tokens
+    assert sched.num_cached_tokens("t2") == (len(turn1) + len(out1) - 1) // ps * ps
+    sched.check_invariants()
+
+
+def test_prefix_caching_off_hits_nothing() -> None:
+    sched = Scheduler(SchedulerConfig(num_pages=64, page_size=4, enable_prefix_caching=False))
+    sched.submit(RequestSpec("a", tuple(range(1, 30)), 2))
+    run_to_end(sched, [5, 6])
+    sched.submit(RequestSpec("b", tuple(range(1, 30)), 2))
+    sched.next_plan()
+    assert sched.num_cached_tokens("b") == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preemption_under_pressure_still_completes(overlap: bool) -> None:
+    sched = Scheduler(SchedulerConfig(num_pages=9, page_size=4, max_num_batched_tokens=64))
+    for i in range(6):
+        sched.submit(RequestSpec(f"r{i}", tuple(range(1 + i, 12 + i)), 12))
+    answer = list(range(50, 62))
+    outs = run_to_end(sched, answer, overlap)
+    assert sched.num_preemptions > 0
+    assert all(outs[f"r{i}"] == answer for i in range(6))
+    assert sched.pool.num_available() == sched.pool.num_usable
+
+
+def test_chunked_prefill_respects_budget_and_decodes_go_first() -> None:
+    sched = Scheduler(SchedulerConfig(num_pages=64, page_size=4, max_num_batched_tokens=8))
+    sched.submit(RequestSpec("short", (1, 2, 3), 4))
+    p = sched.next_plan()
+    sched.advance(StepResult(p.step_id, {"short": 9}))
+    sched.submit(RequestSpec("long", tuple(range(1, 21)), 2))
+    p = sched.next_plan()
+    assert p.chunks[0].request_id == "short" and len(p.chunks[0].token_ids) == 1
+    assert p.chunks[1].request_id == "long" and len(p.chunks[1].token_ids) == 7 and not p.chunks[1].sample
+    assert p.num_tokens <= 8
+
+
+def test_overlap_decode_uses_placeholder() -> None:
+    sched = Scheduler(SchedulerConfig(num_pages=64, page_size=4))
+    sched.submit(RequestSpec("a", (1, 2, 3), 5))
+    p0 = sched.next_plan()
+    p1 = sched.next_plan()  # planned while p0 is in flight
+    assert p1.chunks[0].token_ids == (LAST_SAMPLED,) and p1.chunks[0].start == 3
+    sched.advance(StepResult(p0.step_id, {"a": 11}))
+    sched.advance(StepResult(p1.step_id, {"a": 12}))
+    p2 = sched.next_plan()
+    assert p2.chunks[0].token_ids == (12,)
+
+
+def test_abort_mid_prefill_and_mid_decode_frees_every_page() -> None:
+    sched = Scheduler(SchedulerConfig(num_pages=32, page_size=4, max_num_batched_tokens=8))
+    sched.submit(RequestSpec("pre", tuple(range(1, 30)), 4))
+    sched.submit(RequestSpec("dec", (1, 2), 40))
+    p = sched.next_plan()
+    sched.advance(StepResult(p.step_id, {c.request_id: 3 for c in p.chunks if c.sample}))
+    p = sched.next_plan()  # in flight while we abort
+    sched.abort("pre")
+    sched.abort("dec")
+    sched.check_invariants()
+    assert sched.pool.num_available() < sched.pool.num_usable  # fenced until advanced
+    sched.advance(StepResult(p.step_id, {c.request_id: 3 for c in p.chunks if c.sample}))
+    sched.check_invariants()
+    assert sched.pool.num_available() == sched.pool.num_usable
+    assert not sched.has_unfinished()
+
+
+def test_requests_that_can_never_fit_are_rejected() -> None:
+    sched = Scheduler(SchedulerConfig(num_pages=5, page_size=4, max_model_len=64))
+    with pytest.raises(RequestRejected, match="context length"):
+        sched.submit(RequestSpec("a", tuple(range(60)), 10))
+    with pytest.raises(RequestRejected, match="whole KV cache"):
+        sched.submit(RequestSpec("b", tuple(range(14)), 4))
+    with pytest.raises(RequestRejected, match="empty"):
+        sched.submit(RequestSpec("c", (), 4))
+
+
+def test_illegal_transition_raises_at_run_time() -> None:
+    pool = PagePool(4, 4)
+    with pytest.raises(IllegalTransition, match="start_decode"):
+        fsm.start_decode(fsm.Waiting())  # type: ignore[arg-type]
+    bt = pool.new_table()
+    pool.allocate(bt, 2)
+    pool.release(bt)
+    with pytest.raises(HandleReleased):
+        _ = bt.pages
+    assert pool.state[1] == PageState.FREE
+
+
+def test_mypy_rejects_illegal_transition(tmp_path: Path) -> None:
+    case = tmp_path / "illegal.py"
+    case.write_text(
+        "from agentspeed.control import fsm\n"
+        "from agentspeed.control.page_pool import BlockTable\n"
+        "s = fsm.start_prefill(fsm.Waiting(), BlockTable())\n"
+        "fsm.start_decode(s)  # Prefilling is not a legal source of start_decode\n"
+    )
+    ok = tmp_path / "legal.py"
+    ok.write_text(
+        "from agentspeed.control import fsm\n"
+        "from agentspeed.control.page_pool import BlockTable\n"
+        "s = fsm.start_prefill(fsm.Waiting(), BlockTable())\n"
+        "d = fsm.start_decode(fsm.complete_prefill(s))\n"
+    )
+    run = [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent"]
+    bad = subprocess.run([*run, str(case)], capture_output=True, text=True)
+    assert bad.returncode == 1 and 'incompatible type "Prefilling"' in bad.stdout, bad.stdout
+    good = subprocess.run([*run, str(ok)], capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout
+
+
+def test_control_plane_imports_no_torch() -> None:
+    code = "import sys, agentspeed.control.scheduler; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
