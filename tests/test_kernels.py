@@ -117,8 +117,9 @@ def _sample_inputs(op: str, dtype: torch.dtype) -> tuple[object, ...]:
             temperature=torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0, 0.9]),
             top_p=torch.tensor([1.0, 0.9, 1.0, 0.5, 1.0, 1.0]),
             top_k=torch.tensor([0, 0, 5, 0, 3, 1]),
+            min_p=torch.tensor([0.0, 0.1, 0.0, 0.0, 0.0, 0.05]),
             generators=tuple(torch.Generator().manual_seed(i) for i in range(6)),
-            all_greedy=False, use_top_p=True, use_top_k=True))
+            all_greedy=False, use_top_p=True, use_top_k=True, use_min_p=True))
     raise AssertionError(op)
 
 
@@ -191,7 +192,7 @@ def test_sampling_semantics() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
 
     def st(temp: list[float], top_p: list[float], top_k: list[int], seed: int) -> SamplingTensors:
-        return SamplingTensors(torch.tensor(temp), torch.tensor(top_p), torch.tensor(top_k),
+        return SamplingTensors(torch.tensor(temp), torch.tensor(top_p), torch.tensor(top_k), torch.zeros(2),
                                tuple(torch.Generator().manual_seed(seed + i) for i in range(2)),
                                all_greedy=False, use_top_p=True, use_top_k=True)
 

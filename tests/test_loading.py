@@ -91,7 +91,7 @@ def test_missing_weight_is_named(tiny_models: dict[str, Path], tmp_path: Path) -
     tensors = load_file(bad / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, bad / "model.safetensors")
-    with pytest.raises(ModelLoadError, match="model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         runner(bad)
 
 

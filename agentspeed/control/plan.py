@@ -59,10 +59,14 @@ class ExecutionPlan:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """sampled[request_id]: the token sampled for each chunk of the step with sample=True."""
+    """sampled[request_id]: the token sampled for each chunk of the step with sample=True.
+    logprobs[request_id], for requests that asked: (chosen token's logprob, top
+    alternatives as (token id, logprob)). The scheduler ignores logprobs; the engine forwards
+    them."""
 
     step_id: int
     sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, tuple[float, tuple[tuple[int, float], ...]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,6 +215,11 @@ class Scheduler:
                 self._requests.pop(u.request_id, None)
         return updates
 
+    def advance_idle(self) -> list[RequestUpdate]:
+        """Updates produced outside any step (aborts) when there is nothing to run."""
+        updates, self._aborted = self._aborted, []
+        return updates
+
     def num_cached_tokens(self, request_id: str) -> int:
         r = self._requests.get(request_id)
         return max(r.num_cached_tokens, 0) if r else 0

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 import torch
 
 from agentspeed.config import EngineConfig
+from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, StepResult
 from agentspeed.execution.inputs import SequenceChunk, build_inputs
 from agentspeed.execution.kv_cache import KVCache
-from agentspeed.execution.sampler import Sampler
+from agentspeed.execution.sampler import Sampler, TokenLogprobs
 from agentspeed.modeling.build import build_model
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.context import ForwardContext
@@ -42,6 +43,12 @@ class ModelRunner:
             cfg.max_model_len or built.config.max_position_embeddings, built.config.max_position_embeddings
         )
         self.sampler = Sampler(built.kernels, built.device, cfg.seed)
+        # Execution-side request state, keyed by request id: sampling settings and the last
+        # sampled token (what LAST_SAMPLED in a plan refers to).
+        self.params: dict[str, SamplingParams] = {}
+        self.prompts: dict[str, Sequence[int]] = {}
+        self.outputs: dict[str, list[int]] = {}
+        self.last_sampled: dict[str, int] = {}
         log.info(
             "KV cache: %d pages x %d tokens = %d tokens", self.kv.num_pages - 1, self.page_size, self.kv.num_tokens
         )
@@ -59,16 +66,57 @@ class ModelRunner:
     ) -> list[int]:
         """Run one step; one sampled token per chunk with sample=True (params align with
         those chunks), identical on every rank."""
+        return self._execute(chunks, params)[0]
+
+    def _execute(
+        self, chunks: Sequence[SequenceChunk], params: Sequence[SamplingParams]
+    ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
         logits = self.forward(chunks)
-        sampling = [c for c in chunks if c.sample]
-        if not sampling:
-            return []
-        ids = self.sampler.sample(logits, [c.request_id for c in sampling], params)
-        ids = self.comm.broadcast(ids, src=0)
-        return ids.tolist()
+        rids = [c.request_id for c in chunks if c.sample]
+        if not rids:
+            return [], None
+        histories = None
+        if any(p.has_penalties for p in params):
+            histories = [(self.prompts.get(r, ()), self.outputs.get(r, ())) for r in rids]
+        out = self.sampler.sample(logits, rids, params, histories)
+        ids = self.comm.broadcast(out.token_ids, src=0).tolist()
+        for r, t in zip(rids, ids):
+            if r in self.outputs:
+                self.outputs[r].append(t)
+        return ids, out.logprobs
+
+    def add_request(self, request_id: str, params: SamplingParams, prompt: Sequence[int] = ()) -> None:
+        self.params[request_id] = params
+        self.outputs[request_id] = []
+        if params.has_penalties:
+            self.prompts[request_id] = prompt
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
+        for d in (self.params, self.prompts, self.outputs, self.last_sampled):
+            d.pop(request_id, None)  # type: ignore[attr-defined]
+
+    def execute_plan(self, plan: ExecutionPlan) -> StepResult:
+        """Run one scheduler step. Steps must run in plan order: a LAST_SAMPLED input is the
+        token this runner sampled for that request in the previous step."""
+        chunks = [
+            SequenceChunk(
+                c.request_id,
+                [self.last_sampled[c.request_id] if t == LAST_SAMPLED else t for t in c.token_ids],
+                c.start,
+                c.pages,
+                c.sample,
+            )
+            for c in plan.chunks
+        ]
+        sampling = [c.request_id for c in plan.chunks if c.sample]
+        ids, lps = self._execute(chunks, [self.params[r] for r in sampling]) if chunks else ([], None)
+        sampled = dict(zip(sampling, ids))
+        self.last_sampled.update(sampled)
+        logprobs = {r: lp for r, lp in zip(sampling, lps) if lp is not None} if lps else {}
+        for rid in plan.released:
+            self.release(rid)
+        return StepResult(plan.step_id, sampled, logprobs)
 
     def shutdown(self) -> None:
         self.comm.shutdown()

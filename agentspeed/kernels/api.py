@@ -72,17 +72,19 @@ class AttentionMetadata:
 class SamplingTensors:
     """Per-row sampling settings for one batched `sample` call.
 
-    temperature 0 means greedy for that row; top_k 0 and top_p 1 mean off. A row with a
+    temperature 0 means greedy for that row; top_k 0, top_p 1 and min_p 0 mean off. A row with a
     generator draws only from it, so its samples do not depend on the rest of the batch.
     """
 
     temperature: torch.Tensor  # [B] float32
     top_p: torch.Tensor  # [B] float32
     top_k: torch.Tensor  # [B] int64
+    min_p: torch.Tensor  # [B] float32
     generators: tuple[torch.Generator | None, ...]
     all_greedy: bool
     use_top_p: bool
     use_top_k: bool
+    use_min_p: bool = False
 
 
 def resolve_overrides(config: KernelConfig) -> dict[str, str]:

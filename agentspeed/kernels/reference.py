@@ -132,6 +132,10 @@ def sample(logits: torch.Tensor, p: SamplingTensors) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
     probs = scaled.softmax(-1)
+    if p.use_min_p:
+        # Drop tokens less likely than min_p times the most likely one.
+        floor = p.min_p[:, None] * probs.max(-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
     # Exponential race (argmax p / E, E ~ Exp(1)) samples from probs; each row draws its
     # noise from its own generator so seeded rows are independent of batch composition.
     noise = torch.empty_like(probs)

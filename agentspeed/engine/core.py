@@ -1,0 +1,88 @@
+"""EngineCore: the busy loop that joins the control plane (Scheduler) and the execution
+plane (ModelRunner): plan -> execute -> advance, with overlap depth 1.
+
+With overlap, step N+1 is planned while step N executes on a worker thread (torch releases
+the GIL inside its kernels, so planning really runs concurrently on the CPU); the scheduler's
+fences keep pages of step N from being reused until N is advanced. Without overlap the loop
+is the plain sequence. Both produce the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from agentspeed.control.plan import ExecutionPlan, RequestSpec, RequestUpdate, StepResult
+from agentspeed.control.scheduler import Scheduler, SchedulerConfig
+from agentspeed.execution.model_runner import ModelRunner
+from agentspeed.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingOptions:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    overlap: bool = True
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, opts: SchedulingOptions) -> None:
+        self.runner = runner
+        self.opts = opts
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_pages=runner.kv.num_pages,
+                page_size=runner.page_size,
+                max_num_batched_tokens=opts.max_num_batched_tokens,
+                max_num_seqs=opts.max_num_seqs,
+                max_model_len=runner.max_model_len,
+                enable_prefix_caching=opts.enable_prefix_caching,
+            )
+        )
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="agentspeed-exec") if opts.overlap else None
+        self._in_flight: tuple[ExecutionPlan, Future[StepResult]] | None = None
+        self.steps = 0
+
+    def add_request(self, spec: RequestSpec, params: SamplingParams) -> None:
+        """Raises RequestRejected if the request can never be served."""
+        self.scheduler.submit(spec)
+        self.runner.add_request(spec.request_id, params)
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished() or self._in_flight is not None
+
+    def step(self) -> list[RequestUpdate]:
+        """Advance the engine by one step; returns the request updates it produced."""
+        if self._pool is None:
+            plan = self.scheduler.next_plan()
+            if plan.empty:
+                return self.scheduler.advance_idle()
+            self.steps += 1
+            return self.scheduler.advance(self.runner.execute_plan(plan))
+        if self._in_flight is None:
+            plan = self.scheduler.next_plan()
+            if plan.empty:
+                return self.scheduler.advance_idle()
+            self._in_flight = (plan, self._pool.submit(self.runner.execute_plan, plan))
+        # Plan the next step while the current one runs.
+        nxt = self.scheduler.next_plan()
+        _, fut = self._in_flight
+        result = fut.result()
+        self.steps += 1
+        updates = self.scheduler.advance(result)
+        self._in_flight = None if nxt.empty else (nxt, self._pool.submit(self.runner.execute_plan, nxt))
+        return updates
+
+    def shutdown(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight[1].result()
+            self._in_flight = None
+        if self._pool is not None:
+            self._pool.shutdown()

@@ -1,0 +1,199 @@
+"""Tensor parallelism on CPU: TP=2 (two gloo processes) gives the same greedy tokens and
+logits as TP=1, and the `agentspeed generate --tp 2` CLI prints what --tp 1 prints.
+
+The ranks are plain subprocesses (tests/tp_worker.py, or the CLI itself); each is started in
+its own session and the whole process group is killed if it overruns, so nothing hangs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+import tp_worker  # tests/ is on sys.path (rootdir conftest)
+from conftest import make_tiny
+
+from agentspeed.execution.launch import PORT_ENV, RANK_ENV, free_port
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+REPO = WORKER.parents[1]
+TIMEOUT = 120.0  # seconds per launch; gloo itself gives up after 120 s
+
+# name -> (kind, make_tiny overrides)
+EXTRA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
+    # fewer KV heads than ranks: the one KV head is replicated on both ranks
+    "llama_kv1": ("llama", {"num_key_value_heads": 1}),
+    "qwen3_kv1": ("qwen3", {"num_key_value_heads": 1}),
+    # vocab not divisible by tp (padded last shard) with a tied LM head
+    "llama_oddvocab_tied": ("llama", {"vocab_size": 383, "tie_word_embeddings": True}),
+    # q/k/v biases (column-sharded) and an o_proj bias (counted once, on rank 0)
+    "llama_bias": ("llama", {"attention_bias": True}),
+}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (RANK_ENV, PORT_ENV)}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    return env
+
+
+def run_all(cmds: Sequence[Sequence[str]], logs: Path, timeout: float = TIMEOUT) -> list[str]:
+    """Run commands concurrently; return their stdouts. Kills every process group and fails
+    the test on timeout or a non-zero exit, showing the tail of stderr."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, cmd in enumerate(cmds):
+        out, err = (logs / f"{i}.out").open("wb"), (logs / f"{i}.err").open("wb")
+        procs.append(
+            (
+                subprocess.Popen(
+                    list(cmd), stdout=out, stderr=err, env=_env(), cwd=REPO, start_new_session=True
+                ),
+                out,
+                err,
+            )
+        )
+    timed_out = False
+    try:
+        for p, _, _ in procs:
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
+    finally:
+        for p, out, err in procs:
+            if p.poll() is None or timed_out:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            out.close()
+            err.close()
+    results = []
+    for i, (p, _, _) in enumerate(procs):
+        if timed_out or p.returncode != 0:
+            tails = "\n".join(
+                f"--- {j} rc={q.returncode} {' '.join(cmds[j])}\n{(logs / f'{j}.err').read_text()[-3000:]}"
+                for j, (q, _, _) in enumerate(procs)
+            )
+            pytest.fail(("timed out" if timed_out else f"process {i} failed") + f"\n{tails}")
+        results.append((logs / f"{i}.out").read_text())
+    return results
+
+
+@pytest.fixture(scope="module")
+def tp_models(
+    tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp_tiny")
+    models = {"llama": tiny_models["llama"], "qwen3": tiny_models["qwen3"]}
+    for name, (kind, overrides) in EXTRA_MODELS.items():
+        models[name] = make_tiny(kind, root / name, **overrides)
+    return models
+
+
+@pytest.fixture(scope="module")
+def tp2_results(
+    tp_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Per rank: model path -> {"tokens", "logits", "layout"}, from one TP=2 launch over all models."""
+    d = tmp_path_factory.mktemp("tp2")
+    out, port = d / "tp2.pt", free_port()
+    cmds = [
+        [
+            sys.executable,
+            str(WORKER),
+            "--rank",
+            str(r),
+            "--world-size",
+            "2",
+            "--port",
+            str(port),
+            "--out",
+            str(out),
+            *map(str, tp_models.values()),
+        ]
+        for r in range(2)
+    ]
+    run_all(cmds, d / "logs")
+    return [torch.load(out), torch.load(f"{out}.rank1")]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", *EXTRA_MODELS])
+def test_tp2_matches_tp1(
+    name: str, tp_models: dict[str, Path], tp2_results: list[dict[str, dict[str, torch.Tensor]]]
+) -> None:
+    path = str(tp_models[name])
+    ref = tp_worker.compute(tp_worker.make_runner(path))
+    rank0, rank1 = (r[path] for r in tp2_results)
+
+    # TP=1 really ran unsharded and TP=2 really sharded.
+    vocab, kv_heads = ref["logits"].shape[1], ref["layout"][2].item()
+    assert ref["layout"].tolist() == [1, vocab, kv_heads]
+    assert rank0["layout"].tolist() == [2, -(-vocab // 2), max(1, kv_heads // 2)]
+
+    assert rank0["tokens"].shape == (len(tp_worker.PROMPTS), tp_worker.NEW_TOKENS)
+    assert rank0["tokens"].tolist() == ref["tokens"].tolist()
+    assert rank1["tokens"].tolist() == ref["tokens"].tolist()
+    assert rank0["logits"].shape == ref["logits"].shape == (2 * len(tp_worker.PROMPTS), vocab)
+    torch.testing.assert_close(rank0["logits"], ref["logits"], rtol=1e-4, atol=1e-4)
+    # logits leave the model replicated: both ranks hold the same values
+    torch.testing.assert_close(rank1["logits"], rank0["logits"], rtol=1e-6, atol=1e-6)
+
+
+def add_word_tokenizer(model_dir: Path, vocab_size: int) -> None:
+    """Save a whitespace WordLevel tokenizer ("w3" -> id 3, ...) covering the vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+    hf.save_pretrained(model_dir)
+
+
+def test_cli_generate_tp2_prints_same_text_as_tp1(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    model = tmp_path / "llama_tok"
+    shutil.copytree(tiny_models["llama"], model)
+    add_word_tokenizer(model, 384)
+    prompt = "w5 w17 w42 w99 w3 w250 w7 hello"
+
+    def cmd(tp: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "agentspeed.cli",
+            "generate",
+            prompt,
+            "--raw",
+            "--tp",
+            str(tp),
+            "--model",
+            str(model),
+            "--max-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--page-size",
+            "4",
+            "--kv-cache-memory",
+            "4MiB",
+        ]
+
+    tp1, tp2 = run_all([cmd(1), cmd(2)], tmp_path / "logs")
+    assert tp1.strip(), "tp=1 printed nothing"
+    assert re.fullmatch(r"w\d+( w\d+)*", tp1.strip()), tp1
+    assert tp2 == tp1
