@@ -39,6 +39,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="force kernel backends: 'reference', or 'op=backend,...' "
                         "(also AGENTSPEED_KERNEL_BACKEND); fails if the backend cannot run")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    g.add_argument("--no-overlap", action="store_true",
+                   help="plan each step only after the previous one finished (default: overlap)")
     g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
@@ -78,11 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from agentspeed.engine.simple_generate import generate
+    from agentspeed.engine.llm import LLM
     from agentspeed.execution import launch
-    from agentspeed.execution.model_runner import ModelRunner
     from agentspeed.sampling_params import SamplingParams
-    from agentspeed.tokenizer import Tokenizer
 
     rank = launch.worker_rank()
     port = launch.tp_port()
@@ -92,17 +95,21 @@ def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
             max_tokens=args.max_tokens, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         )
-        runner = ModelRunner(engine_config(args, rank, port))
-        tok = Tokenizer.load(runner.source)
+        # Every tensor-parallel rank runs this same program (SPMD); only rank 0 prints.
+        llm = LLM(
+            engine_config=engine_config(args, rank, port),
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            enable_prefix_caching=not args.no_prefix_caching,
+            overlap=not args.no_overlap,
+        )
         if args.raw:
-            prompt = tok.encode(args.prompt)
+            [out] = llm.generate(args.prompt, params)
         else:
-            prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
-        eos = (*tok.eos_token_ids, *runner.model_config.eos_token_ids)
-        [out] = generate(runner, [prompt], params, eos)
+            [out] = llm.chat([{"role": "user", "content": args.prompt}], params)
         if rank == 0:
-            print(tok.decode(out.token_ids), flush=True)
-        runner.shutdown()
+            print(out.outputs[0].text, flush=True)
+        llm.shutdown()
     except BaseException:
         for w in workers:
             w.kill()

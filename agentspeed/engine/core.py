@@ -46,11 +46,13 @@ class EngineCore:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="agentspeed-exec") if opts.overlap else None
         self._in_flight: tuple[ExecutionPlan, Future[StepResult]] | None = None
         self.steps = 0
+        # Logprobs of the last advanced step, for requests that asked for them.
+        self.last_logprobs: dict[str, tuple[float, tuple[tuple[int, float], ...]]] = {}
 
     def add_request(self, spec: RequestSpec, params: SamplingParams) -> None:
         """Raises RequestRejected if the request can never be served."""
         self.scheduler.submit(spec)
-        self.runner.add_request(spec.request_id, params)
+        self.runner.add_request(spec.request_id, params, spec.prompt_token_ids)
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -65,7 +67,9 @@ class EngineCore:
             if plan.empty:
                 return self.scheduler.advance_idle()
             self.steps += 1
-            return self.scheduler.advance(self.runner.execute_plan(plan))
+            result = self.runner.execute_plan(plan)
+            self.last_logprobs = result.logprobs
+            return self.scheduler.advance(result)
         if self._in_flight is None:
             plan = self.scheduler.next_plan()
             if plan.empty:
@@ -76,6 +80,7 @@ class EngineCore:
         _, fut = self._in_flight
         result = fut.result()
         self.steps += 1
+        self.last_logprobs = result.logprobs
         updates = self.scheduler.advance(result)
         self._in_flight = None if nxt.empty else (nxt, self._pool.submit(self.runner.execute_plan, nxt))
         return updates

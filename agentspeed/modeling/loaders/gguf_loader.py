@@ -129,7 +129,10 @@ def iter_gguf(reader: Any, cfg: ModelConfig) -> Iterator[tuple[str, LazyTensor]]
             n_head = cfg.num_kv_heads
         shape = tuple(int(d) for d in reversed(t.shape))
 
-        def reader_fn(rows: slice | None, cols: slice | None, t: Any = t, n_head: int | None = n_head) -> torch.Tensor:
+        def reader_fn(
+            rows: slice | None, cols: slice | None,
+            t: Any = t, n_head: int | None = n_head, shape: tuple[int, ...] = shape,
+        ) -> torch.Tensor:
             if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 arr = np.asarray(t.data, dtype=np.float32)
             else:

@@ -52,10 +52,11 @@ def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | N
         )
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"unsupported activation {cfg['hidden_act']!r}")
-    if cfg.get("use_sliding_window") or (arch == "MistralForCausalLM" and cfg.get("sliding_window")):
-        # Refuse rather than silently attend beyond the window.
-        if cfg.get("sliding_window") and cfg["sliding_window"] < cfg.get("max_position_embeddings", 0):
-            raise UnsupportedModelError("sliding-window attention is not supported yet")
+    window = cfg.get("sliding_window")
+    windowed = cfg.get("use_sliding_window") or arch == "MistralForCausalLM"
+    # Refuse rather than silently attend beyond the window.
+    if windowed and window and window < cfg.get("max_position_embeddings", 0):
+        raise UnsupportedModelError("sliding-window attention is not supported yet")
     theta, scaling = _rope(cfg)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
