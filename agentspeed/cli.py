@@ -33,8 +33,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size (processes; gloo on CPU, NCCL on GPU)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
-    g.add_argument("--kv-cache-memory", type=_parse_bytes, default=2 << 30,
-                   help="bytes of KV cache per rank, e.g. 4GiB (default 2GiB)")
+    g.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
+                   help="bytes of KV cache per rank, e.g. 4GiB (default on CPU: 25%% of available "
+                        "memory, at most 4GiB; on GPU see --gpu-memory-utilization)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory the engine may use, KV cache included (default 0.9)")
     g.add_argument("--kernel-backend", default=None,
                    help="force kernel backends: 'reference', or 'op=backend,...' "
                         "(also AGENTSPEED_KERNEL_BACKEND); fails if the backend cannot run")
@@ -53,9 +56,11 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
         seed=args.seed,
         parallel=ParallelConfig(tp=args.tp, rank=rank, master_port=port),
-        cache=CacheConfig(page_size=args.page_size, kv_cache_memory=args.kv_cache_memory),
+        cache=CacheConfig(page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
+                          gpu_memory_utilization=args.gpu_memory_utilization),
         kernels=KernelConfig.parse(args.kernel_backend),
     )
 

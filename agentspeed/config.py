@@ -66,11 +66,17 @@ class ParallelConfig:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    """Paged KV cache. num_pages=None sizes the pool from kv_cache_memory."""
+    """Paged KV cache. The pool size comes from num_pages, else kv_cache_memory (bytes on
+    this rank), else from free memory: on CPU `cpu_memory_fraction` of what is available,
+    at most `cpu_kv_cap` bytes and what max_model_len x max_num_seqs could use; on GPU
+    `gpu_memory_utilization` of the device minus what is already in use."""
 
     page_size: int = 16
     num_pages: int | None = None
-    kv_cache_memory: int = 2 << 30  # bytes, across all layers, on this rank
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_memory_fraction: float = 0.25
+    cpu_kv_cap: int = 4 << 30
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -108,6 +114,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None
+    max_num_seqs: int = 256
     seed: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -31,11 +31,12 @@ class BlockTable:
     """An opaque handle on a request's pages, in position order. Only the pool mutates it;
     once given back, every access raises HandleReleased."""
 
-    __slots__ = ("_pages", "_released")
+    __slots__ = ("_frozen", "_pages", "_released")
 
     def __init__(self) -> None:
         self._pages: list[int] = []
         self._released = False
+        self._frozen: tuple[int, ...] | None = None
 
     @property
     def pages(self) -> list[int]:
@@ -43,6 +44,12 @@ class BlockTable:
         if self._released:
             raise HandleReleased("block table used after it was released")
         return self._pages
+
+    def frozen(self) -> tuple[int, ...]:
+        """The pages as a tuple, cached until the pool appends a page (plans carry this)."""
+        if self._frozen is None:
+            self._frozen = tuple(self.pages)
+        return self._frozen
 
     @property
     def released(self) -> bool:
@@ -104,6 +111,7 @@ class PagePool:
             self.state[p] = PageState.OWNED
             self.refcount[p] = 1
             pages.append(p)
+        bt._frozen = None
 
     def share(self, bt: BlockTable, page: int) -> None:
         """Append a published or cached page (a prefix-cache hit) to bt."""
@@ -115,6 +123,7 @@ class PagePool:
             raise InvariantViolation(f"page {page} shared while {st.name}")
         self.refcount[page] += 1
         bt.pages.append(page)
+        bt._frozen = None
 
     def release(self, bt: BlockTable, fence: int | None = None) -> None:
         """Give back every page of bt and invalidate it. With a fence (the id of a step in

@@ -145,7 +145,9 @@ class Scheduler:
                 continue
             if r.num_tokens - r.num_computed != 1:
                 continue
-            if not self._reserve(r, r.num_computed + 1, scheduled):
+            if r.num_computed >= len(r.state.blocks.pages) * self.cfg.page_size and not self._reserve(
+                r, r.num_computed + 1, scheduled
+            ):
                 continue
             tok = r.tokens[-1] if r.pending == 0 else LAST_SAMPLED
             chunks.append(self._chunk(r, (tok,), sample=True))
@@ -200,7 +202,7 @@ class Scheduler:
             reason = self._stop_reason(r, tok)
             if reason is not None:
                 self._finish(r, reason)
-            elif running:
+            elif running and min(r.num_confirmed, len(r.tokens)) // self.cfg.page_size > r.num_published:
                 self._publish(r)
             updates.append(
                 RequestUpdate(r.spec.request_id, (tok,), reason, max(r.num_cached_tokens, 0))
@@ -237,19 +239,20 @@ class Scheduler:
         bisect.insort(self._waiting, key)
 
     def _chunk(self, r: _Request, tokens: tuple[int, ...], sample: bool) -> ScheduledChunk:
-        bt = r.blocks
-        assert bt is not None
+        s = r.state
+        assert isinstance(s, (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding))
         start = r.num_computed
         ps = self.cfg.page_size
-        pages = bt.pages
+        pages = s.blocks.frozen()
+        state = self.pool.state
         # Published pages are immutable: every page this chunk writes must be owned.
         for p in range(start // ps, (start + len(tokens) - 1) // ps + 1):
-            if self.pool.state[pages[p]] != PageState.OWNED:
+            if state[pages[p]] != PageState.OWNED:
                 raise InvariantViolation(f"chunk would write published page {pages[p]}")
         r.num_computed += len(tokens)
         if sample:
             r.pending += 1
-        return ScheduledChunk(r.spec.request_id, tokens, start, tuple(pages), sample)
+        return ScheduledChunk(r.spec.request_id, tokens, start, pages, sample)
 
     def _reserve(self, r: _Request, n_tokens: int, scheduled: set[str]) -> bool:
         """Make r's pages cover n_tokens, preempting the running request that frees the most

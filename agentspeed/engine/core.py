@@ -43,7 +43,10 @@ class EngineCore:
                 enable_prefix_caching=opts.enable_prefix_caching,
             )
         )
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="agentspeed-exec") if opts.overlap else None
+        # Steps always execute on this one thread, overlap or not: every OS thread that
+        # enters torch gets its own OpenMP team, and two teams spinning on two cores halve
+        # the speed of both.
+        self._exec = ThreadPoolExecutor(1, thread_name_prefix="agentspeed-exec")
         self._in_flight: tuple[ExecutionPlan, Future[StepResult]] | None = None
         self.steps = 0
         # Logprobs of the last advanced step, for requests that asked for them.
@@ -62,19 +65,19 @@ class EngineCore:
 
     def step(self) -> list[RequestUpdate]:
         """Advance the engine by one step; returns the request updates it produced."""
-        if self._pool is None:
+        if not self.opts.overlap:
             plan = self.scheduler.next_plan()
             if plan.empty:
                 return self.scheduler.advance_idle()
             self.steps += 1
-            result = self.runner.execute_plan(plan)
+            result = self._exec.submit(self.runner.execute_plan, plan).result()
             self.last_logprobs = result.logprobs
             return self.scheduler.advance(result)
         if self._in_flight is None:
             plan = self.scheduler.next_plan()
             if plan.empty:
                 return self.scheduler.advance_idle()
-            self._in_flight = (plan, self._pool.submit(self.runner.execute_plan, plan))
+            self._in_flight = (plan, self._exec.submit(self.runner.execute_plan, plan))
         # Plan the next step while the current one runs.
         nxt = self.scheduler.next_plan()
         _, fut = self._in_flight
@@ -82,12 +85,11 @@ class EngineCore:
         self.steps += 1
         self.last_logprobs = result.logprobs
         updates = self.scheduler.advance(result)
-        self._in_flight = None if nxt.empty else (nxt, self._pool.submit(self.runner.execute_plan, nxt))
+        self._in_flight = None if nxt.empty else (nxt, self._exec.submit(self.runner.execute_plan, nxt))
         return updates
 
     def shutdown(self) -> None:
         if self._in_flight is not None:
             self._in_flight[1].result()
             self._in_flight = None
-        if self._pool is not None:
-            self._pool.shutdown()
+        self._exec.shutdown()

@@ -49,7 +49,8 @@ class LLM:
         tensor_parallel_size: int = 1,
         page_size: int = 16,
         num_kv_pages: int | None = None,
-        kv_cache_memory: int = 2 << 30,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = 0.9,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
@@ -66,7 +67,9 @@ class LLM:
             max_model_len=max_model_len,
             seed=seed,
             parallel=ParallelConfig(tp=tensor_parallel_size),
-            cache=CacheConfig(page_size=page_size, num_pages=num_kv_pages, kv_cache_memory=kv_cache_memory),
+            max_num_seqs=max_num_seqs,
+            cache=CacheConfig(page_size=page_size, num_pages=num_kv_pages, kv_cache_memory=kv_cache_memory,
+                              gpu_memory_utilization=gpu_memory_utilization),
             kernels=KernelConfig.parse(kernel_backend),
         )
         if cfg.parallel.tp > 1 and engine_config is None:
@@ -91,12 +94,12 @@ class LLM:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return None, list(prompt["prompt_token_ids"])
-            prompt = prompt["prompt"]
+            prompt = str(prompt["prompt"])
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError("text prompts need a tokenizer: pass {'prompt_token_ids': [...]}")
             return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
+        return None, [int(t) for t in prompt]
 
     # ---- public API ---------------------------------------------------------------------
     def generate(
@@ -106,11 +109,11 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Outputs in prompt order. Requests run together with continuous batching."""
-        if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompt_list = list(prompts)  # type: ignore[arg-type]
+        prompt_list: list[PromptInput]
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompt_list = [prompts]  # type: ignore[list-item]
+        else:
+            prompt_list = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = (

@@ -4,9 +4,14 @@ entries of page tables point at it and nothing meaningful is ever read from it."
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
 from agentspeed.config import CacheConfig, ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 def kv_heads_local(cfg: ModelConfig, tp: int) -> int:
@@ -18,14 +23,52 @@ def bytes_per_page(cfg: ModelConfig, cache: CacheConfig, tp: int, dtype: torch.d
     return per_token * cache.page_size
 
 
+def available_cpu_memory() -> int:
+    """Bytes of memory the OS reports available (MemAvailable), else free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_cache_bytes(cache: CacheConfig, device: str, useful_max: int) -> int:
+    """The KV budget in bytes for this rank (see CacheConfig)."""
+    if cache.kv_cache_memory is not None:
+        return cache.kv_cache_memory
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        return max(0, int(total * cache.gpu_memory_utilization) - used)
+    return min(int(available_cpu_memory() * cache.cpu_memory_fraction), cache.cpu_kv_cap, useful_max)
+
+
 class KVCache:
-    def __init__(self, cfg: ModelConfig, cache: CacheConfig, tp: int, dtype: torch.dtype, device: str) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cache: CacheConfig,
+        tp: int,
+        dtype: torch.dtype,
+        device: str,
+        max_tokens_useful: int = 1 << 20,
+    ) -> None:
+        """max_tokens_useful caps the automatic CPU sizing (no point in more KV than the
+        longest context times the most concurrent sequences)."""
+        per_page = bytes_per_page(cfg, cache, tp, dtype)
         if cache.num_pages is not None:
             num_pages = cache.num_pages
         else:
-            num_pages = cache.kv_cache_memory // bytes_per_page(cfg, cache, tp, dtype)
+            useful = (max_tokens_useful // cache.page_size + 2) * per_page
+            num_pages = kv_cache_bytes(cache, device, useful) // per_page
         if num_pages < 2:
-            raise ValueError("KV cache memory too small for even one page")
+            raise ValueError(
+                f"KV cache memory too small for even one page of {per_page} bytes: "
+                "raise --kv-cache-memory / --gpu-memory-utilization"
+            )
         self.num_pages = num_pages
         self.page_size = cache.page_size
         shape = (num_pages, cache.page_size, kv_heads_local(cfg, tp), cfg.head_dim)
@@ -33,6 +76,10 @@ class KVCache:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_layers)
         ]
+        log.info(
+            "KV cache: %d pages x %d tokens = %d tokens of KV (%.2f GiB on this rank)",
+            num_pages - 1, cache.page_size, self.num_tokens, num_pages * per_page / (1 << 30),
+        )
 
     @property
     def num_tokens(self) -> int:

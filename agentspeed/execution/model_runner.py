@@ -37,10 +37,13 @@ class ModelRunner:
         self.device = built.device
         self.dtype = built.dtype
         self.kernels = built.kernels
-        self.kv = KVCache(built.config, cfg.cache, self.comm.world_size, built.dtype, built.device)
         self.page_size = cfg.cache.page_size
         self.max_model_len = min(
             cfg.max_model_len or built.config.max_position_embeddings, built.config.max_position_embeddings
+        )
+        self.kv = KVCache(
+            built.config, cfg.cache, self.comm.world_size, built.dtype, built.device,
+            max_tokens_useful=self.max_model_len * cfg.max_num_seqs,
         )
         self.sampler = Sampler(built.kernels, built.device, cfg.seed)
         # Execution-side request state, keyed by request id: sampling settings and the last
@@ -49,9 +52,6 @@ class ModelRunner:
         self.prompts: dict[str, Sequence[int]] = {}
         self.outputs: dict[str, list[int]] = {}
         self.last_sampled: dict[str, int] = {}
-        log.info(
-            "KV cache: %d pages x %d tokens = %d tokens", self.kv.num_pages - 1, self.page_size, self.kv.num_tokens
-        )
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
