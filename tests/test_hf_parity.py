@@ -18,15 +18,19 @@ PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(30, 60)), [300, 1, 
 
 
 def hf_greedy_loop(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """Plain greedy decoding with transformers' forward (no generate(): its min_new_tokens
-    would bias the EOS logit). Returns the new tokens and the logits at every position of
-    prompt + completion[:-1]."""
-    ids = list(prompt)
+    """Plain greedy decoding with transformers' forward and its KV cache (no generate(): its
+    min_new_tokens would bias the EOS logit). Returns the new tokens and, for each, the
+    logits it was chosen from ([n, vocab])."""
+    tokens: list[int] = []
+    step_logits = []
     with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-        logits = model(torch.tensor([ids[:-1]])).logits[0]
-    return ids[len(prompt):], logits
+            logits = out.logits[0, -1]
+            step_logits.append(logits)
+            tokens.append(int(logits.argmax()))
+            out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, torch.stack(step_logits)
 
 
 def hf_greedy(path: Path, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
@@ -59,7 +63,7 @@ def test_greedy_tokens_and_logits_match_transformers(tiny_models: dict[str, Path
         logits = runner.forward([SequenceChunk("x", full[:-1], 0, pages)])
         torch.testing.assert_close(logits[0], ref_logits[-1], rtol=1e-4, atol=1e-4)
         logits = runner.forward([SequenceChunk("x", prompt, 0, pages)])
-        torch.testing.assert_close(logits[0], ref_logits[len(prompt) - 1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
 
 
 VARIANTS = {
@@ -124,8 +128,8 @@ def test_smollm2_gguf_matches_transformers(smollm2_path: Path) -> None:
         smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
     ).eval()
     for prompt, out in zip(prompts, ours):
-        ref, ref_all_logits = hf_greedy_loop(hf, prompt, NEW_TOKENS)
-        ref_logits = ref_all_logits[len(prompt) - 1]
+        ref, ref_step_logits = hf_greedy_loop(hf, prompt, NEW_TOKENS)
+        ref_logits = ref_step_logits[0]
         assert out.token_ids == ref
         pages = list(range(1, 1 + -(-len(prompt) // 16)))
         logits = runner.forward([SequenceChunk("x", prompt, 0, pages)])[0]

@@ -5,6 +5,7 @@ the same calls with the same chunks (SPMD); sampled tokens are taken from rank 0
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,10 @@ class ModelRunner:
         device_hint = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         if device_hint == "cuda" and cfg.parallel.tp > 1:
             torch.cuda.set_device(cfg.parallel.rank)
+        if device_hint == "cpu" and cfg.parallel.tp > 1:
+            # Ranks share the cores: more OpenMP threads than cores makes every parallel
+            # region wait on a descheduled thread.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.parallel.tp))
         self.comm = Communicator.init(cfg.parallel, device_hint)
         built = build_model(cfg, self.comm)
         self.model = built.model
