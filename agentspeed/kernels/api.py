@@ -2,7 +2,8 @@
 
 Ops (each has a torch `reference` backend that runs everywhere):
   rms_norm(x, weight, eps) -> Tensor
-  rotary_embedding(positions, q, k, cos_sin) -> (q, k)       NeoX-style, cos|sin halves
+  rotary_embedding(q, k, cos_sin) -> (q, k)       NeoX-style; cos_sin [T, rot]: each token's
+                                                  cos|sin (gathered once per forward)
   silu_and_mul(x) -> Tensor                                   silu(x[..., :d]) * x[..., d:]
   store_kv(k, v, k_cache, v_cache, slot_mapping) -> None      writes new tokens' K/V in place
   paged_attention_prefill(q, k_cache, v_cache, meta, scale) -> Tensor
@@ -155,9 +156,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_embedding(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return select_kernel("rotary_embedding", _device_of(q), q.dtype).fn(positions, q, k, cos_sin)
+    return select_kernel("rotary_embedding", _device_of(q), q.dtype).fn(q, k, cos_sin)
 
 
 def paged_attention(

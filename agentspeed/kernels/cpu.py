@@ -60,6 +60,12 @@ def paged_attention_decode(
     # [B, n_pages, page_size, KVH, D] -> [B, KVH, L, D]
     k = k_cache[pages].flatten(1, 2).transpose(1, 2)
     v = v_cache[pages].flatten(1, 2).transpose(1, 2)
+    if B == 1:  # one sequence: trim to its length instead of masking
+        L = meta.seq_lens_cpu[0]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k[:, :, :L], v[:, :, :L], scale=scale, enable_gqa=True
+        )
+        return o.squeeze(2)
     L = k.shape[2]
     mask = (torch.arange(L)[None, :] < meta.seq_lens[:, None]).view(B, 1, 1, L)
     o = F.scaled_dot_product_attention(

@@ -35,18 +35,17 @@ def _rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rot = cos.shape[-1] * 2
     xr, xpass = x[..., :rot], x[..., rot:]
     x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
-    c = torch.cat((cos, cos), -1).unsqueeze(-2).to(x.dtype)
-    s = torch.cat((sin, sin), -1).unsqueeze(-2).to(x.dtype)
-    out = xr * c + torch.cat((-x2, x1), -1) * s
+    c = cos.unsqueeze(-2).to(x.dtype)
+    s = sin.unsqueeze(-2).to(x.dtype)
+    out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
     return torch.cat((out, xpass), -1) if xpass.numel() else out
 
 
 @_reg("rotary_embedding")
 def rotary_embedding(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cs = cos_sin[positions]
-    cos, sin = cs.chunk(2, dim=-1)
+    cos, sin = cos_sin.chunk(2, dim=-1)
     return _rotate_neox(q, cos, sin), _rotate_neox(k, cos, sin)
 
 

@@ -16,3 +16,4 @@ class ForwardContext:
     attn: AttentionMetadata
     kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache)
     logits_indices: torch.Tensor  # [B'] rows of the flattened tokens whose logits are wanted
+    rope: torch.Tensor | None = None  # [T, rot] cos|sin per token; the model fills it once

@@ -23,7 +23,6 @@ class PagedAttention(SpmdModule):
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
-        cos_sin: torch.Tensor,
         kernels: KernelSet,
         qk_norm_eps: float | None,
         dtype: torch.dtype,
@@ -37,7 +36,6 @@ class PagedAttention(SpmdModule):
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = head_dim**-0.5
         self.kernels = kernels
-        self.register_buffer("cos_sin", cos_sin, persistent=False)
         self.qk_norm_eps = qk_norm_eps
         if qk_norm_eps is not None:
             self.q_norm = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
@@ -56,7 +54,7 @@ class PagedAttention(SpmdModule):
         if self.qk_norm_eps is not None:
             q = ks.rms_norm(q, self.q_norm, self.qk_norm_eps)
             k = ks.rms_norm(k, self.k_norm, self.qk_norm_eps)
-        q, k = ks.rotary_embedding(ctx.positions, q, k, self.cos_sin)
+        q, k = ks.rotary_embedding(q, k, ctx.rope)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         ks.store_kv(k, v, k_cache, v_cache, ctx.attn.slot_mapping)
         attend = ks.paged_attention_decode if ctx.attn.is_decode else ks.paged_attention_prefill

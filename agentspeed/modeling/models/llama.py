@@ -52,7 +52,13 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         tp = comm.world_size
         H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        cos_sin = cos_sin_table(D, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
+        # One RoPE table for all layers; each forward gathers its tokens' rows once.
+        self.cos_sin: torch.Tensor
+        self.register_buffer(
+            "cos_sin",
+            cos_sin_table(D, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device),
+            persistent=False,
+        )
         # target key -> (module, parameter name, part)
         self.targets: dict[str, tuple[SpmdModule, str, str | None]] = {}
 
@@ -64,7 +70,7 @@ class LlamaForCausalLM(nn.Module):
                 "attn_norm": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device),
                 "qkv": qkv_column(cfg.hidden_size, H, KVH, D, cfg.attention_bias, comm, dtype, device),
                 "attn": PagedAttention(
-                    i, H // tp, max(1, KVH // tp), D, cos_sin, kernels,
+                    i, H // tp, max(1, KVH // tp), D, kernels,
                     cfg.rms_norm_eps if cfg.qk_norm else None, dtype, device,
                 ),
                 "o_proj": RowParallelLinear(H * D, cfg.hidden_size, cfg.o_proj_bias, comm, dtype, device),
@@ -104,6 +110,7 @@ class LlamaForCausalLM(nn.Module):
         self.collectives: list[Insertion] = compile_placements(self, comm)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        ctx.rope = self.cos_sin[ctx.positions]
         hidden = self.body(input_ids, ctx)
         logits = self.head(hidden[ctx.logits_indices], ctx)
         return logits[:, : self.cfg.vocab_size].float()
