@@ -173,6 +173,18 @@ def test_multi_turn_prefix_hits_cover_previous_turn() -> None:
     sched.check_invariants()
 
 
+@pytest.mark.parametrize("n_out", [1, 13, 14])
+def test_pages_completed_in_the_finishing_step_are_cached(n_out: int) -> None:
+    ps = 4
+    sched = Scheduler(SchedulerConfig(num_pages=64, page_size=ps, max_model_len=512))
+    turn1 = list(range(1, 41))
+    sched.submit(RequestSpec("t1", tuple(turn1), n_out))
+    out1 = run_to_end(sched, list(range(100, 100 + n_out)))["t1"]
+    sched.submit(RequestSpec("t2", tuple(turn1 + out1 + [7, 7, 7]), 1))
+    sched.next_plan()
+    assert sched.num_cached_tokens("t2") == (len(turn1) + n_out - 1) // ps * ps
+
+
 def test_prefix_caching_off_hits_nothing() -> None:
     sched = Scheduler(SchedulerConfig(num_pages=64, page_size=4, enable_prefix_caching=False))
     sched.submit(RequestSpec("a", tuple(range(1, 30)), 2))

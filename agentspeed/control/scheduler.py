@@ -199,11 +199,12 @@ class Scheduler:
             r.num_outputs += 1
             if isinstance(r.state, fsm.PrefillDone):
                 r.state = fsm.start_decode(r.state)
+            # Publish before a finish gives the pages back: the next turn re-sends them.
+            if running and min(r.num_confirmed, len(r.tokens)) // self.cfg.page_size > r.num_published:
+                self._publish(r)
             reason = self._stop_reason(r, tok)
             if reason is not None:
                 self._finish(r, reason)
-            elif running and min(r.num_confirmed, len(r.tokens)) // self.cfg.page_size > r.num_published:
-                self._publish(r)
             updates.append(
                 RequestUpdate(r.spec.request_id, (tok,), reason, max(r.num_cached_tokens, 0))
             )
