@@ -76,6 +76,9 @@ class Sampler:
                 if p.has_penalties:
                     self._apply_penalties(logits, i, p, *histories[i])
         all_greedy = all(p.greedy for p in params)
+        if all_greedy:  # the common agent case: skip building per-row tensors
+            ids = logits.argmax(-1)
+            return SampleOutput(ids, self._logprobs(raw_lp, ids, want_lp) if raw_lp is not None else None)
         gens: tuple[torch.Generator | None, ...] = ()
         if not all_greedy:
             gens = tuple(None if p.greedy else self._generator(r, p) for r, p in zip(request_ids, params))
@@ -94,6 +97,12 @@ class Sampler:
         ids = self.kernels.sample(logits, st)
         if raw_lp is None:
             return SampleOutput(ids, None)
+        return SampleOutput(ids, self._logprobs(raw_lp, ids, want_lp))
+
+    @staticmethod
+    def _logprobs(
+        raw_lp: torch.Tensor, ids: torch.Tensor, want_lp: list[int | None]
+    ) -> list[TokenLogprobs | None]:
         chosen = raw_lp.gather(-1, ids[:, None])[:, 0].tolist()
         k_max = max(k or 0 for k in want_lp)
         top_v, top_i = raw_lp.topk(k_max, -1) if k_max else (raw_lp[:, :0], ids[:, None][:, :0])
@@ -104,4 +113,4 @@ class Sampler:
                 lps.append(None)
             else:
                 lps.append((chosen[i], tuple(zip(top_i_l[i][:k], top_v_l[i][:k]))))
-        return SampleOutput(ids, lps)
+        return lps
