@@ -197,16 +197,18 @@ def machine() -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: batch 4, 16 new tokens, 256-token prefill, 1 rep")
-    ap.add_argument("--batch-sizes", default="8,32", help="comma-separated decode batch sizes (batch 1 always runs)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
-    ap.add_argument("--prefill-tokens", type=int, default=2000, help="long-prompt length")
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run defaults: batch 4, 16 new tokens, 256-token prefill, 1 rep")
+    ap.add_argument("--batch-sizes", help="comma-separated decode batch sizes; batch 1 always runs (8,32)")
+    ap.add_argument("--new-tokens", type=int, help="tokens generated per sequence (128)")
+    ap.add_argument("--prefill-tokens", type=int, help="long-prompt length (2000)")
+    ap.add_argument("--reps", type=int, help="timed repetitions, median reported (3)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (2)")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     a = ap.parse_args(argv)
-    if a.quick:
-        a.batch_sizes, a.new_tokens, a.prefill_tokens, a.reps = "4", 16, 256, 1
+    defaults = ("4", 16, 256, 1) if a.quick else ("8,32", 128, 2000, 3)  # flags given win
+    for k, v in zip(("batch_sizes", "new_tokens", "prefill_tokens", "reps"), defaults):
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     n, batch_sizes = a.new_tokens, [int(b) for b in a.batch_sizes.split(",") if b]
     if n < 2:
         ap.error("--new-tokens must be >= 2 (the prefill step's token is not counted)")
