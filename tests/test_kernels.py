@@ -97,6 +97,9 @@ def test_paged_attention_matches_dense(ctx: list[int], qlens: list[int], ps: int
 
 def _sample_inputs(op: str, dtype: torch.dtype) -> tuple[object, ...]:
     g = torch.Generator().manual_seed(1)
+    if op == "linear":
+        return (torch.randn(9, 64, generator=g).to(dtype), torch.randn(48, 64, generator=g).to(dtype),
+                torch.randn(48, generator=g).to(dtype))
     if op == "rms_norm":
         return (torch.randn(9, 64, generator=g).to(dtype), torch.randn(64, generator=g).to(dtype), 1e-6)
     if op == "silu_and_mul":
@@ -134,12 +137,30 @@ def test_every_backend_matches_reference(op: str, dtype: torch.dtype) -> None:
         if impl.backend == "reference" or impl.why_not("cpu", dtype, {}):
             continue
         args_ref, args = _sample_inputs(op, dtype), _sample_inputs(op, dtype)
+        if impl.prepare is not None:  # weight-taking ops: the weight is the second argument
+            args = (args[0], impl.prepare(args[1]), *args[2:])  # type: ignore[arg-type]
         want, got = ref.fn(*args_ref), impl.fn(*args)
         if op == "store_kv":
             want, got = args_ref[2:4], args[2:4]
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_backends_any_batch_size(rows: int, bias: bool) -> None:
+    """A prepacked weight serves every batch size (decode M=1 to long prefill chunks)."""
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 96, generator=g), torch.randn(160, 96, generator=g)
+    b = torch.randn(160, generator=g) if bias else None
+    want = F.linear(x, w, b)
+    for impl in backends_for("linear"):
+        if impl.why_not("cpu", torch.float32, {}):
+            continue
+        wp = impl.prepare(w) if impl.prepare else w
+        torch.testing.assert_close(impl.fn(x, wp, b), want, rtol=1e-4, atol=1e-4, msg=impl.backend)
+        assert impl.fn(x[None], wp, b).shape == (1, rows, 160)
 
 
 def test_every_op_has_a_reference_that_runs_everywhere() -> None:

@@ -1,9 +1,11 @@
-"""Messages between the control plane and the execution plane. Plain frozen dataclasses of
-ints and strings: no tensors (they also serialise as msgspec structs for other processes)."""
+"""Messages between the control plane and the execution plane: frozen msgspec Structs of ints
+and strings, no tensors, so the same objects cross a process boundary (msgspec msgpack) as
+are passed in-process. Structs, not dataclasses: a frozen dataclass costs ~0.5 µs to build
+and the scheduler builds two of these per running request per step."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import msgspec
 
 from agentspeed.control.fsm import FinishReason
 
@@ -12,8 +14,7 @@ from agentspeed.control.fsm import FinishReason
 LAST_SAMPLED = -1
 
 
-@dataclass(frozen=True, slots=True)
-class RequestSpec:
+class RequestSpec(msgspec.Struct, frozen=True):
     """A new request. stop_token_ids end it (after min_tokens outputs); max_tokens caps it.
     session_key groups the turns of one agent session; cache_salt partitions the prefix cache."""
 
@@ -27,8 +28,7 @@ class RequestSpec:
     cache_salt: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduledChunk:
+class ScheduledChunk(msgspec.Struct, frozen=True, gc=False):
     """Compute token_ids at positions start, start+1, ... for one request, whose pages (in
     position order) cover [0, start + len(token_ids)). sample: sample one token afterwards."""
 
@@ -39,8 +39,7 @@ class ScheduledChunk:
     sample: bool
 
 
-@dataclass(frozen=True, slots=True)
-class ExecutionPlan:
+class ExecutionPlan(msgspec.Struct, frozen=True):
     """One step. An empty plan (no chunks) is not registered and must not be advanced.
     released: requests whose execution-side state (e.g. sampler seeds) can be dropped."""
 
@@ -57,20 +56,18 @@ class ExecutionPlan:
         return sum(len(c.token_ids) for c in self.chunks)
 
 
-@dataclass(frozen=True, slots=True)
-class StepResult:
+class StepResult(msgspec.Struct, frozen=True):
     """sampled[request_id]: the token sampled for each chunk of the step with sample=True.
     logprobs[request_id], for requests that asked: (chosen token's logprob, top
     alternatives as (token id, logprob)). The scheduler ignores logprobs; the engine forwards
     them."""
 
     step_id: int
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, tuple[float, tuple[tuple[int, float], ...]]] = field(default_factory=dict)
+    sampled: dict[str, int] = msgspec.field(default_factory=dict)
+    logprobs: dict[str, tuple[float, tuple[tuple[int, float], ...]]] = msgspec.field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestUpdate:
+class RequestUpdate(msgspec.Struct, frozen=True, gc=False):
     """What changed for one request in one advance()."""
 
     request_id: str

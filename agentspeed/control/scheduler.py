@@ -47,10 +47,15 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
 
 
+_RUNNING = (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding)
+_DECODABLE = (fsm.PrefillDone, fsm.Decoding)
+
+
 @dataclass(slots=True)
 class _Request:
     spec: RequestSpec
     arrival: int
+    rid: str = ""  # spec.request_id, hoisted: the hot loops read it per request per step
     state: RequestState = field(default_factory=fsm.Waiting)
     tokens: list[int] = field(default_factory=list)  # prompt + known outputs
     num_outputs: int = 0
@@ -68,7 +73,7 @@ class _Request:
     @property
     def blocks(self) -> BlockTable | None:
         s = self.state
-        return s.blocks if isinstance(s, (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding)) else None
+        return s.blocks if isinstance(s, _RUNNING) else None
 
 
 class Scheduler:
@@ -106,7 +111,7 @@ class Scheduler:
                 f"prompt + max_tokens ({total} tokens) exceeds the whole KV cache "
                 f"({self.pool.num_usable * self.cfg.page_size} tokens)"
             )
-        r = _Request(spec, next(self._arrivals), tokens=list(spec.prompt_token_ids))
+        r = _Request(spec, next(self._arrivals), spec.request_id, tokens=list(spec.prompt_token_ids))
         self._requests[spec.request_id] = r
         self._enqueue(r)
 
@@ -137,34 +142,33 @@ class Scheduler:
         scheduled: set[str] = set()
         self._preempted_now = set()
 
-        # 1. Running decodes (and their pages), preempting when memory runs out.
+        # 1. Running decodes (and their pages), preempting when memory runs out. This loop
+        # runs once per running request per step: it is kept free of needless calls.
+        ps = self.cfg.page_size
         for r in list(self._running):
-            if r.spec.request_id in scheduled or not isinstance(r.state, (fsm.PrefillDone, fsm.Decoding)):
+            s = r.state
+            if not isinstance(s, _DECODABLE) or budget < 1 or r.rid in scheduled:
                 continue
-            if budget < 1 or r.num_outputs + r.pending >= r.spec.max_tokens:
+            n_known = len(r.tokens)
+            if r.num_outputs + r.pending >= r.spec.max_tokens or n_known + r.pending - r.num_computed != 1:
                 continue
-            if r.num_tokens - r.num_computed != 1:
+            if r.num_computed >= len(s.blocks.pages) * ps and not self._reserve(r, r.num_computed + 1, scheduled):
                 continue
-            if r.num_computed >= len(r.state.blocks.pages) * self.cfg.page_size and not self._reserve(
-                r, r.num_computed + 1, scheduled
-            ):
-                continue
-            tok = r.tokens[-1] if r.pending == 0 else LAST_SAMPLED
-            chunks.append(self._chunk(r, (tok,), sample=True))
-            scheduled.add(r.spec.request_id)
+            chunks.append(self._decode_chunk(r, s.blocks, r.tokens[-1] if r.pending == 0 else LAST_SAMPLED))
+            scheduled.add(r.rid)
             budget -= 1
 
         # 2. Chunked prefill: running prefills, then waiting requests in order.
         for r in list(self._running):
             if budget < 1 or len(scheduled) >= self.cfg.max_num_seqs:
                 break
-            if isinstance(r.state, fsm.Prefilling) and r.spec.request_id not in scheduled:
+            if isinstance(r.state, fsm.Prefilling) and r.rid not in scheduled:
                 budget -= self._schedule_prefill(r, budget, chunks, scheduled)
         while self._waiting and budget >= 1 and len(scheduled) < self.cfg.max_num_seqs:
             r = self._requests[self._waiting[0][2]]
             # Not while a token of its previous run is in flight, nor right after preemption
             # (a step still in flight holds chunks of its previous run).
-            if r.pending or r.spec.request_id in self._preempted_now:
+            if r.pending or r.rid in self._preempted_now:
                 break
             if not self._admit(r):
                 break
@@ -183,39 +187,44 @@ class Scheduler:
             raise InvariantViolation(f"advance of step {result.step_id} out of order")
         plan = self._unadvanced.popleft()
         updates, self._aborted = self._aborted, []
+        requests = self._requests
+        ps = self.cfg.page_size
+        max_len = self.cfg.max_model_len
         for c in plan.chunks:
-            r = self._requests.get(c.request_id)
-            if r is None or isinstance(r.state, fsm.Finished):
+            r = requests.get(c.request_id)
+            if r is None:
                 continue
-            running = isinstance(r.state, (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding))
+            s = r.state
+            running = isinstance(s, _RUNNING)
+            if not running and isinstance(s, fsm.Finished):
+                continue
             if running:
-                r.num_confirmed = max(r.num_confirmed, c.start + len(c.token_ids))
+                end = c.start + len(c.token_ids)
+                if end > r.num_confirmed:
+                    r.num_confirmed = end
             if not c.sample:
+                if isinstance(s, fsm.Prefilling):  # prefill progress: publish its full pages
+                    self._publish(r)
                 continue
             # A token sampled before a preemption is still a valid continuation: keep it.
             tok = result.sampled[c.request_id]
             r.pending -= 1
             r.tokens.append(tok)
             r.num_outputs += 1
-            if isinstance(r.state, fsm.PrefillDone):
-                r.state = fsm.start_decode(r.state)
+            if isinstance(s, fsm.PrefillDone):
+                r.state = fsm.start_decode(s)
             # Publish before a finish gives the pages back: the next turn re-sends them.
-            if running and min(r.num_confirmed, len(r.tokens)) // self.cfg.page_size > r.num_published:
+            if running and min(r.num_confirmed, len(r.tokens)) // ps > r.num_published:
                 self._publish(r)
-            reason = self._stop_reason(r, tok)
-            if reason is not None:
-                self._finish(r, reason)
-            updates.append(
-                RequestUpdate(r.spec.request_id, (tok,), reason, max(r.num_cached_tokens, 0))
-            )
-        for c in plan.chunks:  # prefill progress of requests that sampled nothing
-            r = self._requests.get(c.request_id)
-            if r is not None and not c.sample and isinstance(r.state, fsm.Prefilling):
-                self._publish(r)
+            reason = None
+            if tok in r.spec.stop_token_ids or r.num_outputs >= r.spec.max_tokens or len(r.tokens) >= max_len:
+                reason = self._stop_reason(r, tok)
+                if reason is not None:
+                    self._finish(r, reason)
+                    requests.pop(r.rid, None)
+            n_cached = r.num_cached_tokens
+            updates.append(RequestUpdate(r.rid, (tok,), reason, n_cached if n_cached > 0 else 0))
         self.pool.clear_fence(plan.step_id)
-        for u in updates:
-            if u.finish_reason is not None:
-                self._requests.pop(u.request_id, None)
         return updates
 
     def advance_idle(self) -> list[RequestUpdate]:
@@ -236,12 +245,12 @@ class Scheduler:
         return self._unadvanced[-1].step_id if self._unadvanced else None
 
     def _enqueue(self, r: _Request, front: bool = False) -> None:
-        key = (-(1 << 62) if front else r.spec.priority, r.arrival, r.spec.request_id)
+        key = (-(1 << 62) if front else r.spec.priority, r.arrival, r.rid)
         bisect.insort(self._waiting, key)
 
     def _chunk(self, r: _Request, tokens: tuple[int, ...], sample: bool) -> ScheduledChunk:
         s = r.state
-        assert isinstance(s, (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding))
+        assert isinstance(s, _RUNNING)
         start = r.num_computed
         ps = self.cfg.page_size
         pages = s.blocks.frozen()
@@ -253,7 +262,17 @@ class Scheduler:
         r.num_computed += len(tokens)
         if sample:
             r.pending += 1
-        return ScheduledChunk(r.spec.request_id, tokens, start, pages, sample)
+        return ScheduledChunk(r.rid, tokens, start, pages, sample)
+
+    def _decode_chunk(self, r: _Request, blocks: BlockTable, tok: int) -> ScheduledChunk:
+        """_chunk for one token that samples: the same checks, fewer steps."""
+        start = r.num_computed
+        pages = blocks.frozen()
+        if self.pool.state[pages[start // self.cfg.page_size]] != PageState.OWNED:
+            raise InvariantViolation(f"chunk would write published page {pages[start // self.cfg.page_size]}")
+        r.num_computed = start + 1
+        r.pending += 1
+        return ScheduledChunk(r.rid, (tok,), start, pages, True)
 
     def _reserve(self, r: _Request, n_tokens: int, scheduled: set[str]) -> bool:
         """Make r's pages cover n_tokens, preempting the running request that frees the most
@@ -262,7 +281,7 @@ class Scheduler:
         assert bt is not None
         need = self._pages_for(n_tokens) - len(bt.pages)
         while need > 0 and not self.pool.can_allocate(need):
-            victims = [v for v in self._running if v.spec.request_id not in scheduled]
+            victims = [v for v in self._running if v.rid not in scheduled]
             if not victims:
                 return False
             victim = max(victims, key=lambda v: len(v.blocks or ()))
@@ -282,7 +301,7 @@ class Scheduler:
         r.num_computed = r.num_confirmed = r.num_published = 0
         self._running.remove(r)
         self._enqueue(r, front=True)
-        self._preempted_now.add(r.spec.request_id)
+        self._preempted_now.add(r.rid)
         self.num_preemptions += 1
 
     def _admit(self, r: _Request) -> bool:
@@ -326,7 +345,7 @@ class Scheduler:
         done = n == remaining
         toks = tuple(r.tokens[r.num_computed : r.num_computed + n])
         chunks.append(self._chunk(r, toks, sample=done))
-        scheduled.add(r.spec.request_id)
+        scheduled.add(r.rid)
         if done:
             r.state = fsm.complete_prefill(r.state)
         return n
@@ -364,12 +383,12 @@ class Scheduler:
         if r in self._running:
             self._running.remove(r)
         else:
-            key = next((k for k in self._waiting if k[2] == r.spec.request_id), None)
+            key = next((k for k in self._waiting if k[2] == r.rid), None)
             if key is not None:
                 self._waiting.remove(key)
         if reason == FinishReason.ABORT:
-            self._requests.pop(r.spec.request_id, None)
-        self._released.append(r.spec.request_id)
+            self._requests.pop(r.rid, None)
+        self._released.append(r.rid)
 
     # ---- invariants ---------------------------------------------------------------------
     def check_invariants(self) -> None:
@@ -378,7 +397,7 @@ class Scheduler:
         waiting_ids = [k[2] for k in self._waiting]
         if len(set(waiting_ids)) != len(waiting_ids):
             raise InvariantViolation("a request is queued twice")
-        running_ids = {r.spec.request_id for r in self._running}
+        running_ids = {r.rid for r in self._running}
         if running_ids & set(waiting_ids):
             raise InvariantViolation("a request is both running and waiting")
         for rid in waiting_ids:
@@ -388,13 +407,13 @@ class Scheduler:
         for r in self._running:
             bt = r.blocks
             if bt is None or bt.released:
-                raise InvariantViolation(f"running request {r.spec.request_id} without pages")
+                raise InvariantViolation(f"running request {r.rid} without pages")
             if len(bt.pages) * ps < r.num_computed:
-                raise InvariantViolation(f"request {r.spec.request_id}: pages do not cover its KV")
+                raise InvariantViolation(f"request {r.rid}: pages do not cover its KV")
             if not r.num_confirmed <= r.num_computed <= r.num_tokens:
-                raise InvariantViolation(f"request {r.spec.request_id}: token counters out of order")
+                raise InvariantViolation(f"request {r.rid}: token counters out of order")
             if r.pending > len(self._unadvanced):
-                raise InvariantViolation(f"request {r.spec.request_id}: more samples in flight than steps")
+                raise InvariantViolation(f"request {r.rid}: more samples in flight than steps")
         for rid, r in self._requests.items():
             if rid not in running_ids and rid not in waiting_ids and not isinstance(r.state, fsm.Finished):
                 raise InvariantViolation(f"request {rid} is lost (neither queued nor running)")

@@ -1,6 +1,9 @@
 """The public op API.
 
 Ops (each has a torch `reference` backend that runs everywhere):
+  linear(x, w, bias) -> Tensor                    x @ w.T + bias, with w as returned by
+                                                  `KernelSet.linear_prepare(weight)` (done
+                                                  once at build: a backend may repack it)
   rms_norm(x, weight, eps) -> Tensor
   rotary_embedding(q, k, cos_sin) -> (q, k)       NeoX-style; cos_sin [T, rot]: each token's
                                                   cos|sin (gathered once per forward)
@@ -29,6 +32,7 @@ from agentspeed.errors import KernelUnavailableError
 from agentspeed.kernels.registry import Traits, select_kernel
 
 OPS = (
+    "linear",
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",
@@ -113,6 +117,7 @@ class KernelSet:
             raise KernelUnavailableError(f"unknown kernel op(s) in override: {', '.join(sorted(unknown))}")
         self.backends: dict[str, str] = {}
         self._fns: dict[str, Callable[..., Any]] = {}
+        self._prepare: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
         for op in OPS:
             force = overrides.get(op, overrides.get("*"))
             # A blanket "*" override applies to the ops that backend implements;
@@ -124,6 +129,8 @@ class KernelSet:
             impl = select_kernel(op, device, op_dtype, traits, force)
             self.backends[op] = impl.backend
             self._fns[op] = impl.fn
+            self._prepare[op] = impl.prepare
+        self.linear = self._fns["linear"]
         self.rms_norm = self._fns["rms_norm"]
         self.rotary_embedding = self._fns["rotary_embedding"]
         self.silu_and_mul = self._fns["silu_and_mul"]
@@ -131,6 +138,11 @@ class KernelSet:
         self.paged_attention_prefill = self._fns["paged_attention_prefill"]
         self.paged_attention_decode = self._fns["paged_attention_decode"]
         self.sample = self._fns["sample"]
+
+    def linear_prepare(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight in the layout `self.linear` takes (the same tensor if no repacking)."""
+        prep = self._prepare["linear"]
+        return weight if prep is None else prep(weight)
 
     def describe(self) -> Mapping[str, str]:
         return dict(self.backends)

@@ -1,6 +1,11 @@
 """CPU backend: where it pays over the reference. Attention uses torch's fused SDPA
 (flash-style CPU kernel with GQA) instead of materialising repeated K/V and the score matrix
-in fp32 math by hand; decode gathers all sequences' pages into one padded batch."""
+in fp32 math by hand; decode gathers all sequences' pages into one padded batch.
+
+Linear layers go through oneDNN with weights prepacked once into its blocked layout: on this
+class of CPU (AVX2, fp32) F.linear's MKL path streams weights at ~15 GB/s while oneDNN gets
+close to memory bandwidth; measured 1.6-2.2x faster decode and 1.4x faster prefill for
+SmolLM2 (docs/benchmarks.md). Registered only when torch was built with oneDNN."""
 
 from __future__ import annotations
 
@@ -13,6 +18,19 @@ from agentspeed.kernels.registry import register_kernel
 
 _CPU = ("cpu",)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _prepack(w: torch.Tensor) -> torch.Tensor:
+    # The batch-size hint only picks a blocking; any batch size runs on the result.
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 32)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+if torch.backends.mkldnn.is_available():
+    register_kernel("linear", "cpu", _CPU, (torch.float32,), priority=10, prepare=_prepack)(_linear)
 
 
 @register_kernel("paged_attention_prefill", "cpu", _CPU, _FLOATS, priority=10)

@@ -17,6 +17,11 @@ def _reg(op: str):  # type: ignore[no-untyped-def]
     return register_kernel(op, "reference", _ALL_DEVICES, _FLOATS, priority=0)
 
 
+@_reg("linear")
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w, bias)
+
+
 @_reg("rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same order of operations as Hugging Face: normalise in fp32, cast back, then scale.

@@ -27,6 +27,9 @@ class KernelImpl:
     dtypes: frozenset[torch.dtype]
     priority: int
     supports: Callable[[Traits], bool] | None
+    # Optional one-time transform of a weight into the layout `fn` takes (e.g. a prepacked
+    # oneDNN matrix); identity when None. Callers apply it once, at model build.
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def why_not(self, device: str, dtype: torch.dtype, traits: Traits) -> str | None:
         """None if this implementation can run here, else the reason it cannot."""
@@ -49,6 +52,7 @@ def register_kernel(
     dtypes: Iterable[torch.dtype],
     priority: int = 0,
     supports: Callable[[Traits], bool] | None = None,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register `fn` as `backend`'s implementation of `op`.
 
@@ -60,7 +64,7 @@ def register_kernel(
         if backend in impls:
             raise ValueError(f"kernel {op!r} already has a {backend!r} backend")
         impls[backend] = KernelImpl(
-            op, backend, fn, frozenset(devices), frozenset(dtypes), priority, supports
+            op, backend, fn, frozenset(devices), frozenset(dtypes), priority, supports, prepare
         )
         return fn
 

@@ -103,6 +103,10 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         total = safetensors_loader.count_safetensors(source.path)
         load_weights(model, safetensors_loader.iter_safetensors(source.path), total)
     model.eval()
+    for m in model.modules():  # weights into the layout the selected kernels take, once
+        prepare = getattr(m, "prepare_weights", None)
+        if prepare is not None:
+            prepare(kernels)
     log.info(
         "loaded %s (%s, %d layers) as %s on %s, tp rank %d/%d, in %.1fs; kernels: %s",
         source.name, mcfg.architecture, mcfg.num_layers, str(dtype).removeprefix("torch."),

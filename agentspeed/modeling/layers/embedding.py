@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agentspeed.kernels.api import KernelSet
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.compiler import SpmdModule
 from agentspeed.modeling.layers.weights import LazyTensor, copy_into
@@ -74,9 +75,16 @@ class ParallelLMHead(SpmdModule):
             if tied_to is not None
             else nn.Parameter(torch.empty(self.per_rank, hidden, dtype=dtype, device=device), requires_grad=False)
         )
+        self._linear: Any = F.linear
+        self._w: torch.Tensor = self.weight.data
 
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
         _load_rows(self.weight, t, self.start, self.vocab_size)
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self._linear(x, self._w, None)
+
+    def prepare_weights(self, kernels: KernelSet) -> None:
+        """Use the kernel set's linear. A repacked copy is kept beside `weight` (which a tied
+        embedding still reads), so a tied head costs one more vocab x hidden matrix."""
+        self._linear, self._w = kernels.linear, kernels.linear_prepare(self.weight)

@@ -14,10 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agentspeed.kernels.api import KernelSet
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.compiler import SpmdModule
 from agentspeed.modeling.layers.weights import LazyTensor, copy_into
 from agentspeed.modeling.placement import Partial, Replicate, Shard
+
+
+def _prepare(layer: ColumnParallelLinear | RowParallelLinear, kernels: KernelSet) -> None:
+    """Switch the layer to the kernel set's linear with its weight in that kernel's layout.
+    Once prepared, the dense `weight` is dropped when the kernel repacked it (no 2x memory)."""
+    w = kernels.linear_prepare(layer.weight)
+    layer._linear, layer._w = kernels.linear, w
+    if w is not layer.weight:
+        layer.weight = None  # type: ignore[assignment]
 
 
 def even_split(size: int, comm: Communicator, what: str) -> tuple[int, int]:
@@ -53,6 +63,9 @@ class ColumnParallelLinear(SpmdModule):
         self.bias = (
             nn.Parameter(torch.zeros(off, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
+        # Until prepare_weights(): plain F.linear on the (in-place loaded) weight.
+        self._linear: Any = F.linear
+        self._w: torch.Tensor = self.weight.data
 
     def load(self, param: str, t: LazyTensor, part: str) -> None:
         local, start = self.parts[part]
@@ -63,7 +76,10 @@ class ColumnParallelLinear(SpmdModule):
         copy_into(target[off : off + local], src, f"{part}.{param}")
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self._w, self.bias)
+
+    def prepare_weights(self, kernels: KernelSet) -> None:
+        _prepare(self, kernels)
 
 
 def merged_column(
@@ -117,6 +133,8 @@ class RowParallelLinear(SpmdModule):
             if bias and comm.rank == 0
             else None
         )
+        self._linear: Any = F.linear
+        self._w: torch.Tensor = self.weight.data
 
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
         if param == "bias":
@@ -126,4 +144,7 @@ class RowParallelLinear(SpmdModule):
         copy_into(self.weight, t.read(None, slice(self.start, self.start + self.local_in)), "weight")
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self._w, self.bias)
+
+    def prepare_weights(self, kernels: KernelSet) -> None:
+        _prepare(self, kernels)
