@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from agentspeed.config import CacheConfig, EngineConfig, KernelConfig, ParallelConfig
-from agentspeed.errors import AgentspeedError
+from agentspeed.errors import AgentspeedError, ConfigError
 
 log = logging.getLogger("agentspeed")
 
@@ -84,6 +84,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")
     add_engine_args(gen)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Start the OpenAI-compatible server (/v1/chat/completions, /v1/completions, "
+                    "/v1/models, /health, /metrics, /tokenize, /detokenize). The engine runs in its own "
+                    "process; tensor-parallel ranks in further processes. Ctrl-C or SIGTERM drains "
+                    "in-flight requests (up to --drain-timeout) and stops everything.",
+    )
+    srv.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                     help="local HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    g = srv.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--served-model-name", default=None,
+                   help="model name clients send and /v1/models lists (default: the model file or directory name)")
+    g.add_argument("--api-key", default=os.environ.get("AGENTSPEED_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes "
+                        "(default: $AGENTSPEED_API_KEY, else no key)")
+    g.add_argument("--chat-template", default=None, help="a Jinja chat template (file path or inline text) "
+                   "replacing the model's")
+    g.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="how tool calls are read from model output (default: llama3_json for Llama 3 "
+                        "templates, else hermes)")
+    g.add_argument("--max-queue", type=int, default=1024,
+                   help="most live requests; more get 503 instead of queueing without bound (default 1024)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds to let in-flight requests finish on shutdown (default 30)")
+    g.add_argument("--enable-test-hooks", action="store_true",
+                   help="accept the `agentspeed_test_output` request field (tests only: it replaces the "
+                        "generated text with a given one)")
+    add_engine_args(srv)
     return parser
 
 
@@ -124,6 +156,54 @@ def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agentspeed.engine.async_llm import AsyncLLM
+    from agentspeed.engine.core import SchedulingOptions
+    from agentspeed.entrypoints.openai.api_server import build_app, serve_forever
+    from agentspeed.entrypoints.openai.metrics import Metrics
+    from agentspeed.entrypoints.openai.serving import ServerState
+    from agentspeed.entrypoints.openai.tool_parsers import default_tool_parser
+
+    if args.model_path is not None:
+        if args.model is not None and args.model != args.model_path:
+            raise ConfigError("give the model once: as MODEL or as --model")
+        args.model = args.model_path
+    template = args.chat_template
+    if template is not None and os.path.isfile(template):
+        with open(template) as f:
+            template = f.read()
+    opts = SchedulingOptions(args.max_num_batched_tokens, args.max_num_seqs, not args.no_prefix_caching,
+                             not args.no_overlap)
+
+    async def run() -> None:
+        engine = await AsyncLLM.start(engine_config(args), opts, served_model_name=args.served_model_name,
+                                      chat_template=template, max_queue=args.max_queue,
+                                      log_level=args.log_level)
+        try:
+            assert engine.info is not None and engine.tokenizer is not None
+            name = engine.info.model_name
+            parser = args.tool_call_parser or default_tool_parser(
+                "", getattr(engine.tokenizer.hf, "chat_template", None))
+            state = ServerState(engine, name, Metrics(name, lambda: engine.stats), parser,
+                                args.enable_test_hooks, args.api_key)
+            kv_tokens = (engine.info.num_pages - 1) * engine.info.page_size
+            print(f"agentspeed: serving {name} on http://{args.host}:{args.port}/v1 (context "
+                  f"{engine.info.max_model_len}, KV cache {kv_tokens} tokens, tool parser {parser})",
+                  file=sys.stderr, flush=True)
+            await serve_forever(build_app(state), args.host, args.port, args.drain_timeout,
+                                args.log_level if args.log_level != "warning" else "info")
+        finally:
+            await engine.shutdown(args.drain_timeout)
+
+    # The frontend must not compete with the engine for cores.
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    asyncio.run(run())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -135,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _run_generate(args, argv)
+        if args.command == "serve":
+            return _run_serve(args)
     except AgentspeedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

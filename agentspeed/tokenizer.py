@@ -50,11 +50,19 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> list[int]:
+        """Render with the model's template (tools and extra template variables passed
+        through) and encode. Raises ConfigError without a template, ValueError if the
+        template rejects the conversation."""
         if not getattr(self.hf, "chat_template", None):
             raise ConfigError("this model has no chat template: send raw text or pass --chat-template")
-        text = self.hf.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            text = self.hf.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools,
+                **kwargs,
+            )
+        except Exception as e:  # jinja2 errors raised by the template itself (raise_exception)
+            raise ValueError(f"the chat template rejected the messages: {e}") from None
         # The template already contains any BOS token; do not add another.
         return self.encode(text, add_special_tokens=False)

@@ -89,6 +89,10 @@ class PagePool:
     def num_free(self) -> int:
         return len(self._free)
 
+    def num_in_use(self) -> int:
+        """Pages held by block tables or fences (not free, not merely cached)."""
+        return self.num_usable - len(self._free) - len(self._lru)
+
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_available()
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agentspeed.control.plan import ExecutionPlan, RequestSpec, RequestUpdate, StepResult
 from agentspeed.control.scheduler import Scheduler, SchedulerConfig
-from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the server process imports this module without torch
+    from agentspeed.execution.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

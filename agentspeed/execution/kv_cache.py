@@ -71,6 +71,7 @@ class KVCache:
             )
         self.num_pages = num_pages
         self.page_size = cache.page_size
+        self.bytes_per_token = per_page // cache.page_size
         shape = (num_pages, cache.page_size, kv_heads_local(cfg, tp), cfg.head_dim)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

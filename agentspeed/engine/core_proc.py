@@ -1,0 +1,240 @@
+"""The engine-core process: scheduler + model runner in a busy loop, fed over ZMQ.
+
+    frontend --PUSH--> [input]  engine core (rank 0)  --PUSH--> [output] frontend
+                                     |  StepInputs per step (PUSH, one socket per worker)
+                                     v
+                              TP workers (ranks 1..tp-1)
+
+Contract with the frontend (AsyncLLM): the first message out is EngineReady or EngineFailed.
+Then every step that produced updates sends one EngineOutputs. Shutdown ends the loop; so
+does the death of the frontend process (the engine never outlives it). Any exception in a
+step is sent as EngineFailed before the process exits non-zero, so in-flight requests fail
+fast instead of hanging.
+
+Tensor parallelism: every rank runs the same deterministic scheduler. Rank 0 forwards the
+inputs it applies before each step to the workers, which apply the same inputs and step in
+lock-step (the model's collectives keep them together; sampled tokens come from rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Sequence
+
+import msgspec
+import zmq
+
+from agentspeed.config import EngineConfig
+from agentspeed.control.fsm import FinishReason
+from agentspeed.control.plan import RequestUpdate
+from agentspeed.control.scheduler import RequestRejected
+from agentspeed.engine.core import EngineCore, SchedulingOptions
+from agentspeed.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    EngineFailed,
+    EngineInput,
+    EngineOutputs,
+    EngineReady,
+    EngineStats,
+    Shutdown,
+    StepInputs,
+)
+
+log = logging.getLogger("agentspeed.engine")
+
+_IDLE_POLL_MS = 100
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies, so no engine outlives its server."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class _Core:
+    """One rank's loop state."""
+
+    def __init__(self, engine: EngineCore, rank: int) -> None:
+        self.engine = engine
+        self.rank = rank
+        self.rejected: list[RequestUpdate] = []
+
+    def apply(self, msgs: Sequence[EngineInput]) -> bool:
+        """Apply inputs; False once a Shutdown was among them."""
+        for m in msgs:
+            if isinstance(m, AddRequest):
+                try:
+                    self.engine.add_request(m.spec, m.params)
+                except RequestRejected as e:
+                    self.rejected.append(
+                        RequestUpdate(m.spec.request_id, (), FinishReason.ERROR, 0, message=str(e))
+                    )
+            elif isinstance(m, AbortRequests):
+                for rid in m.request_ids:
+                    self.engine.abort(rid)
+            elif isinstance(m, Shutdown):
+                return False
+        return True
+
+    def step(self) -> tuple[list[RequestUpdate], dict[str, tuple[float, tuple[tuple[int, float], ...]]]]:
+        e = self.engine
+        updates = e.step() if e.has_work() else e.scheduler.advance_idle()
+        if self.rejected:
+            updates, self.rejected = self.rejected + updates, []
+        return updates, e.last_logprobs if updates else {}
+
+    def stats(self) -> EngineStats:
+        s = self.engine.scheduler
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, kv_pages_used=s.pool.num_in_use(),
+            kv_pages_total=s.pool.num_usable, num_preemptions=s.num_preemptions, steps=self.engine.steps,
+        )
+
+
+def _spawn_workers(args: argparse.Namespace, cfg: EngineConfig, ctx: zmq.Context[zmq.Socket[bytes]]
+                   ) -> tuple[list[subprocess.Popen[bytes]], list[zmq.Socket[bytes]]]:
+    procs, socks = [], []
+    for rank in range(1, cfg.parallel.tp):
+        addr = f"{args.input}-rank{rank}"
+        sock = ctx.socket(zmq.PUSH)
+        sock.bind(addr)
+        socks.append(sock)
+        cmd = [sys.executable, "-m", "agentspeed.engine.core_proc", "--config", args.config,
+               "--scheduling", args.scheduling, "--input", addr, "--rank", str(rank),
+               "--log-level", args.log_level]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+    return procs, socks
+
+
+def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptions) -> int:
+    from agentspeed.execution.model_runner import ModelRunner
+
+    enc = msgspec.msgpack.Encoder()
+    dec = msgspec.msgpack.Decoder(EngineInput)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.connect(args.input)
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.LINGER, 5000)
+    out.connect(args.output)
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        workers, worker_socks = _spawn_workers(args, cfg, ctx)
+        runner = ModelRunner(cfg)
+        engine = EngineCore(runner, opts)
+        name = args.served_model_name or runner.source.name
+        out.send(enc.encode(EngineReady(
+            name, runner.max_model_len, runner.page_size, runner.kv.num_pages,
+            list(runner.model_config.eos_token_ids), runner.kv.bytes_per_token,
+        )))
+    except Exception as e:
+        out.send(enc.encode(EngineFailed(f"engine startup failed: {e}")))
+        for w in workers:
+            w.kill()
+        log.error("engine startup failed: %s", e)
+        return 1
+
+    core = _Core(engine, 0)
+    parent = os.getppid()
+    rc = 0
+    try:
+        running = True
+        while running:
+            idle = not engine.has_work() and not core.rejected
+            msgs: list[EngineInput] = []
+            if inp.poll(_IDLE_POLL_MS if idle else 0):
+                while True:
+                    try:
+                        msgs.append(dec.decode(inp.recv(zmq.NOBLOCK)))
+                    except zmq.Again:
+                        break
+            if idle and not msgs:
+                if os.getppid() != parent:
+                    log.warning("frontend process is gone; engine exits")
+                    break
+                continue
+            if worker_socks:
+                buf = enc.encode(StepInputs(msgs))
+                for s in worker_socks:
+                    s.send(buf)
+            running = core.apply(msgs)
+            if not running:
+                break
+            updates, logprobs = core.step()
+            if updates:
+                out.send(enc.encode(EngineOutputs(updates, logprobs, core.stats())))
+    except Exception as e:
+        log.error("engine step failed:\n%s", traceback.format_exc())
+        out.send(enc.encode(EngineFailed(f"engine step failed: {type(e).__name__}: {e}")))
+        rc = 1
+    finally:
+        try:
+            engine.shutdown()
+            runner.shutdown()
+        finally:
+            for w in workers:
+                try:
+                    w.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+            ctx.destroy(linger=2000)
+    return rc
+
+
+def run_worker(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptions) -> int:
+    from agentspeed.execution.model_runner import ModelRunner
+
+    dec = msgspec.msgpack.Decoder(StepInputs)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.connect(args.input)
+    runner = ModelRunner(cfg)
+    engine = EngineCore(runner, opts)
+    core = _Core(engine, cfg.parallel.rank)
+    try:
+        while True:
+            if not inp.poll(1000):
+                continue
+            if not core.apply(dec.decode(inp.recv()).inputs):
+                break
+            core.step()
+    finally:
+        engine.shutdown()
+        runner.shutdown()
+        ctx.destroy(linger=0)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="agentspeed engine-core process (started by AsyncLLM)")
+    ap.add_argument("--config", required=True, help="EngineConfig as JSON")
+    ap.add_argument("--scheduling", required=True, help="SchedulingOptions as JSON")
+    ap.add_argument("--input", required=True, help="ZMQ address to pull inputs from")
+    ap.add_argument("--output", default=None, help="ZMQ address to push outputs to (rank 0)")
+    ap.add_argument("--rank", type=int, default=0)
+    ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--log-level", default="warning")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s engine[{args.rank}] %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the frontend decides
+    _die_with_parent()
+    cfg = msgspec.json.decode(args.config.encode(), type=EngineConfig)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, rank=args.rank))
+    opts = msgspec.json.decode(args.scheduling.encode(), type=SchedulingOptions)
+    return run_worker(args, cfg, opts) if args.rank else run_rank0(args, cfg, opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

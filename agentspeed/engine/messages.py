@@ -1,0 +1,76 @@
+"""Messages between the frontend (AsyncLLM) and the engine-core process, and from the
+engine core to its tensor-parallel workers. msgspec Structs encoded as msgpack over ZMQ:
+typed on both ends, no pickle. Each direction is a tagged union decoded in one call."""
+
+from __future__ import annotations
+
+import msgspec
+
+from agentspeed.control.plan import RequestSpec, RequestUpdate
+from agentspeed.sampling_params import SamplingParams
+
+TopLogprobs = tuple[tuple[int, float], ...]
+
+
+# ---- frontend -> engine core (and engine core -> TP workers, replayed per step) ----------
+class AddRequest(msgspec.Struct, tag=True, frozen=True):
+    """spec.stop_token_ids already includes EOS unless the request ignores it."""
+
+    spec: RequestSpec
+    params: SamplingParams
+
+
+class AbortRequests(msgspec.Struct, tag=True, frozen=True):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+EngineInput = AddRequest | AbortRequests | Shutdown
+
+
+class StepInputs(msgspec.Struct, tag=True, frozen=True):
+    """Engine core -> TP worker: apply these inputs, then step if there is work. Every rank
+    runs the same deterministic scheduler, so replaying the inputs at the same step
+    boundaries keeps all ranks' plans identical (SPMD)."""
+
+    inputs: list[EngineInput]
+
+
+# ---- engine core -> frontend ------------------------------------------------------------
+class EngineStats(msgspec.Struct, frozen=True, gc=False):
+    num_running: int
+    num_waiting: int
+    kv_pages_used: int  # held by live requests (owned or shared), not merely cached
+    kv_pages_total: int
+    num_preemptions: int  # since start
+    steps: int  # since start
+
+
+class EngineReady(msgspec.Struct, tag=True, frozen=True):
+    model_name: str
+    max_model_len: int
+    page_size: int
+    num_pages: int
+    eos_token_ids: list[int]
+    kv_bytes_per_token: int
+
+
+class EngineOutputs(msgspec.Struct, tag=True, frozen=True):
+    """One step's (or one idle poll's) updates. logprobs[request_id] for requests that asked:
+    (the sampled token's logprob, top alternatives)."""
+
+    updates: list[RequestUpdate]
+    logprobs: dict[str, tuple[float, TopLogprobs]]
+    stats: EngineStats
+
+
+class EngineFailed(msgspec.Struct, tag=True, frozen=True):
+    """The engine cannot go on (startup or step failed); it exits after sending this."""
+
+    message: str
+
+
+EngineOutput = EngineReady | EngineOutputs | EngineFailed

@@ -1,0 +1,216 @@
+"""What the chat and completion endpoints share: turning a request into SamplingParams
+(with the context-length check), running it on AsyncLLM with timing, metrics and the
+one-line request log, and the usage / logprob / SSE formatting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from agentspeed.engine.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    Overloaded,
+    RequestDelta,
+    TokenLogprob,
+)
+from agentspeed.entrypoints.openai.metrics import Metrics
+from agentspeed.entrypoints.openai.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
+from agentspeed.errors import AgentspeedError
+from agentspeed.sampling_params import SamplingParams
+
+log = logging.getLogger("agentspeed.requests")
+
+SESSION_HEADERS = ("x-smg-routing-key", "x-session-id")
+
+
+@dataclass
+class ServerState:
+    engine: AsyncLLM
+    model_name: str
+    metrics: Metrics
+    tool_parser: str
+    enable_test_hooks: bool = False
+    api_key: str | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.engine.info is not None
+        return self.engine.info.max_model_len
+
+    @property
+    def kv_tokens(self) -> int:
+        info = self.engine.info
+        assert info is not None
+        return (info.num_pages - 1) * info.page_size
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`).",
+                           param="model", code="model_not_found")
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, state: ServerState,
+                    max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """Raises APIError(400) for a prompt that does not fit, or invalid combinations."""
+    limit = state.max_model_len
+    if prompt_len >= limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your "
+                            f"prompt has {prompt_len} tokens. Please reduce the length of the prompt.",
+                       param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                       code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = limit - prompt_len
+    elif prompt_len + max_tokens > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+                            "completion). Please reduce the prompt or max_tokens.",
+                       param="max_tokens", code="context_length_exceeded")
+    if prompt_len + max_tokens > state.kv_tokens:
+        raise APIError(400, f"prompt + max_tokens ({prompt_len + max_tokens} tokens) exceeds the KV cache "
+                            f"of this server ({state.kv_tokens} tokens)", param="max_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k, 0), min_p=req.min_p,
+            seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens, logprobs=logprobs,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+        )
+    except (AgentspeedError, ValueError) as e:
+        raise APIError(400, str(e)) from None
+
+
+def session_key(raw: Request) -> str | None:
+    for h in SESSION_HEADERS:
+        v = raw.headers.get(h)
+        if v:
+            return v
+    return None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class RunStats:
+    prompt_tokens: int
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    first_token: float | None = None
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+
+    def usage(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+async def run_request(state: ServerState, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                      raw: Request, stats: RunStats, forced_output: str | None = None
+                      ) -> AsyncIterator[RequestDelta]:
+    """Yield the request's deltas; record metrics and log one line when it ends. Raises
+    APIError before the first delta for overload, a dead engine or an engine rejection."""
+    t0 = time.monotonic()
+    last: float | None = None
+    itls: list[float] = []
+    forced = None
+    if forced_output is not None:
+        if not state.enable_test_hooks:
+            raise APIError(400, "agentspeed_test_output needs a server started with --enable-test-hooks")
+        assert state.engine.tokenizer is not None
+        forced = state.engine.tokenizer.encode(forced_output, add_special_tokens=False)
+    try:
+        gen = state.engine.generate(request_id, prompt_ids, params, session_key(raw),
+                                    forced_output=forced)
+        async for d in gen:
+            now = time.monotonic()
+            if d.error is not None:
+                if stats.completion_tokens == 0 and d.index == 0 and state.engine.healthy:
+                    raise APIError(400, d.error)
+                raise APIError(500, f"request failed: {d.error}", "internal_server_error")
+            if d.token_ids:
+                if stats.first_token is None:
+                    stats.first_token = now - t0
+                elif last is not None:
+                    itls.append(now - last)
+                last = now
+                stats.completion_tokens += len(d.token_ids)
+                state.metrics.observe_tokens(len(d.token_ids), now)
+            if d.index == 0:
+                stats.cached_tokens = d.num_cached_tokens
+            if d.finish_reason is not None:
+                stats.finish_reasons[d.index] = d.finish_reason
+            yield d
+    except Overloaded as e:
+        raise APIError(503, str(e), "service_unavailable") from None
+    except EngineDeadError as e:
+        raise APIError(503, str(e), "service_unavailable") from None
+    finally:
+        dur = time.monotonic() - t0
+        reason = ",".join(sorted(set(stats.finish_reasons.values()))) or "abort"
+        state.metrics.observe_request(reason if "," not in reason else "mixed", stats.prompt_tokens,
+                                      stats.cached_tokens, stats.first_token, itls, dur)
+        ttft = f"{stats.first_token * 1000:.0f}ms" if stats.first_token is not None else "-"
+        log.info("%s in=%d cached=%d out=%d ttft=%s dur=%.2fs finish=%s", request_id, stats.prompt_tokens,
+                 stats.cached_tokens, stats.completion_tokens, ttft, dur, reason)
+
+
+async def until_disconnected(raw: Request, task: asyncio.Task[Any]) -> None:
+    """Cancel `task` if the client goes away (non-streaming requests: nothing else notices)."""
+    while not task.done():
+        if await raw.is_disconnected():
+            task.cancel()
+            return
+        await asyncio.sleep(0.25)
+
+
+async def collect(raw: Request, gen: AsyncIterator[RequestDelta]) -> list[RequestDelta]:
+    async def drain() -> list[RequestDelta]:
+        return [d async for d in gen]
+
+    task = asyncio.create_task(drain())
+    watcher = asyncio.create_task(until_disconnected(raw, task))
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+
+
+def token_text(state: ServerState, token_id: int) -> str:
+    tok = state.engine.tokenizer
+    return tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)
+
+
+def chat_logprobs(state: ServerState, lps: Sequence[TokenLogprob], top_n: int) -> list[dict[str, Any]]:
+    out = []
+    for lp in lps:
+        t = token_text(state, lp.token_id)
+        out.append({"token": t, "logprob": lp.logprob, "bytes": list(t.encode()),
+                    "top_logprobs": [{"token": (s := token_text(state, i)), "logprob": v, "bytes": list(s.encode())}
+                                     for i, v in lp.top[:top_n]]})
+    return out
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
