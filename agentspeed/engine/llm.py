@@ -12,6 +12,7 @@ from typing import Any
 from agentspeed.config import CacheConfig, EngineConfig, KernelConfig, ParallelConfig
 from agentspeed.control.plan import RequestSpec
 from agentspeed.engine.core import EngineCore, SchedulingOptions
+from agentspeed.engine.detokenizer import IncrementalDetokenizer
 from agentspeed.engine.outputs import CompletionOutput, RequestOutput
 from agentspeed.errors import ConfigError
 from agentspeed.execution.model_runner import ModelRunner
@@ -32,8 +33,8 @@ class _Sample:
     params: SamplingParams
     spec: RequestSpec
     stop_ids: frozenset[int]
+    detok: IncrementalDetokenizer | None
     done: bool = False
-    text_len_checked: int = 0
     siblings: list[_Sample] = field(default_factory=list)  # submitted after our prefill
 
 
@@ -170,7 +171,11 @@ class LLM:
         out = CompletionOutput(index, "", [], logprobs=[] if p.logprobs is not None else None,
                                cumulative_logprob=0.0 if p.logprobs is not None else None)
         owner.outputs.append(out)
-        return _Sample(owner, out, p, spec, stop_ids)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, ids, p.stop, p.skip_special_tokens,
+                                           p.include_stop_str_in_output)
+        return _Sample(owner, out, p, spec, stop_ids, detok)
 
     def _submit(self, s: _Sample, live: dict[str, _Sample]) -> None:
         from agentspeed.control.scheduler import RequestRejected
@@ -204,37 +209,18 @@ class LLM:
         s.out.token_ids.extend(new)
         if finish == "stop" and new and new[-1] in s.stop_ids:
             s.out.stop_reason = new[-1] if new[-1] not in self.eos_token_ids else None
-        if self.tokenizer is not None:
-            hit = self._detokenize(s)
-            if hit and finish is None:
+        if s.detok is not None:
+            # A stop token is not part of the text (EOS included).
+            shown = new[:-1] if finish == "stop" and new and new[-1] in s.stop_ids else new
+            s.out.text += s.detok.update(shown, finish is not None)
+            if s.detok.stopped and finish is None:
                 self.engine.abort(s.spec.request_id)
                 finish = "stop"
+                s.out.stop_reason = s.detok.stop_reason
         if finish is not None:
             s.out.finish_reason = finish
             s.done = True
             live.pop(s.spec.request_id, None)
-
-    def _detokenize(self, s: _Sample) -> bool:
-        """Refresh the text; True if a stop string ended it (text then cut at the stop)."""
-        assert self.tokenizer is not None
-        text = self.tokenizer.decode(s.out.token_ids, skip_special_tokens=s.params.skip_special_tokens)
-        s.out.text = text
-        if not s.params.stop:
-            return False
-        # Only text past what was already checked (minus the longest stop) can hold a new hit.
-        start = max(0, s.text_len_checked - max(len(x) for x in s.params.stop) + 1)
-        s.text_len_checked = len(text)
-        best: tuple[int, str] | None = None
-        for stop in s.params.stop:
-            i = text.find(stop, start)
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, stop)
-        if best is None:
-            return False
-        i, stop = best
-        s.out.text = text[: i + len(stop)] if s.params.include_stop_str_in_output else text[:i]
-        s.out.stop_reason = stop
-        return True
 
     def shutdown(self) -> None:
         self.engine.shutdown()

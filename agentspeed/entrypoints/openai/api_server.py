@@ -8,11 +8,10 @@ not ready, dead or overloaded, 500 for anything unexpected.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -21,7 +20,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentspeed import __version__
-from agentspeed.engine.async_llm import AsyncLLM
 from agentspeed.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -156,22 +154,25 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-@contextlib.asynccontextmanager
-async def serving(engine_start: Callable[[], Awaitable[AsyncLLM]], make_state: Callable[[AsyncLLM], ServerState],
-                  drain_timeout: float) -> AsyncIterator[ServerState]:
-    """Start the engine, yield the server state, and stop the engine on exit."""
-    engine = await engine_start()
-    try:
-        yield make_state(engine)
-    finally:
-        await engine.shutdown(drain_timeout)
-
-
 async def serve_forever(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str) -> None:
+    """Serve until SIGINT/SIGTERM, then stop accepting and let open requests finish (up to
+    drain_timeout). Returns normally after a signal, so the caller can stop the engine."""
+    import signal
+
     import uvicorn
 
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal after its graceful shutdown, which would kill the
+            # process before the engine is stopped; we only flag the exit.
+            old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, h in old.items():
+                    signal.signal(sig, h)
+
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
-                            timeout_graceful_shutdown=int(drain_timeout), lifespan="off")
-    server = uvicorn.Server(config)
-    await server.serve()
-    await asyncio.sleep(0)
+                            timeout_graceful_shutdown=max(1, int(drain_timeout)), lifespan="off")
+    await _Server(config).serve()

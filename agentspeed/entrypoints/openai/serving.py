@@ -71,8 +71,11 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: 
                             f"prompt has {prompt_len} tokens. Please reduce the length of the prompt.",
                        param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
                        code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = limit - prompt_len
+    if max_tokens is None:  # as much as the context and the KV cache allow
+        max_tokens = min(limit, state.kv_tokens) - prompt_len
+        if max_tokens < 1:
+            raise APIError(400, f"the prompt ({prompt_len} tokens) fills the KV cache of this server "
+                                f"({state.kv_tokens} tokens)", param="messages", code="context_length_exceeded")
     elif prompt_len + max_tokens > limit:
         raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                             f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
