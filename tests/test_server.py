@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -285,3 +286,27 @@ def test_sigterm_drains_in_flight_requests() -> None:
     assert srv.proc.wait(60) == 0
     time.sleep(0.5)
     assert not os.path.exists(f"/proc/{engine}"), "the engine process outlived the server"
+
+
+def test_tensor_parallel_server_matches_tp1(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> None:
+    """--tp 2: the engine core runs rank 0 and starts rank 1 as a further process; both
+    step in lock-step. Same greedy text as --tp 1; no process left behind."""
+    from conftest import make_tiny
+    from transformers import AutoTokenizer
+
+    path = make_tiny("llama", tmp_path_factory.mktemp("tp_serve"), vocab_size=49152)
+    AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name).save_pretrained(path)
+    body = {"prompt": ["The quick brown fox", "Hello"], "max_tokens": 12, "temperature": 0}
+    texts = []
+    for tp in (1, 2):
+        srv = ServerProcess([str(path), "--tp", str(tp), "--kv-cache-memory", "32MiB"])
+        try:
+            r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            texts.append([c["text"] for c in r.json()["choices"]])
+            engines = [srv.engine_pid()]
+        finally:
+            assert srv.stop() == 0, srv.log()
+        time.sleep(0.5)
+        assert not any(os.path.exists(f"/proc/{p}") for p in engines)
+    assert texts[0] == texts[1] and all(texts[0])
