@@ -41,6 +41,7 @@ from agentspeed.sampling_params import SamplingParams
 TRACE = str(Path(__file__).resolve().parents[2] / "shared/workloads/trie/agentic_coding_8k.jsonl")
 VOCAB_LO, VOCAB_HI = 100, 49000  # ordinary vocabulary of SmolLM2 (specials sit at low ids)
 PAGE = 16  # the engine's default KV page size
+ALL_CONFIGS = ["cache-on/overlap-on", "cache-on/overlap-off", "cache-off/overlap-on", "cache-off/overlap-off"]
 
 
 @dataclass
@@ -204,6 +205,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trace", default=TRACE)
     ap.add_argument("--json", metavar="OUT", help="also write results as JSON here")
+    ap.add_argument("--configs", nargs="+", default=ALL_CONFIGS, choices=ALL_CONFIGS,
+                    help="configurations to run (default: all four)")
     a = ap.parse_args()
     if a.quick:
         a.sessions, a.turns, a.context = 2, 3, 512
@@ -225,11 +228,12 @@ def main() -> None:
           f"(<= {a.context}); KV pool {a.kv_pages} pages of {PAGE} (working set {working_set})")
 
     results = []
-    for caching in (True, False):
-        for overlap in (True, False):
-            r = run_config(sessions, caching, overlap, a)
-            results.append(r)
-            print(f"  {r.name}: {r.wall_s:.1f} s, waves " + " ".join(f"{w:.1f}" for w in r.wave_s)
+    configs = [(c, o) for c in (True, False) for o in (True, False)
+               if f"cache-{'on' if c else 'off'}/overlap-{'on' if o else 'off'}" in a.configs]
+    for caching, overlap in configs:
+        r = run_config(sessions, caching, overlap, a)
+        results.append(r)
+        print(f"  {r.name}: {r.wall_s:.1f} s, waves " + " ".join(f"{w:.1f}" for w in r.wave_s)
                   + f"; other processes {r.other_cores:.2f} cores", flush=True)
 
     ideal = ideal_cached(sessions, a.turns)

@@ -166,11 +166,10 @@ def test_disconnect_mid_stream_frees_pages(server: ServerProcess) -> None:
     body = {"model": MODEL, "messages": HAIKU, "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60) as h, h.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
+        lines = r.iter_lines()  # kept referenced: a dropped iterator closes the stream
         n = 0
-        for line in r.iter_lines():
-            n += line.startswith("data:")
-            if n >= 5:
-                break
+        while n < 5:
+            n += next(lines).startswith("data:")
         m = _metrics(server)
         assert metric(m, "agentspeed:num_requests_running") == 1
         assert metric(m, "agentspeed:kv_pages_used") > 0

@@ -118,8 +118,6 @@ def _spawn_workers(args: argparse.Namespace, cfg: EngineConfig, ctx: zmq.Context
 
 
 def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptions) -> int:
-    from agentspeed.execution.model_runner import ModelRunner
-
     enc = msgspec.msgpack.Encoder()
     dec = msgspec.msgpack.Decoder(EngineInput)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -131,8 +129,8 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
     workers: list[subprocess.Popen[bytes]] = []
     try:
         workers, worker_socks = _spawn_workers(args, cfg, ctx)
-        runner = ModelRunner(cfg)
-        engine = EngineCore(runner, opts)
+        engine = EngineCore.build(cfg, opts)
+        runner = engine.runner
         name = args.served_model_name or runner.source.name
         out.send(enc.encode(EngineReady(
             name, runner.max_model_len, runner.page_size, runner.kv.num_pages,
@@ -181,7 +179,6 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
     finally:
         try:
             engine.shutdown()
-            runner.shutdown()
         finally:
             for w in workers:
                 try:
@@ -193,14 +190,11 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
 
 
 def run_worker(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptions) -> int:
-    from agentspeed.execution.model_runner import ModelRunner
-
     dec = msgspec.msgpack.Decoder(StepInputs)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.connect(args.input)
-    runner = ModelRunner(cfg)
-    engine = EngineCore(runner, opts)
+    engine = EngineCore.build(cfg, opts)
     core = _Core(engine, cfg.parallel.rank)
     try:
         while True:
@@ -211,7 +205,6 @@ def run_worker(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOpti
             core.step()
     finally:
         engine.shutdown()
-        runner.shutdown()
         ctx.destroy(linger=0)
     return 0
 

@@ -15,7 +15,6 @@ from agentspeed.engine.core import EngineCore, SchedulingOptions
 from agentspeed.engine.detokenizer import IncrementalDetokenizer
 from agentspeed.engine.outputs import CompletionOutput, RequestOutput
 from agentspeed.errors import ConfigError
-from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.sampling_params import SamplingParams
 from agentspeed.tokenizer import Message, Tokenizer
 
@@ -78,12 +77,11 @@ class LLM:
                 "LLM(tensor_parallel_size>1) needs the multi-process engine (agentspeed serve); "
                 "use `agentspeed generate --tp N` for offline tensor-parallel generation"
             )
-        self.runner = ModelRunner(cfg)
-        self.tokenizer = None if skip_tokenizer_init else Tokenizer.load(self.runner.source, chat_template)
-        self.engine = EngineCore(
-            self.runner,
-            SchedulingOptions(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap),
+        self.engine = EngineCore.build(
+            cfg, SchedulingOptions(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap)
         )
+        self.runner = self.engine.runner
+        self.tokenizer = None if skip_tokenizer_init else Tokenizer.load(self.runner.source, chat_template)
         eos = list(self.runner.model_config.eos_token_ids)
         if self.tokenizer is not None:
             eos += self.tokenizer.eos_token_ids
@@ -224,7 +222,6 @@ class LLM:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-        self.runner.shutdown()
 
 
 def _fields(p: SamplingParams) -> dict[str, Any]:
