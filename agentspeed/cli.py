@@ -116,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept the `agentspeed_test_output` request field (tests only: it replaces the "
                         "generated text with a given one)")
     add_engine_args(srv)
+
+    from agentspeed.bench.main import add_bench_args
+
+    bench = sub.add_parser(
+        "bench",
+        help="replay agent sessions against OpenAI-compatible endpoints (closed loop)",
+        description="Closed-loop replay of multi-turn agent sessions (trie, Mooncake or real agent "
+                    "trajectories) against one or more OpenAI-compatible endpoints, sweeping the number "
+                    "of sessions in flight. Reports per-user decode tok/s, TTFT, prefix-cache hit rate and "
+                    "tokens/min per device; writes JSON and a Pareto plot.",
+    )
+    add_bench_args(bench)
     return parser
 
 
@@ -208,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+        level=getattr(logging, getattr(args, "log_level", "warning").upper()), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -217,6 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_generate(args, argv)
         if args.command == "serve":
             return _run_serve(args)
+        if args.command == "bench":
+            from agentspeed.bench.main import run_bench
+
+            return run_bench(args)
     except AgentspeedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

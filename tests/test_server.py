@@ -205,6 +205,7 @@ def test_metrics_exposition(server: ServerProcess) -> None:
     ({"messages": HAIKU, "max_tokens": 100000}, 400, "context length"),
     ({"messages": HAIKU, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"messages": HAIKU, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"messages": HAIKU, "tools": [WEATHER_TOOL], "tool_choice": "required"}, 400, "tool_choice"),
     ({"messages": HAIKU, "model": "gpt-17"}, 404, "does not exist"),
     ({"messages": HAIKU, "agentspeed_test_output": "x", "n": 0}, 400, "n"),
 ])

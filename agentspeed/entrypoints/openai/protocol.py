@@ -163,6 +163,9 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError(
                 f"response_format {self.response_format.type!r} is not supported (structured output "
                 "is not implemented); omit it or use {'type': 'text'}")
+        if self.tool_choice is not None and self.tool_choice not in ("auto", "none"):
+            raise ValueError("tool_choice 'required' or a named function needs constrained decoding, "
+                             "which is not implemented; use 'auto' or 'none'")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self
@@ -171,6 +174,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    return_token_ids: bool = False  # vLLM extension: each choice also carries its token ids
     echo: bool = False
     suffix: str | None = None
 

@@ -90,8 +90,12 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
             mine = [d for d in deltas if d.index == i]
             text = "".join(d.text for d in mine)
             lps = [lp for d in mine for lp in (d.logprobs or [])]
+            if req.return_token_ids:
+                extra = {"token_ids": [t for d in mine for t in d.token_ids]}
+            else:
+                extra = {}
             choices.append({
-                "index": k * req.n + i, "text": text,
+                **extra, "index": k * req.n + i, "text": text,
                 "logprobs": _logprobs(state, lps, 0) if req.logprobs is not None else None,
                 "finish_reason": stats.finish_reasons.get(i, "abort"),
                 "stop_reason": next((d.stop_reason for d in mine if d.finish_reason), None),
@@ -144,10 +148,12 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str,
             if req.logprobs is not None and d.logprobs:
                 lp = _logprobs(state, d.logprobs, offsets.get(index, 0))
             offsets[index] = offsets.get(index, 0) + len(d.text)
-            if d.text or lp or d.finish_reason:
-                yield sse({**base, "choices": [{"index": index, "text": d.text, "logprobs": lp,
-                                                "finish_reason": d.finish_reason,
-                                                "stop_reason": d.stop_reason}]})
+            if d.text or lp or d.finish_reason or (req.return_token_ids and d.token_ids):
+                choice = {"index": index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason,
+                          "stop_reason": d.stop_reason}
+                if req.return_token_ids:
+                    choice["token_ids"] = d.token_ids
+                yield sse({**base, "choices": [choice]})
         if req.stream_options is not None and req.stream_options.include_usage:
             yield sse({**base, "choices": [], "usage": _total(runs)})
         yield SSE_DONE
