@@ -17,7 +17,8 @@ H, KVH, D = 4, 2, 16
 
 
 def make_paged(
-    ctx_lens: list[int], query_lens: list[int], page_size: int, shared_prefix: int = 0, seed: int = 0
+    ctx_lens: list[int], query_lens: list[int], page_size: int, shared_prefix: int = 0, seed: int = 0,
+    shuffle: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor], list[torch.Tensor]]:
     """Random K/V for each sequence written into a shuffled paged cache. Sequences share the
     pages of their first `shared_prefix` tokens (a cached prefix). Returns q, caches, meta,
@@ -26,7 +27,8 @@ def make_paged(
     n_pages_total = 1 + sum(-(-c // page_size) for c in ctx_lens)
     k_cache = torch.zeros(n_pages_total, page_size, KVH, D)
     v_cache = torch.zeros_like(k_cache)
-    free = (torch.randperm(n_pages_total - 1, generator=g) + 1).tolist()  # page 0 = null
+    order = torch.randperm(n_pages_total - 1, generator=g) if shuffle else torch.arange(n_pages_total - 2, -1, -1)
+    free = (order + 1).tolist()  # page 0 = null; unshuffled: pop() hands out ascending runs
     shared_pages = shared_prefix // page_size
     prefix_k = torch.randn(shared_pages * page_size, KVH, D, generator=g)
     prefix_v = torch.randn(shared_pages * page_size, KVH, D, generator=g)
@@ -55,6 +57,7 @@ def make_paged(
         query_lens_cpu=tuple(query_lens),
         seq_lens_cpu=tuple(ctx_lens),
         page_size=page_size,
+        pages_cpu=tuple(tuple(t) for t in tables),
     )
     q = torch.randn(sum(query_lens), H, D, generator=g)
     return q, k_cache, v_cache, meta, dense_k, dense_v
@@ -93,6 +96,22 @@ def test_paged_attention_matches_dense(ctx: list[int], qlens: list[int], ps: int
             continue
         out = impl.fn(q, kc, vc, meta, scale)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=f"{impl.backend}")
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_long_context_decode_matches_dense(shuffle: bool) -> None:
+    """Past LONG_CONTEXT the CPU decode attends over views of page runs: one run, several runs
+    (a shared prefix, then own pages), single pages, and a short sequence in the batch."""
+    from agentspeed.kernels.cpu import LONG_CONTEXT, _page_runs
+
+    ctx = [LONG_CONTEXT + 77, LONG_CONTEXT * 2, 40]
+    q, kc, vc, meta, dk, dv = make_paged(ctx, [1, 1, 1], 16, shared_prefix=512, shuffle=shuffle)
+    expected = torch.cat([dense_attention(qb, k, v) for qb, k, v in zip(q.split(1), dk, dv)])
+    impl = select_kernel("paged_attention_decode", "cpu", torch.float32, {"head_dim": D, "page_size": 16})
+    assert impl.backend == "cpu"
+    torch.testing.assert_close(impl.fn(q, kc, vc, meta, D**-0.5), expected, rtol=1e-5, atol=1e-5)
+    runs = [len(_page_runs(p)) for p in meta.pages_cpu]
+    assert (max(runs) > 50) if shuffle else (runs[0] == 1 and runs[1] == 2)
 
 
 def _sample_inputs(op: str, dtype: torch.dtype) -> tuple[object, ...]:

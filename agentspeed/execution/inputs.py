@@ -67,5 +67,6 @@ def build_inputs(chunks: Sequence[SequenceChunk], page_size: int, device: str) -
         query_lens_cpu=tuple(len(c.token_ids) for c in chunks),
         seq_lens_cpu=tuple(seq_lens),
         page_size=page_size,
+        pages_cpu=tuple(c.pages for c in chunks),
     )
     return ModelInputs(t(ids, torch.int64), t(positions, torch.int64), attn, t(logits_rows, torch.int64))

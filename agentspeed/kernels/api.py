@@ -21,7 +21,7 @@ once for a model so hot paths make no per-call registry lookups.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,7 @@ class AttentionMetadata:
     query_lens_cpu: tuple[int, ...]
     seq_lens_cpu: tuple[int, ...]
     page_size: int
+    pages_cpu: tuple[Sequence[int], ...] = ()  # per sequence, its pages (host copy of page_table)
 
     @property
     def is_decode(self) -> bool:
