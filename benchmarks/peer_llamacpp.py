@@ -1,0 +1,165 @@
+"""A peer in the same run: llama.cpp's own HTTP server (`llama-server`, parallel slots and
+continuous batching) against `agentspeed serve`, on the same GGUF, with the same
+`agentspeed bench` sweep; both curves land in one table, one JSON and one plot.
+
+llama-server is built here from the llama.cpp sources bundled in the `llama-cpp-python`
+source distribution (PyPI; pinned below), with cmake, for this CPU. The Python package's own
+server is not used: it serializes requests, which would be an unfair peer.
+
+    python benchmarks/peer_llamacpp.py build                  # once: ~10 min on 2 cores
+    python benchmarks/peer_llamacpp.py run --workload ../shared/workloads/trie/agentic_coding_8k.jsonl \\
+        --scale 16 --concurrency 1,2,4,8 --num-sessions 8 --output peer.json --plot peer.png
+
+Both servers get the same context per session (--max-context) and the same threads (2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "llamacpp"
+VERSION = "0.3.36"  # llama-cpp-python sdist that carries vendor/llama.cpp
+sys.path.insert(0, str(ROOT / "tests"))
+from server_util import ServerProcess  # noqa: E402
+
+
+def server_binary() -> Path:
+    return CACHE / "build" / "bin" / "llama-server"
+
+
+def build(jobs: int) -> Path:
+    if server_binary().exists():
+        print(f"already built: {server_binary()}")
+        return server_binary()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / f"llama_cpp_python-{VERSION}.tar.gz"
+    if not sdist.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={VERSION}", "-d", str(CACHE)], check=True)
+    src = CACHE / f"llama_cpp_python-{VERSION}"
+    if not src.exists():
+        with tarfile.open(sdist) as tf:
+            tf.extractall(CACHE, filter="data")
+    cpp = src / "vendor" / "llama.cpp"
+    subprocess.run(["cmake", "-S", str(cpp), "-B", str(CACHE / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True)
+    subprocess.run(["cmake", "--build", str(CACHE / "build"), "--target", "llama-server", "-j", str(jobs)],
+                   check=True)
+    return server_binary()
+
+
+class LlamaServer:
+    def __init__(self, gguf: Path, slots: int, ctx_per_slot: int, threads: int) -> None:
+        from agentspeed.execution.launch import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(f"/tmp/llama-server-{self.port}.log", "w")  # noqa: SIM115
+        cmd = [str(server_binary()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
+               "--parallel", str(slots), "--cont-batching", "--ctx-size", str(slots * ctx_per_slot),
+               "--threads", str(threads), "--threads-batch", str(threads), "--cache-reuse", "256"]
+        print("starting: " + " ".join(cmd), file=sys.stderr)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited: see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("llama-server did not become healthy")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def bench(label: str, url: str, a: argparse.Namespace, out: Path) -> list[dict[str, object]]:
+    cmd = [sys.executable, "-m", "agentspeed.cli", "bench", "--endpoint", f"{label}={url}", "--workload", a.workload,
+           "--scale", str(a.scale), "--max-context", str(a.max_context), "--concurrency", a.concurrency,
+           "--num-sessions", str(a.num_sessions), "--delay-scale", str(a.delay_scale), "--output", str(out)]
+    if a.max_turns:
+        cmd += ["--max-turns", str(a.max_turns)]
+    print("running: " + " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=False)
+    return list(json.loads(out.read_text())["results"])
+
+
+def run(a: argparse.Namespace) -> None:
+    from agentspeed.bench.report import plot_pareto, print_table
+    from agentspeed.modeling.loaders.source import default_model_path
+
+    gguf = Path(a.model) if a.model else default_model_path()
+    slots = max(int(c) for c in a.concurrency.split(","))
+    tmp = Path(a.output).with_suffix("")
+    rows: list[dict[str, object]] = []
+    peer = LlamaServer(gguf, slots, a.max_context, a.threads)
+    try:
+        rows += bench("llama-server", peer.url, a, Path(f"{tmp}.llamacpp.json"))
+    finally:
+        peer.stop()
+    ours = ServerProcess([str(gguf), "--max-num-seqs", str(max(slots, 8)), "--kv-cache-memory", a.kv_cache_memory])
+    try:
+        rows += bench("agentspeed", ours.url, a, Path(f"{tmp}.agentspeed.json"))
+    finally:
+        ours.stop()
+    print_table(rows)  # type: ignore[arg-type]
+    meta = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "llama_cpp_python_sdist": VERSION, "gguf": str(gguf), "threads": a.threads,
+            "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                     cwd=ROOT).stdout.strip()}
+    Path(a.output).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    if a.plot:
+        plot_pareto(rows, a.plot, f"{Path(a.workload).name}, scale 1/{a.scale:g}: agentspeed vs llama-server")  # type: ignore[arg-type]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build llama-server from the llama-cpp-python sdist")
+    b.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    r = sub.add_parser("run", help="run the same sweep against llama-server and agentspeed")
+    r.add_argument("--workload", required=True)
+    r.add_argument("--scale", type=float, default=16)
+    r.add_argument("--max-context", type=int, default=8192)
+    r.add_argument("--concurrency", default="1,2,4,8")
+    r.add_argument("--num-sessions", type=int, default=8)
+    r.add_argument("--max-turns", type=int, default=None)
+    r.add_argument("--delay-scale", type=float, default=0.0)
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2)")
+    r.add_argument("--kv-cache-memory", default="4GiB")
+    r.add_argument("--output", default="peer_results.json")
+    r.add_argument("--plot", default="peer_pareto.png")
+    a = ap.parse_args()
+    if a.cmd == "build":
+        if not shutil.which("cmake"):
+            sys.exit("cmake is needed to build llama-server")
+        print(build(a.jobs))
+    else:
+        if not server_binary().exists():
+            sys.exit("llama-server is not built: run `python benchmarks/peer_llamacpp.py build` first")
+        run(a)
+
+
+if __name__ == "__main__":
+    main()
