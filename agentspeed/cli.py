@@ -45,8 +45,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
-    g.add_argument("--no-overlap", action="store_true",
-                   help="plan each step only after the previous one finished (default: overlap)")
+    ov = g.add_mutually_exclusive_group()
+    ov.add_argument("--overlap", dest="overlap", action="store_const", const=True, default=None,
+                    help="plan step N+1 while step N runs (default on GPUs; on 2-core CPUs it was slower)")
+    ov.add_argument("--no-overlap", dest="overlap", action="store_const", const=False,
+                    help="plan each step only after the previous one finished (default on CPU)")
     g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
@@ -150,7 +153,7 @@ def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             enable_prefix_caching=not args.no_prefix_caching,
-            overlap=not args.no_overlap,
+            overlap=args.overlap,
         )
         if args.raw:
             [out] = llm.generate(args.prompt, params)
@@ -187,7 +190,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         with open(template) as f:
             template = f.read()
     opts = SchedulingOptions(args.max_num_batched_tokens, args.max_num_seqs, not args.no_prefix_caching,
-                             not args.no_overlap)
+                             args.overlap)
 
     async def run() -> None:
         engine = await AsyncLLM.start(engine_config(args), opts, served_model_name=args.served_model_name,

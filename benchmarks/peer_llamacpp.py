@@ -25,13 +25,11 @@ import tarfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "llamacpp"
 VERSION = "0.3.36"  # llama-cpp-python sdist that carries vendor/llama.cpp
 sys.path.insert(0, str(ROOT / "tests"))
-from server_util import ServerProcess  # noqa: E402
+from server_util import ServerProcess, wait_healthy  # noqa: E402
 
 
 def server_binary() -> Path:
@@ -72,17 +70,11 @@ class LlamaServer:
                "--threads", str(threads), "--threads-batch", str(threads), "--cache-reuse", "256"]
         print("starting: " + " ".join(cmd), file=sys.stderr)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("llama-server did not become healthy")
+        try:
+            wait_healthy(self.url, self.proc, 300)
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"llama-server: {e} (log: {self.log.name})") from None
 
     def stop(self) -> None:
         self.proc.terminate()

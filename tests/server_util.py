@@ -14,6 +14,21 @@ import httpx
 from agentspeed.execution.launch import free_port
 
 
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until GET url/health is 200; RuntimeError if proc exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited during startup (code {proc.returncode})")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not healthy after {timeout:.0f}s")
+
+
 class ServerProcess:
     def __init__(self, args: Sequence[str], startup_timeout: float = 240.0) -> None:
         self.port = free_port()
@@ -23,18 +38,11 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "agentspeed.cli", "serve", "--port", str(self.port),
                "--kv-cache-memory", "256MiB", "--log-level", "info", *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited during startup:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not healthy after {startup_timeout}s:\n{self.log()}")
+        try:
+            wait_healthy(self.url, self.proc, startup_timeout)
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"{e}:\n{self.log()}") from None
 
     def log(self) -> str:
         with open(self.log_path) as f:

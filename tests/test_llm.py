@@ -41,7 +41,7 @@ def test_batch_invariance_across_scheduling_modes(tiny_llama: Path) -> None:
     alone = [alone_llm.generate({"prompt_token_ids": p}, GREEDY)[0].outputs[0].token_ids for p in prompts]
     alone_llm.shutdown()
     modes = {
-        "overlap+cache": {},
+        "overlap+cache": {"overlap": True},
         "no-overlap": {"overlap": False},
         "no-cache": {"enable_prefix_caching": False},
         "small-budget": {"max_num_batched_tokens": 64, "max_num_seqs": 8},
@@ -51,7 +51,7 @@ def test_batch_invariance_across_scheduling_modes(tiny_llama: Path) -> None:
         assert got == alone, name
         llm.shutdown()
     # A pool so small that requests must be preempted (and recomputed) to make progress.
-    got, llm = run(tiny_llama, prompts, num_kv_pages=40)
+    got, llm = run(tiny_llama, prompts, num_kv_pages=40, overlap=True)
     assert llm.engine.scheduler.num_preemptions > 0
     assert got == alone
     pool = llm.engine.scheduler.pool

@@ -9,6 +9,7 @@ is the plain sequence. Both produce the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ class SchedulingOptions:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     enable_prefix_caching: bool = True
-    overlap: bool = True
+    # None: on for GPUs (the forward is an async launch, planning hides behind it), off on
+    # CPU (planning competes with the forward's threads for the same cores: measured 10%
+    # slower, see docs/benchmarks.md).
+    overlap: bool | None = None
 
 
 class EngineCore:
@@ -54,6 +58,8 @@ class EngineCore:
     def __init__(self, runner: ModelRunner, opts: SchedulingOptions,
                  executor: ThreadPoolExecutor | None = None) -> None:
         self.runner = runner
+        if opts.overlap is None:
+            opts = dataclasses.replace(opts, overlap=runner.device != "cpu")
         self.opts = opts
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -54,7 +54,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
-        overlap: bool = True,
+        overlap: bool | None = None,
         kernel_backend: str | None = None,
         skip_tokenizer_init: bool = False,
         chat_template: str | None = None,
