@@ -77,7 +77,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                   _f(r["eligible_hit_rate"] and r["eligible_hit_rate"] * 100, ".1f") + "%",
                   _f(r["completion_tok_s"], ".1f"), _f(r["useful_tok_s"], ".1f"), _f(r["tok_min_per_device"], ".0f"),
                   str(r["errors"]))
-    Console().print(t)
+    Console(width=max(160, Console().width)).print(t)
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: str, title: str) -> None:
