@@ -65,9 +65,8 @@ def _die_with_parent() -> None:
 class _Core:
     """One rank's loop state."""
 
-    def __init__(self, engine: EngineCore, rank: int) -> None:
+    def __init__(self, engine: EngineCore) -> None:
         self.engine = engine
-        self.rank = rank
         self.rejected: list[RequestUpdate] = []
 
     def apply(self, msgs: Sequence[EngineInput]) -> bool:
@@ -143,7 +142,7 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
         log.error("engine startup failed: %s", e)
         return 1
 
-    core = _Core(engine, 0)
+    core = _Core(engine)
     parent = os.getppid()
     rc = 0
     try:
@@ -195,7 +194,7 @@ def run_worker(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOpti
     inp = ctx.socket(zmq.PULL)
     inp.connect(args.input)
     engine = EngineCore.build(cfg, opts)
-    core = _Core(engine, cfg.parallel.rank)
+    core = _Core(engine)
     try:
         while True:
             if not inp.poll(1000):
