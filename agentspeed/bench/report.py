@@ -5,7 +5,9 @@ Per concurrency level:
                           p50 and p10 over requests (p10: the slow users)
   TTFT p50 / p99          client-side, send to first content chunk
   eligible hit rate       cached tokens / tokens that were in the previous turn's prompt +
-                          answer (the most a prefix cache can reuse)
+                          answer (the most a prefix cache can reuse); for recorded
+                          conversations, which re-send the recorded answer rather than the
+                          generated one, the previous prompt only
   completion tok/s        completion tokens / wall time
   useful tok/s            (uncached prompt tokens + completion tokens) / wall time
   tok/min per device      useful tok/s x 60 / devices

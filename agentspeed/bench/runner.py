@@ -68,7 +68,10 @@ async def run_session(http: httpx.AsyncClient, ep: Endpoint, s: Session, tag: st
         on_request(r)
         if r.error is not None:
             break
-        prev_total = r.prompt_tokens + r.completion_tokens
+        # What the next turn can reuse: the prompt, plus the answer where the next turn
+        # re-sends the generated answer (token workloads). Recorded conversations re-send the
+        # recorded answer, not ours, so only the prompt is eligible there.
+        prev_total = r.prompt_tokens + (r.completion_tokens if turn.messages is None else 0)
         if turn.new_tokens is not None:
             answer = r.output_ids or (await _tokenize(http, ep, r.text) if r.text else [])
             context = context + answer
