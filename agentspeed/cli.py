@@ -212,9 +212,6 @@ def _run_serve(args: argparse.Namespace) -> int:
         finally:
             await engine.shutdown(args.drain_timeout)
 
-    # The frontend must not compete with the engine for cores.
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
     asyncio.run(run())
     return 0
 

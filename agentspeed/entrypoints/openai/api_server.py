@@ -30,6 +30,7 @@ from agentspeed.entrypoints.openai.protocol import (
 from agentspeed.entrypoints.openai.serving import ServerState
 from agentspeed.entrypoints.openai.serving_chat import create_chat_completion
 from agentspeed.entrypoints.openai.serving_completion import create_completion
+from agentspeed.errors import ConfigError
 
 log = logging.getLogger("agentspeed.server")
 
@@ -127,13 +128,11 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         state.check_model(req.model)
-        tok = state.engine.tokenizer
-        if tok is None:
-            raise APIError(400, "this server has no tokenizer")
+        tok = state.tokenizer()
         if req.messages is not None:
             try:
                 ids = tok.apply_chat_template([m.to_template() for m in req.messages], req.add_generation_prompt)
-            except ValueError as e:
+            except (ConfigError, ValueError) as e:  # no chat template, or the template refused
                 raise APIError(400, str(e), param="messages") from None
         elif req.prompt is not None:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
@@ -144,9 +143,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
         state.check_model(req.model)
-        tok = state.engine.tokenizer
-        if tok is None:
-            raise APIError(400, "this server has no tokenizer")
+        tok = state.tokenizer()
         if any(t < 0 or t >= tok.vocab_size for t in req.tokens):
             raise APIError(400, "token id out of the vocabulary", param="tokens")
         return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}

@@ -30,6 +30,7 @@ from agentspeed.entrypoints.openai.protocol import (
 )
 from agentspeed.errors import AgentspeedError
 from agentspeed.sampling_params import SamplingParams
+from agentspeed.tokenizer import Tokenizer
 
 log = logging.getLogger("agentspeed.requests")
 
@@ -55,6 +56,13 @@ class ServerState:
         info = self.engine.info
         assert info is not None
         return (info.num_pages - 1) * info.page_size
+
+    def tokenizer(self, hint: str = "", param: str | None = None) -> Tokenizer:
+        """The engine's tokenizer, or a 400 for a server started without one."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this server has no tokenizer" + (f": {hint}" if hint else ""), param=param)
+        return tok
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -162,9 +170,7 @@ async def run_request(state: ServerState, request_id: str, prompt_ids: Sequence[
             if d.finish_reason is not None:
                 stats.finish_reasons[d.index] = d.finish_reason
             yield d
-    except Overloaded as e:
-        raise APIError(503, str(e), "service_unavailable") from None
-    except EngineDeadError as e:
+    except (Overloaded, EngineDeadError) as e:
         raise APIError(503, str(e), "service_unavailable") from None
     finally:
         dur = time.monotonic() - t0

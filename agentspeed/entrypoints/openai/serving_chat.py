@@ -26,9 +26,7 @@ from agentspeed.errors import ConfigError
 
 
 def _prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    tok = state.engine.tokenizer
-    if tok is None:
-        raise APIError(400, "this server has no tokenizer: use /v1/completions with token ids")
+    tok = state.tokenizer("use /v1/completions with token ids")
     messages = [m.to_template() for m in req.messages]
     tools = None
     if req.tools and req.tool_choice != "none":

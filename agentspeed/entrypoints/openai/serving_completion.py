@@ -38,9 +38,7 @@ def _prompts(state: ServerState, req: CompletionRequest) -> list[list[int]]:
     tok = state.engine.tokenizer
     for item in p:
         if isinstance(item, str):
-            if tok is None:
-                raise APIError(400, "this server has no tokenizer: send token ids", param="prompt")
-            out.append(tok.encode(item))
+            out.append(state.tokenizer("send token ids", "prompt").encode(item))
         else:
             ids = list(item)  # type: ignore[arg-type]
             vocab = tok.vocab_size if tok is not None else None
