@@ -8,13 +8,28 @@ Ops (each has a torch `reference` backend that runs everywhere):
   rotary_embedding(q, k, cos_sin) -> (q, k)       NeoX-style; cos_sin [T, rot]: each token's
                                                   cos|sin (gathered once per forward)
   silu_and_mul(x) -> Tensor                                   silu(x[..., :d]) * x[..., d:]
-  store_kv(k, v, k_cache, v_cache, slot_mapping) -> None      writes new tokens' K/V in place
-  paged_attention_prefill(q, k_cache, v_cache, meta, scale) -> Tensor
-  paged_attention_decode(q, k_cache, v_cache, meta, scale) -> Tensor
+  store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None
+                                                  writes new tokens' K/V in place
+  paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None)
+  paged_attention_decode(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None)
+                                                  -> [T, H, D]
   sample(logits, params) -> Tensor[int64]
 
-Shapes: q [T, H, D]; k/v [T, KVH, D]; caches [num_pages, page_size, KVH, D]; tokens of all
-sequences are flattened along T in sequence order (no padding). `KernelSet` resolves every op
+Multi-head latent attention (DeepSeek-V2/V3). The cache holds one row per token,
+[latent (kv_lora_rank) | roped shared key (rope_dim)]:
+  store_mla_kv(latent, kv_cache, slot_mapping, kv_scale=None) -> None
+  mla_decode(q, kv_cache, meta, scale, lora_rank, kv_scale=None) -> [T, H, lora_rank]
+      absorbed form: q [T, H, lora_rank + rope_dim] is [q_nope @ W_UK | q_pe]; scores are
+      q . row, values are row[:lora_rank]; the caller projects the output with W_UV.
+      Sequences may have several query tokens (speculative verification), causal as below.
+  mla_prefill(q_nope, q_pe, kv_cache, w_kv_b, meta, scale, kv_scale=None) -> [T, H, v_dim]
+      expanded form: each sequence's latent context is up-projected by
+      w_kv_b [H, nope_dim + v_dim, lora_rank] into per-head K/V.
+
+Shapes: q [T, H, D]; k/v [T, KVH, D]; caches [num_pages, page_size, KVH, D] (MLA:
+[num_pages, page_size, lora_rank + rope_dim]); tokens of all sequences are flattened along T
+in sequence order (no padding). fp8 caches (float8_e4m3fn) carry per-token float32 scales
+[num_pages, page_size]: stored value * scale = the original. `KernelSet` resolves every op
 once for a model so hot paths make no per-call registry lookups.
 """
 
@@ -39,6 +54,9 @@ OPS = (
     "store_kv",
     "paged_attention_prefill",
     "paged_attention_decode",
+    "store_mla_kv",
+    "mla_decode",
+    "mla_prefill",
     "sample",
 )
 
@@ -138,6 +156,9 @@ class KernelSet:
         self.store_kv = self._fns["store_kv"]
         self.paged_attention_prefill = self._fns["paged_attention_prefill"]
         self.paged_attention_decode = self._fns["paged_attention_decode"]
+        self.store_mla_kv = self._fns["store_mla_kv"]
+        self.mla_decode = self._fns["mla_decode"]
+        self.mla_prefill = self._fns["mla_prefill"]
         self.sample = self._fns["sample"]
 
     def linear_prepare(self, weight: torch.Tensor) -> torch.Tensor:

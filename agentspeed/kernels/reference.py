@@ -54,6 +54,38 @@ def rotary_embedding(
     return _rotate_neox(q, cos, sin), _rotate_neox(k, cos, sin)
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def quantize_fp8(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp8: x [..., *last `dims` dims] -> (e4m3 values, float32 scale per row) with
+    values * scale ~= x. The row maximum maps to the top of e4m3's range."""
+    amax = x.float().abs().flatten(-dims).amax(-1)
+    scale = (amax / FP8_MAX).clamp(min=1e-12)
+    view = scale.view(*scale.shape, *([1] * dims))
+    return (x.float() / view).to(FP8), scale
+
+
+def dequantize(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """cache rows back in `dtype` (identity when not quantized); scale has cache's leading dims."""
+    if scale is None:
+        return cache if cache.dtype == dtype else cache.to(dtype)
+    view = scale.view(*scale.shape, *([1] * (cache.dim() - scale.dim())))
+    return (cache.float() * view).to(dtype)
+
+
+def _store_rows(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None,
+                slot_mapping: torch.Tensor) -> None:
+    rows = cache.view(-1, *cache.shape[2:])
+    if scale is None:
+        rows[slot_mapping] = x.to(cache.dtype)
+        return
+    q, s = quantize_fp8(x, cache.dim() - 2)
+    rows[slot_mapping] = q
+    scale.view(-1)[slot_mapping] = s
+
+
 @_reg("store_kv")
 def store_kv(
     k: torch.Tensor,
@@ -61,19 +93,26 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    kvh, d = k_cache.shape[-2:]
-    k_cache.view(-1, kvh, d)[slot_mapping] = k
-    v_cache.view(-1, kvh, d)[slot_mapping] = v
+    _store_rows(k, k_cache, k_scale, slot_mapping)
+    _store_rows(v, v_cache, v_scale, slot_mapping)
 
 
 def gather_context(
-    cache: torch.Tensor, page_table_row: torch.Tensor, seq_len: int
+    cache: torch.Tensor, page_table_row: torch.Tensor, seq_len: int,
+    scale: torch.Tensor | None = None, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The first seq_len tokens of one sequence's cache, [seq_len, KVH, D]."""
+    """The first seq_len tokens of one sequence's cache, [seq_len, ...], dequantized to
+    `dtype` when the cache is fp8 (scale given)."""
     page_size = cache.shape[1]
     n_pages = -(-seq_len // page_size)
-    return cache[page_table_row[:n_pages].long()].flatten(0, 1)[:seq_len]
+    pages = page_table_row[:n_pages].long()
+    rows = cache[pages].flatten(0, 1)[:seq_len]
+    if scale is None:
+        return rows
+    return dequantize(rows, scale[pages].flatten(0, 1)[:seq_len], dtype or torch.float32)
 
 
 def _attend(
@@ -99,12 +138,14 @@ def _paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     start = 0
     for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        k = gather_context(k_cache, meta.page_table[b], slen)
-        v = gather_context(v_cache, meta.page_table[b], slen)
+        k = gather_context(k_cache, meta.page_table[b], slen, k_scale, q.dtype)
+        v = gather_context(v_cache, meta.page_table[b], slen, v_scale, q.dtype)
         out[start : start + qlen] = _attend(q[start : start + qlen], k, v, scale)
         start += qlen
     return out
@@ -112,6 +153,67 @@ def _paged_attention(
 
 register_kernel("paged_attention_prefill", "reference", _ALL_DEVICES, _FLOATS)(_paged_attention)
 register_kernel("paged_attention_decode", "reference", _ALL_DEVICES, _FLOATS)(_paged_attention)
+
+
+@_reg("store_mla_kv")
+def store_mla_kv(
+    latent: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    kv_scale: torch.Tensor | None = None,
+) -> None:
+    _store_rows(latent, kv_cache, kv_scale, slot_mapping)
+
+
+def _causal_mask(n: int, L: int, device: torch.device) -> torch.Tensor:
+    """[n, L]: query row i (at position L - n + i) sees keys <= its position."""
+    return torch.arange(L, device=device)[None, :] <= torch.arange(L - n, L, device=device)[:, None]
+
+
+@_reg("mla_decode")
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    lora_rank: int,
+    kv_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    out = q.new_empty(q.shape[0], q.shape[1], lora_rank)
+    start = 0
+    for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        kv = gather_context(kv_cache, meta.page_table[b], slen, kv_scale, torch.float32).float()
+        qb = q[start : start + qlen].float()  # [n, H, Dk]
+        scores = torch.einsum("nhd,ld->hnl", qb, kv) * scale
+        scores = scores.masked_fill(~_causal_mask(qlen, slen, q.device), float("-inf"))
+        o = torch.einsum("hnl,ld->nhd", scores.softmax(-1), kv[:, :lora_rank])
+        out[start : start + qlen] = o.to(q.dtype)
+        start += qlen
+    return out
+
+
+@_reg("mla_prefill")
+def mla_prefill(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    w_kv_b: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    kv_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    H, nope = q_nope.shape[1], q_nope.shape[2]
+    lora = w_kv_b.shape[2]
+    v_dim = w_kv_b.shape[1] - nope
+    out = q_nope.new_empty(q_nope.shape[0], H, v_dim)
+    start = 0
+    for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        ctx = gather_context(kv_cache, meta.page_table[b], slen, kv_scale, q_nope.dtype)
+        latent, k_pe = ctx[:, :lora], ctx[:, lora:]
+        kv = torch.einsum("lr,hdr->lhd", latent, w_kv_b)  # [L, H, nope + v]
+        k = torch.cat((kv[..., :nope], k_pe[:, None].expand(-1, H, -1)), -1)
+        q = torch.cat((q_nope[start : start + qlen], q_pe[start : start + qlen]), -1)
+        out[start : start + qlen] = _attend(q, k, kv[..., nope:], scale)
+        start += qlen
+    return out
 
 
 @register_kernel("sample", "reference", _ALL_DEVICES, (torch.float32,))
