@@ -36,6 +36,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
                    help="bytes of KV cache per rank, e.g. 4GiB (default on CPU: 25%% of available "
                         "memory, at most 4GiB; on GPU see --gpu-memory-utilization)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="KV cache storage: auto (the compute dtype) or fp8 (e4m3 with one scale per "
+                        "token; 2x smaller than bf16, 4x smaller than fp32)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory the engine may use, KV cache included (default 0.9)")
     g.add_argument("--kernel-backend", default=None,
@@ -63,7 +66,8 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
         seed=args.seed,
         parallel=ParallelConfig(tp=args.tp, rank=rank, master_port=port),
         cache=CacheConfig(page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
-                          gpu_memory_utilization=args.gpu_memory_utilization),
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          kv_cache_dtype=args.kv_cache_dtype),
         kernels=KernelConfig.parse(args.kernel_backend),
     )
 

@@ -10,13 +10,65 @@ from agentspeed.errors import ConfigError
 
 @dataclass(frozen=True, slots=True)
 class RopeScaling:
-    """RoPE frequency scaling. kind is "linear" or "llama3"."""
+    """RoPE frequency scaling. kind is "linear", "llama3" or "yarn". For yarn,
+    attention_factor multiplies cos/sin (None: derived from factor, mscale, mscale_all_dim)
+    and mscale_all_dim also scales the attention softmax (DeepSeek)."""
 
     kind: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3). Keys and values of all heads are
+    up-projected from one kv_lora_rank latent per token; a rope_dim key is shared by all
+    heads. q_lora_rank None means a plain q projection."""
+
+    kv_lora_rank: int
+    q_lora_rank: int | None
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool = True  # rotary pairs are adjacent (x0,x1),(x2,x3)... as in DeepSeek
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_dim(self) -> int:
+        """Width of one latent cache row: latent | roped shared key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """DeepSeek mixture of experts. Layers from first_dense on use routed experts (top_k of
+    num_experts, each of intermediate size `intermediate_size`) plus `num_shared` shared
+    experts' worth of always-on MLP. scoring "sigmoid" (V3: group score = sum of the top 2,
+    choice biased by e_score_correction_bias, weights normalised if norm_topk_prob) or
+    "softmax" (V2: topk_method "greedy" or "group_limited_greedy", group score = max)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    num_shared: int
+    first_dense: int
+    scoring: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    num_groups: int = 1
+    topk_groups: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +91,8 @@ class ModelConfig:
     o_proj_bias: bool = False  # bias on the output projection (Llama attention_bias)
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
     rope_scaling: RopeScaling | None = None
+    mla: MLAConfig | None = None  # DeepSeek-style latent attention (num_kv_heads/head_dim unused)
+    moe: MoEConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -73,6 +127,7 @@ class CacheConfig:
 
     page_size: int = 16
     num_pages: int | None = None
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (e4m3 with per-token scales)
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     cpu_memory_fraction: float = 0.25
@@ -81,6 +136,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.page_size < 1:
             raise ConfigError(f"page size must be >= 1, got {self.page_size}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ConfigError(f"kv cache dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True, slots=True)

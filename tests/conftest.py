@@ -25,22 +25,49 @@ TINY = dict(
 )
 
 
+# DeepSeek-style: MLA with odd-sized dims (latent 32, rope 16, nope 24, v 20), 8 routed
+# experts in 4 groups (2 chosen), 1 shared expert, first layer dense.
+TINY_DEEPSEEK = dict(
+    TINY,
+    num_hidden_layers=3,
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    q_lora_rank=48,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=24,
+    v_head_dim=20,
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+)
+
+
 def make_tiny(kind: str, root: Path, **overrides: object) -> Path:
-    """Save a random-weight tiny model of `kind` (llama|qwen2|qwen3|mistral) to root/kind."""
+    """Save a random-weight tiny model of `kind` (llama|qwen2|qwen3|mistral|deepseek_v2|
+    deepseek_v3) to root/kind."""
     from transformers import (
         AutoModelForCausalLM,
+        DeepseekV2Config,
+        DeepseekV3Config,
         LlamaConfig,
         MistralConfig,
         Qwen2Config,
         Qwen3Config,
     )
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[kind]
-    kw = dict(TINY)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
+           "deepseek_v2": DeepseekV2Config, "deepseek_v3": DeepseekV3Config}[kind]
+    kw = dict(TINY_DEEPSEEK) if kind.startswith("deepseek") else dict(TINY)
     if kind == "qwen3":
         kw["head_dim"] = 16
     if kind == "mistral":
         kw["sliding_window"] = None
+    if kind == "deepseek_v2":
+        kw.update(topk_method="group_limited_greedy", routed_scaling_factor=1.5)
     kw.update(overrides)
     torch.manual_seed(hash(kind) % 1000)
     model = AutoModelForCausalLM.from_config(cls(**kw), dtype=torch.float32)
@@ -52,6 +79,9 @@ def make_tiny(kind: str, root: Path, **overrides: object) -> Path:
                 p.normal_(0, 0.08)
             elif p.dim() == 1 and "norm" not in "".join(n for n, q in model.named_parameters() if q is p):
                 p.normal_(0, 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # exercise the biased expert choice
+                b.normal_(0, 0.1)
     path = root / kind
     model.save_pretrained(path)
     return path

@@ -36,6 +36,8 @@ EXTRA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     "llama_oddvocab_tied": ("llama", {"vocab_size": 383, "tie_word_embeddings": True}),
     # q/k/v biases (column-sharded) and an o_proj bias (counted once, on rank 0)
     "llama_bias": ("llama", {"attention_bias": True}),
+    # MLA (heads sharded, latent replicated) + MoE (every expert's intermediate sharded)
+    "deepseek_v3": ("deepseek_v3", {}),
 }
 
 
@@ -136,9 +138,9 @@ def test_tp2_matches_tp1(
     rank0, rank1 = (r[path] for r in tp2_results)
 
     # TP=1 really ran unsharded and TP=2 really sharded.
-    vocab, kv_heads = ref["logits"].shape[1], ref["layout"][2].item()
-    assert ref["layout"].tolist() == [1, vocab, kv_heads]
-    assert rank0["layout"].tolist() == [2, -(-vocab // 2), max(1, kv_heads // 2)]
+    vocab, o_in = ref["logits"].shape[1], ref["layout"][2].item()
+    assert ref["layout"].tolist() == [1, vocab, o_in]
+    assert rank0["layout"].tolist() == [2, -(-vocab // 2), o_in // 2]
 
     assert rank0["tokens"].shape == (len(tp_worker.PROMPTS), tp_worker.NEW_TOKENS)
     assert rank0["tokens"].tolist() == ref["tokens"].tolist()

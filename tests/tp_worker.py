@@ -66,12 +66,13 @@ def compute(runner: ModelRunner) -> dict[str, torch.Tensor]:
     return {
         "tokens": tokens,
         "logits": torch.cat(logits).clone(),
-        # evidence of how this rank was built: (world size, vocab rows held, local KV heads)
+        # evidence of how this rank was built: (world size, vocab rows held, o_proj input
+        # columns held = local heads x head dim)
         "layout": torch.tensor(
             [
                 runner.comm.world_size,
                 runner.model.body.embed_tokens.weight.shape[0],
-                runner.kv.layers[0][0].shape[2],
+                runner.model.body.layer0.attn.body.o_proj.local_in,
             ]
         ),
     }

@@ -51,6 +51,7 @@ class LLM:
         num_kv_pages: int | None = None,
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float = 0.9,
+        kv_cache_dtype: str = "auto",
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
@@ -69,7 +70,7 @@ class LLM:
             parallel=ParallelConfig(tp=tensor_parallel_size),
             max_num_seqs=max_num_seqs,
             cache=CacheConfig(page_size=page_size, num_pages=num_kv_pages, kv_cache_memory=kv_cache_memory,
-                              gpu_memory_utilization=gpu_memory_utilization),
+                              gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype),
             kernels=KernelConfig.parse(kernel_backend),
         )
         if cfg.parallel.tp > 1 and engine_config is None:

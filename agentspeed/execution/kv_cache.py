@@ -1,6 +1,11 @@
-"""The paged KV cache tensors: per layer, K and V of shape
-[num_pages, page_size, num_kv_heads_local, head_dim]. Page 0 is the null page: padding
-entries of page tables point at it and nothing meaningful is ever read from it."""
+"""The paged KV cache tensors, one `LayerKV` per layer.
+
+MHA/GQA: K and V of shape [num_pages, page_size, num_kv_heads_local, head_dim].
+MLA: one latent tensor [num_pages, page_size, kv_lora_rank + rope_dim], the same on every
+tensor-parallel rank (the latent is shared by all heads).
+With kv_cache_dtype fp8 the values are float8_e4m3fn and every token row has a float32 scale
+([num_pages, page_size] per tensor). Page 0 is the null page: padding entries of page tables
+point at it and nothing meaningful is ever read from it."""
 
 from __future__ import annotations
 
@@ -10,17 +15,35 @@ import os
 import torch
 
 from agentspeed.config import CacheConfig, ModelConfig
+from agentspeed.modeling.context import LayerKV
 
 log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+_SCALE = torch.float32
 
 
 def kv_heads_local(cfg: ModelConfig, tp: int) -> int:
     return max(1, cfg.num_kv_heads // tp)
 
 
+def storage_dtype(cache: CacheConfig, dtype: torch.dtype) -> torch.dtype:
+    return FP8 if cache.kv_cache_dtype == "fp8" else dtype
+
+
+def bytes_per_token(cfg: ModelConfig, cache: CacheConfig, tp: int, dtype: torch.dtype) -> int:
+    """KV bytes one token costs on this rank, all layers, scales included."""
+    item = storage_dtype(cache, dtype).itemsize
+    scale = _SCALE.itemsize if cache.kv_cache_dtype == "fp8" else 0
+    if cfg.mla is not None:
+        per_layer = cfg.mla.cache_dim * item + scale
+    else:
+        per_layer = 2 * (kv_heads_local(cfg, tp) * cfg.head_dim * item + scale)
+    return cfg.num_layers * per_layer
+
+
 def bytes_per_page(cfg: ModelConfig, cache: CacheConfig, tp: int, dtype: torch.dtype) -> int:
-    per_token = 2 * cfg.num_layers * kv_heads_local(cfg, tp) * cfg.head_dim * dtype.itemsize
-    return per_token * cache.page_size
+    return bytes_per_token(cfg, cache, tp, dtype) * cache.page_size
 
 
 def available_cpu_memory() -> int:
@@ -72,14 +95,27 @@ class KVCache:
         self.num_pages = num_pages
         self.page_size = cache.page_size
         self.bytes_per_token = per_page // cache.page_size
-        shape = (num_pages, cache.page_size, kv_heads_local(cfg, tp), cfg.head_dim)
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_layers)
-        ]
+        self.dtype = storage_dtype(cache, dtype)
+        fp8 = cache.kv_cache_dtype == "fp8"
+
+        def new(*row: int) -> torch.Tensor:
+            return torch.zeros((num_pages, cache.page_size, *row), dtype=self.dtype, device=device)
+
+        def scales() -> torch.Tensor | None:
+            return torch.ones((num_pages, cache.page_size), dtype=_SCALE, device=device) if fp8 else None
+
+        if cfg.mla is not None:
+            self.layers = [LayerKV(new(cfg.mla.cache_dim), None, scales()) for _ in range(cfg.num_layers)]
+            layout = f"latent {cfg.mla.kv_lora_rank}+{cfg.mla.qk_rope_head_dim}"
+        else:
+            row = (kv_heads_local(cfg, tp), cfg.head_dim)
+            self.layers = [LayerKV(new(*row), new(*row), scales(), scales()) for _ in range(cfg.num_layers)]
+            layout = f"{row[0]} kv heads x {row[1]}"
         log.info(
-            "KV cache: %d pages x %d tokens = %d tokens of KV (%.2f GiB on this rank)",
+            "KV cache: %d pages x %d tokens = %d tokens of KV (%.2f GiB on this rank); "
+            "%s, %s, %d bytes/token",
             num_pages - 1, cache.page_size, self.num_tokens, num_pages * per_page / (1 << 30),
+            layout, str(self.dtype).removeprefix("torch."), self.bytes_per_token,
         )
 
     @property

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from agentspeed.kernels.api import AttentionMetadata
-from agentspeed.kernels.reference import gather_context
+from agentspeed.kernels.reference import dequantize, gather_context
 from agentspeed.kernels.registry import register_kernel
 
 _CPU = ("cpu",)
@@ -42,14 +42,16 @@ def paged_attention_prefill(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     start = 0
     for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         # 4-D inputs: with 3-D ones SDPA leaves its fused CPU kernel for the math path (6x
         # slower on a 2,000-token prompt).
-        k = gather_context(k_cache, meta.page_table[b], slen).transpose(0, 1)[None]
-        v = gather_context(v_cache, meta.page_table[b], slen).transpose(0, 1)[None]
+        k = gather_context(k_cache, meta.page_table[b], slen, k_scale, q.dtype).transpose(0, 1)[None]
+        v = gather_context(v_cache, meta.page_table[b], slen, v_scale, q.dtype).transpose(0, 1)[None]
         qb = q[start : start + qlen].transpose(0, 1)[None]
         if qlen == slen:
             o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -84,20 +86,31 @@ def _page_runs(pages: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _context(cache: torch.Tensor, runs: list[tuple[int, int]], length: int) -> torch.Tensor:
-    """[KVH, length, D]: a view when the pages are one run, else one copy of this sequence."""
+def _rows(cache: torch.Tensor, runs: list[tuple[int, int]], length: int) -> torch.Tensor:
+    """[length, ...]: a view when the pages are one run, else one copy of this sequence."""
     parts = [cache[p : p + n] for p, n in runs]
     whole = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return whole.flatten(0, 1)[:length].transpose(0, 1)
+    return whole.flatten(0, 1)[:length]
+
+
+def _context(cache: torch.Tensor, runs: list[tuple[int, int]], length: int,
+             scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[KVH, length, D], dequantized when the cache is fp8."""
+    rows = _rows(cache, runs, length)
+    if scale is not None:
+        rows = dequantize(rows, _rows(scale, runs, length), dtype)
+    return rows.transpose(0, 1)
 
 
 def _decode_per_sequence(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                         meta: AttentionMetadata, scale: float,
+                         k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty_like(q)
     ps = k_cache.shape[1]
     for b, (L, pages) in enumerate(zip(meta.seq_lens_cpu, meta.pages_cpu)):
         runs = _page_runs(pages[: -(-L // ps)])
-        k, v = _context(k_cache, runs, L)[None], _context(v_cache, runs, L)[None]
+        k = _context(k_cache, runs, L, k_scale, q.dtype)[None]
+        v = _context(v_cache, runs, L, v_scale, q.dtype)[None]
         o = F.scaled_dot_product_attention(q[b, :, None][None], k, v, scale=scale, enable_gqa=True)
         out[b] = o[0, :, 0]
     return out
@@ -110,16 +123,20 @@ def paged_attention_decode(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if meta.pages_cpu and meta.max_seq_len >= LONG_CONTEXT:
-        return _decode_per_sequence(q, k_cache, v_cache, meta, scale)
+        return _decode_per_sequence(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     page_size = k_cache.shape[1]
     n_pages = -(-meta.max_seq_len // page_size)
     pages = meta.page_table[:, :n_pages].long()
     B = pages.shape[0]
     # [B, n_pages, page_size, KVH, D] -> [B, KVH, L, D]
-    k = k_cache[pages].flatten(1, 2).transpose(1, 2)
-    v = v_cache[pages].flatten(1, 2).transpose(1, 2)
+    k = dequantize(k_cache[pages], None if k_scale is None else k_scale[pages], q.dtype)
+    v = dequantize(v_cache[pages], None if v_scale is None else v_scale[pages], q.dtype)
+    k = k.flatten(1, 2).transpose(1, 2)
+    v = v.flatten(1, 2).transpose(1, 2)
     if B == 1:  # one sequence: trim to its length instead of masking
         L = meta.seq_lens_cpu[0]
         o = F.scaled_dot_product_attention(

@@ -18,7 +18,7 @@ from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.layers.weights import LazyTensor
 from agentspeed.modeling.loaders import gguf_loader, safetensors_loader
 from agentspeed.modeling.loaders.source import ModelSource, resolve_model
-from agentspeed.modeling.models.llama import LlamaForCausalLM
+from agentspeed.modeling.models.base import CausalLM
 from agentspeed.modeling.models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True, slots=True)
 class BuiltModel:
-    model: LlamaForCausalLM
+    model: CausalLM
     config: ModelConfig
     source: ModelSource
     dtype: torch.dtype
@@ -54,7 +54,7 @@ def resolve_dtype(dtype: str, device: str, checkpoint: torch.dtype | None) -> to
     return checkpoint if checkpoint in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, LazyTensor]], total: int) -> None:
+def load_weights(model: CausalLM, tensors: Iterable[tuple[str, LazyTensor]], total: int) -> None:
     loaded: set[str] = set()
     ignored = 0
     for name, t in tqdm(tensors, total=total, desc="loading weights", unit="tensor", disable=None, leave=False):
@@ -89,14 +89,19 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         mcfg = safetensors_loader.read_model_config(source.path)
         checkpoint_dtype = safetensors_loader.checkpoint_dtype(source.path)
     dtype = resolve_dtype(cfg.dtype, device, checkpoint_dtype)
-    traits = {"head_dim": mcfg.head_dim, "page_size": cfg.cache.page_size}
+    traits = {
+        "head_dim": mcfg.head_dim,
+        "page_size": cfg.cache.page_size,
+        "kv_cache_dtype": cfg.cache.kv_cache_dtype,
+        "mla": mcfg.mla is not None,
+    }
     kernels = KernelSet(device, dtype, traits, cfg.kernels)
     cls = model_class(mcfg.architecture)
     try:
         model = cls(mcfg, comm, kernels, dtype, device)
     except ValueError as e:  # e.g. heads not divisible by --tp
         raise ModelLoadError(f"cannot shard {source.name}: {e}") from None
-    assert isinstance(model, LlamaForCausalLM)
+    assert isinstance(model, CausalLM)
     if source.format == "gguf":
         load_weights(model, gguf_loader.iter_gguf(reader, mcfg), len(reader.tensors))
     else:

@@ -55,8 +55,8 @@ class PagedAttention(SpmdModule):
             q = ks.rms_norm(q, self.q_norm, self.qk_norm_eps)
             k = ks.rms_norm(k, self.k_norm, self.qk_norm_eps)
         q, k = ks.rotary_embedding(q, k, ctx.rope)
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        ks.store_kv(k, v, k_cache, v_cache, ctx.attn.slot_mapping)
+        kv = ctx.kv_caches[self.layer_idx]
+        ks.store_kv(k, v, kv.k, kv.v, ctx.attn.slot_mapping, kv.k_scale, kv.v_scale)
         attend = ks.paged_attention_decode if ctx.attn.is_decode else ks.paged_attention_prefill
-        out = attend(q, k_cache, v_cache, ctx.attn, self.scale)
+        out = attend(q, kv.k, kv.v, ctx.attn, self.scale, kv.k_scale, kv.v_scale)
         return out.reshape(T, self.q_size)

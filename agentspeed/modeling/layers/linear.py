@@ -21,7 +21,7 @@ from agentspeed.modeling.layers.weights import LazyTensor, copy_into
 from agentspeed.modeling.placement import Partial, Replicate, Shard
 
 
-def _prepare(layer: ColumnParallelLinear | RowParallelLinear, kernels: KernelSet) -> None:
+def _prepare(layer: ColumnParallelLinear | RowParallelLinear | ReplicatedLinear, kernels: KernelSet) -> None:
     """Switch the layer to the kernel set's linear with its weight in that kernel's layout.
     Once prepared, the dense `weight` is dropped when the kernel repacked it (no 2x memory)."""
     w = kernels.linear_prepare(layer.weight)
@@ -145,6 +145,30 @@ class RowParallelLinear(SpmdModule):
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return self._linear(x, self._w, self.bias)
+
+    def prepare_weights(self, kernels: KernelSet) -> None:
+        _prepare(self, kernels)
+
+
+class ReplicatedLinear(SpmdModule):
+    """The whole weight on every rank: Replicate in, Replicate out (e.g. MLA's latent
+    down-projections, which every rank needs in full)."""
+
+    in_placement = Replicate()
+    out_placement = Replicate()
+
+    def __init__(self, input_size: int, output_size: int, dtype: torch.dtype, device: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype, device=device), requires_grad=False)
+        self.bias = None
+        self._linear: Any = F.linear
+        self._w: torch.Tensor = self.weight.data
+
+    def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
+        copy_into(self.weight, t.read(), "weight")
+
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        return self._linear(x, self._w, None)
 
     def prepare_weights(self, kernels: KernelSet) -> None:
         _prepare(self, kernels)

@@ -1,4 +1,4 @@
-"""RoPE frequency tables, with the "linear" and "llama3" scalings."""
+"""RoPE frequency tables, with the "linear", "llama3" and "yarn" scalings."""
 
 from __future__ import annotations
 
@@ -27,7 +27,50 @@ def inv_frequencies(rot_dim: int, theta: float, scaling: RopeScaling | None) -> 
         smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
         medium = (wavelen >= high_wl) & (wavelen <= low_wl)
         return torch.where(medium, smoothed, scaled)
+    if scaling.kind == "yarn":
+        return _yarn_inv_frequencies(inv, rot_dim, theta, scaling)
     raise ValueError(f"unsupported rope scaling {scaling.kind!r}")
+
+
+def _yarn_inv_frequencies(inv: torch.Tensor, dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
+    # YaRN: frequencies that complete many rotations within the original context keep their
+    # value (extrapolate), slow ones are divided by factor (interpolate), with a linear ramp
+    # between the two correction dimensions.
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # share of the extrapolated (original) frequency
+    return (inv / s.factor) * (1 - keep) + inv * keep
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def attention_factor(scaling: RopeScaling | None) -> float:
+    """What cos/sin are multiplied by (YaRN's magnitude correction; 1 otherwise)."""
+    if scaling is None or scaling.kind != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    if scaling.mscale and scaling.mscale_all_dim:
+        return _yarn_mscale(scaling.factor, scaling.mscale) / _yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+    return _yarn_mscale(scaling.factor)
+
+
+def softmax_scale_factor(scaling: RopeScaling | None) -> float:
+    """DeepSeek multiplies its softmax scale by mscale(factor, mscale_all_dim)^2 under YaRN."""
+    if scaling is None or not scaling.mscale_all_dim:
+        return 1.0
+    m = _yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+    return m * m
 
 
 def cos_sin_table(
@@ -37,4 +80,6 @@ def cos_sin_table(
     inv = inv_frequencies(rot_dim, theta, scaling)
     t = torch.arange(max_positions, dtype=torch.float32)
     freqs = torch.outer(t, inv)
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+    table = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    f = attention_factor(scaling)
+    return (table * f if f != 1.0 else table).to(device)

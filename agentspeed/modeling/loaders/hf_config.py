@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentspeed.config import ModelConfig, RopeScaling
+from agentspeed.config import MLAConfig, ModelConfig, MoEConfig, RopeScaling
 from agentspeed.errors import UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = (
@@ -12,6 +12,8 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
 )
 
 
@@ -32,6 +34,26 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
             float(params.get("low_freq_factor", 1.0)),
             float(params.get("high_freq_factor", 4.0)),
             int(params.get("original_max_position_embeddings", 8192)),
+        )
+    if kind in ("yarn", "deepseek_yarn"):
+        def opt(key: str) -> float | None:
+            v = params.get(key)
+            return float(v) if v is not None else None
+
+        original = params.get("original_max_position_embeddings")
+        factor = params.get("factor")
+        if original is None or factor is None:
+            raise UnsupportedModelError("yarn rope scaling needs factor and original_max_position_embeddings")
+        return theta, RopeScaling(
+            "yarn",
+            float(factor),
+            original_max_position_embeddings=int(original),
+            beta_fast=float(params.get("beta_fast") or 32),
+            beta_slow=float(params.get("beta_slow") or 1),
+            mscale=opt("mscale"),
+            mscale_all_dim=opt("mscale_all_dim"),
+            attention_factor=opt("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
         )
     raise UnsupportedModelError(f"unsupported rope scaling type {kind!r}")
 
@@ -63,6 +85,11 @@ def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | N
     is_qwen2 = arch == "Qwen2ForCausalLM"
     llama_bias = bool(cfg.get("attention_bias", False)) and arch in ("LlamaForCausalLM", "MistralForCausalLM")
     eos = _ids(cfg.get("eos_token_id")) + _ids((generation_cfg or {}).get("eos_token_id"))
+    is_deepseek = arch.startswith("Deepseek")
+    mla, moe = (_mla(cfg), _moe(cfg, arch)) if is_deepseek else (None, None)
+    if mla is not None:
+        # Llama-style fields describe nothing real for MLA; keep them consistent.
+        cfg = {**cfg, "num_key_value_heads": heads, "head_dim": mla.qk_head_dim}
     return ModelConfig(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
@@ -80,6 +107,51 @@ def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | N
         o_proj_bias=llama_bias,
         qk_norm=arch == "Qwen3ForCausalLM",
         rope_scaling=scaling,
+        mla=mla,
+        moe=moe,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(eos)),
+    )
+
+
+def _mla(cfg: dict[str, Any]) -> MLAConfig:
+    if cfg.get("attention_bias"):
+        raise UnsupportedModelError("DeepSeek attention biases are not supported")
+    q_lora = cfg.get("q_lora_rank")
+    return MLAConfig(
+        kv_lora_rank=int(cfg["kv_lora_rank"]),
+        q_lora_rank=int(q_lora) if q_lora else None,
+        qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
+        v_head_dim=int(cfg["v_head_dim"]),
+        # DeepSeek-V2 always rotates adjacent pairs; V3 configs say so explicitly.
+        rope_interleave=bool(cfg.get("rope_interleave", True)),
+    )
+
+
+def _moe(cfg: dict[str, Any], arch: str) -> MoEConfig | None:
+    experts = cfg.get("n_routed_experts")
+    if not experts:
+        return None
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError("MLP biases are not supported for DeepSeek models")
+    if int(cfg.get("moe_layer_freq", 1)) != 1:
+        raise UnsupportedModelError("moe_layer_freq != 1 is not supported")
+    v3 = arch == "DeepseekV3ForCausalLM"
+    method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+    if method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+        raise UnsupportedModelError(f"unsupported MoE topk_method {method!r}")
+    return MoEConfig(
+        num_experts=int(experts),
+        top_k=int(cfg["num_experts_per_tok"]),
+        intermediate_size=int(cfg["moe_intermediate_size"]),
+        num_shared=int(cfg.get("n_shared_experts") or 0),
+        first_dense=int(cfg.get("first_k_dense_replace") or 0),
+        scoring="sigmoid" if v3 else "softmax",
+        topk_method="noaux_tc" if v3 else method,
+        num_groups=int(cfg.get("n_group") or 1),
+        topk_groups=int(cfg.get("topk_group") or 1),
+        # transformers' V2 router never renormalises; V3 does when the config says so.
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)) if v3 else False,
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
     )

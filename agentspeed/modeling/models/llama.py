@@ -7,19 +7,39 @@ collectives; nothing here talks to other ranks.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from agentspeed.config import ModelConfig
 from agentspeed.kernels.api import KernelSet
 from agentspeed.modeling.comm import Communicator
-from agentspeed.modeling.compiler import Chain, Insertion, Residual, SpmdModule, compile_placements
-from agentspeed.modeling.context import ForwardContext
+from agentspeed.modeling.compiler import Chain, Residual, SpmdModule
 from agentspeed.modeling.layers.attention import PagedAttention
 from agentspeed.modeling.layers.basic import RMSNorm, SiluAndMul
-from agentspeed.modeling.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from agentspeed.modeling.layers.embedding import VocabParallelEmbedding
 from agentspeed.modeling.layers.linear import RowParallelLinear, merged_column, qkv_column
-from agentspeed.modeling.layers.rotary import cos_sin_table
+from agentspeed.modeling.models.base import CausalLM
 from agentspeed.modeling.placement import Replicate
+
+
+def dense_mlp(
+    hidden: int, intermediate: int, comm: Communicator, kernels: KernelSet, dtype: torch.dtype, device: str
+) -> dict[str, SpmdModule]:
+    """The SwiGLU MLP's modules (after its norm): gate_up (column), act, down (row)."""
+    return {
+        "gate_up": merged_column(hidden, {"gate": intermediate, "up": intermediate}, False, comm, dtype, device),
+        "act": SiluAndMul(kernels),
+        "down": RowParallelLinear(intermediate, hidden, False, comm, dtype, device),
+    }
+
+
+def decoder_layer(mods: dict[str, SpmdModule]) -> Chain:
+    """Pre-norm residual attention block then MLP block. mods holds attn_norm, the attention
+    steps up to o_proj, mlp_norm and the MLP steps (in insertion order)."""
+    names = list(mods)
+    split = names.index("mlp_norm")
+    attn = Chain([(n, mods[n]) for n in names[:split]], out_placement=Replicate())
+    mlp = Chain([(n, mods[n]) for n in names[split:]], out_placement=Replicate())
+    return Chain([("attn", Residual(attn)), ("mlp", Residual(mlp))])
+
 
 # Checkpoint name -> (target key, part). Target keys are filled per layer in __init__.
 _LAYER_WEIGHTS = {
@@ -41,30 +61,14 @@ _LAYER_WEIGHTS = {
 }
 
 
-class LlamaForCausalLM(nn.Module):
-    """forward(input_ids [T], ctx) -> fp32 logits [len(ctx.logits_indices), vocab_size],
-    replicated on every rank."""
-
+class LlamaForCausalLM(CausalLM):
     def __init__(
         self, cfg: ModelConfig, comm: Communicator, kernels: KernelSet, dtype: torch.dtype, device: str
     ) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, cfg.head_dim, device)
         tp = comm.world_size
         H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        # One RoPE table for all layers; each forward gathers its tokens' rows once.
-        self.cos_sin: torch.Tensor
-        self.register_buffer(
-            "cos_sin",
-            cos_sin_table(D, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device),
-            persistent=False,
-        )
-        # target key -> (module, parameter name, part)
-        self.targets: dict[str, tuple[SpmdModule, str, str | None]] = {}
-
-        embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype, device)
-        self.targets["model.embed_tokens.weight"] = (embed, "weight", None)
-        steps: list[tuple[str, SpmdModule]] = [("embed_tokens", embed)]
+        layers: list[tuple[str, SpmdModule]] = []
         for i in range(cfg.num_layers):
             mods: dict[str, SpmdModule] = {
                 "attn_norm": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device),
@@ -75,45 +79,17 @@ class LlamaForCausalLM(nn.Module):
                 ),
                 "o_proj": RowParallelLinear(H * D, cfg.hidden_size, cfg.o_proj_bias, comm, dtype, device),
                 "mlp_norm": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device),
-                "gate_up": merged_column(
-                    cfg.hidden_size, {"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
-                    False, comm, dtype, device,
-                ),
-                "act": SiluAndMul(kernels),
-                "down": RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, comm, dtype, device),
+                **dense_mlp(cfg.hidden_size, cfg.intermediate_size, comm, kernels, dtype, device),
             }
-            attn_block = Chain(
-                [(n, mods[n]) for n in ("attn_norm", "qkv", "attn", "o_proj")], out_placement=Replicate()
-            )
-            mlp_block = Chain(
-                [(n, mods[n]) for n in ("mlp_norm", "gate_up", "act", "down")], out_placement=Replicate()
-            )
-            steps.append((f"layer{i}", Chain([("attn", Residual(attn_block)), ("mlp", Residual(mlp_block))])))
+            layers.append((f"layer{i}", decoder_layer(mods)))
             for name, (key, part) in _LAYER_WEIGHTS.items():
                 param = name.rsplit(".", 1)[1]
                 if key == "attn":
                     param, part = part or param, None
                 self.targets[f"model.layers.{i}.{name}"] = (mods[key], param, part)
+        embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype, device)
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device)
-        self.targets["model.norm.weight"] = (norm, "weight", None)
-        steps.append(("norm", norm))
-        # Token ids come in replicated; hidden states leave replicated.
-        self.body = Chain(steps, in_placement=Replicate(), out_placement=Replicate())
-
-        lm_head = ParallelLMHead(
-            cfg.vocab_size, cfg.hidden_size, comm, dtype, device,
-            tied_to=embed if cfg.tie_word_embeddings else None,
-        )
-        if not cfg.tie_word_embeddings:
-            self.targets["lm_head.weight"] = (lm_head, "weight", None)
-        self.head = Chain([("lm_head", lm_head)], out_placement=Replicate())
-        self.collectives: list[Insertion] = compile_placements(self, comm)
-
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        ctx.rope = self.cos_sin[ctx.positions]
-        hidden = self.body(input_ids, ctx)
-        logits = self.head(hidden[ctx.logits_indices], ctx)
-        return logits[:, : self.cfg.vocab_size].float()
+        self.finish(embed, layers, norm, comm, dtype, device)
 
     def required_weights(self) -> set[str]:
         """Checkpoint names that must be present (biases and q/k norms only when configured)."""

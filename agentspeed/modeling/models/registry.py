@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from agentspeed.errors import UnsupportedModelError
+from agentspeed.modeling.models.deepseek import DeepseekForCausalLM
 from agentspeed.modeling.models.llama import LlamaForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -12,6 +13,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekForCausalLM,
 }
 
 

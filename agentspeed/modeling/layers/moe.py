@@ -1,0 +1,131 @@
+"""DeepSeek mixture of experts: Replicate in, Partial out.
+
+Tensor parallelism shards every expert (routed and shared) along its intermediate
+dimension, like a column-parallel gate/up followed by a row-parallel down: each rank
+computes a summand of every expert's output, and the compiler's all-reduce after the block
+sums them. The router is replicated (every rank routes identically), so no tokens move
+between ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agentspeed.config import MoEConfig
+from agentspeed.kernels.api import KernelSet
+from agentspeed.modeling.comm import Communicator
+from agentspeed.modeling.compiler import SpmdModule
+from agentspeed.modeling.layers.linear import RowParallelLinear, even_split, merged_column
+from agentspeed.modeling.layers.weights import LazyTensor, copy_into
+from agentspeed.modeling.placement import Partial, Replicate
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 router logits [T, E] -> (weights [T, k], expert ids [T, k]), transformers' rules."""
+    E, G = cfg.num_experts, cfg.num_groups
+    if cfg.scoring == "sigmoid":  # DeepSeek-V3, noaux_tc
+        scores = logits.sigmoid()
+        choice = scores + bias if bias is not None else scores
+        group_scores = choice.view(-1, G, E // G).topk(min(2, E // G), dim=-1)[0].sum(-1)
+        choice = choice.masked_fill(~_group_mask(group_scores, cfg), float("-inf"))
+        ids = choice.topk(cfg.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    else:  # DeepSeek-V2: softmax, greedy or group-limited greedy
+        scores = logits.softmax(-1)
+        if cfg.topk_method == "group_limited_greedy":
+            group_scores = scores.view(-1, G, E // G).max(-1).values
+            scores = scores.masked_fill(~_group_mask(group_scores, cfg), 0.0)
+        weights, ids = scores.topk(cfg.top_k, dim=-1, sorted=False)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids
+
+
+def _group_mask(group_scores: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    """[T, E] bool: experts in each token's topk_groups best groups."""
+    keep = group_scores.topk(cfg.topk_groups, dim=-1, sorted=False)[1]
+    groups = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+    return groups.repeat_interleave(cfg.num_experts // cfg.num_groups, dim=1)
+
+
+class SparseMoE(SpmdModule):
+    in_placement = Replicate()
+    out_placement = Partial()
+
+    def __init__(
+        self, hidden: int, cfg: MoEConfig, with_bias: bool, comm: Communicator, kernels: KernelSet,
+        dtype: torch.dtype, device: str,
+    ) -> None:
+        """with_bias: the router has an e_score_correction_bias (V3)."""
+        super().__init__()
+        if cfg.num_experts % cfg.num_groups:
+            raise ValueError(f"n_routed_experts={cfg.num_experts} is not divisible by n_group={cfg.num_groups}")
+        self.cfg = cfg
+        self.kernels = kernels
+        E = cfg.num_experts
+        self.local, self.start = even_split(cfg.intermediate_size, comm, "moe_intermediate_size")
+        self.gate = nn.Parameter(torch.empty(E, hidden, dtype=torch.float32, device=device), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(E, dtype=torch.float32, device=device), requires_grad=False)
+            if with_bias else None
+        )
+        # Experts stacked: [E, gate_local | up_local, hidden] and [E, hidden, local].
+        self.w13 = nn.Parameter(torch.empty(E, 2 * self.local, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(E, hidden, self.local, dtype=dtype, device=device), requires_grad=False)
+        self.shared: tuple[SpmdModule, SpmdModule] | None = None
+        if cfg.num_shared:
+            size = cfg.intermediate_size * cfg.num_shared
+            self.shared_gate_up = merged_column(hidden, {"gate": size, "up": size}, False, comm, dtype, device)
+            self.shared_down = RowParallelLinear(size, hidden, False, comm, dtype, device)
+            self.shared = (self.shared_gate_up, self.shared_down)
+
+    def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
+        """param: gate | bias | w13 | w2; part for experts: "<expert>.<gate|up|down>"."""
+        if param in ("gate", "bias"):
+            target = self.gate if param == "gate" else self.bias
+            assert target is not None, "this router has no correction bias"
+            copy_into(target, t.read(), f"router {param}")
+            return
+        assert part is not None
+        e_str, which = part.split(".")
+        e = int(e_str)
+        rows = slice(self.start, self.start + self.local)
+        if which == "down":
+            copy_into(self.w2[e], t.read(None, rows), f"expert {e} down")
+        else:
+            off = 0 if which == "gate" else self.local
+            copy_into(self.w13[e, off : off + self.local], t.read(rows), f"expert {e} {which}")
+
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        weights, ids = route(F.linear(x.float(), self.gate), self.bias, self.cfg)
+        out = self._experts(x, weights.to(x.dtype), ids)
+        if self.shared is not None:
+            gate_up, down = self.shared
+            out = out + down(self.kernels.silu_and_mul(gate_up(x)))
+        return out
+
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # Sort the (token, expert) pairs by expert so each expert runs one dense matmul over
+        # its tokens. The per-expert counts come to the host once per layer.
+        k = ids.shape[1]
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.cfg.num_experts).tolist()
+        xs = x[token]
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                seg = xs[start : start + n]
+                h = self.kernels.silu_and_mul(F.linear(seg, self.w13[e]))
+                ys[start : start + n] = F.linear(h, self.w2[e])
+                start += n
+        ys *= weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token, ys)

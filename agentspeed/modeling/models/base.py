@@ -1,0 +1,68 @@
+"""What every decoder-only model shares: embedding -> layers -> norm as one placement Chain,
+a (possibly tied) LM head, one RoPE table, and the checkpoint-name -> parameter table the
+loaders fill."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from agentspeed.config import ModelConfig
+from agentspeed.modeling.comm import Communicator
+from agentspeed.modeling.compiler import Chain, Insertion, SpmdModule, compile_placements
+from agentspeed.modeling.context import ForwardContext
+from agentspeed.modeling.layers.basic import RMSNorm
+from agentspeed.modeling.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from agentspeed.modeling.layers.rotary import cos_sin_table
+from agentspeed.modeling.placement import Replicate
+
+# target key -> (module, parameter name, part)
+Targets = dict[str, tuple[SpmdModule, str, str | None]]
+
+
+class CausalLM(nn.Module):
+    """forward(input_ids [T], ctx) -> fp32 logits [len(ctx.logits_indices), vocab_size],
+    replicated on every rank. Subclasses build the layers and call `finish()`."""
+
+    def __init__(self, cfg: ModelConfig, rope_dim: int, device: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # One RoPE table for all layers; each forward gathers its tokens' rows once.
+        self.cos_sin: torch.Tensor
+        self.register_buffer(
+            "cos_sin",
+            cos_sin_table(rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device),
+            persistent=False,
+        )
+        self.targets: Targets = {}
+        self.collectives: list[Insertion] = []
+
+    def finish(
+        self, embed: VocabParallelEmbedding, layers: list[tuple[str, SpmdModule]], norm: RMSNorm,
+        comm: Communicator, dtype: torch.dtype, device: str,
+    ) -> None:
+        """Assemble body and head and run the placement compiler."""
+        cfg = self.cfg
+        self.targets["model.embed_tokens.weight"] = (embed, "weight", None)
+        self.targets["model.norm.weight"] = (norm, "weight", None)
+        # Token ids come in replicated; hidden states leave replicated.
+        steps = [("embed_tokens", embed), *layers, ("norm", norm)]
+        self.body = Chain(steps, in_placement=Replicate(), out_placement=Replicate())
+        lm_head = ParallelLMHead(
+            cfg.vocab_size, cfg.hidden_size, comm, dtype, device,
+            tied_to=embed if cfg.tie_word_embeddings else None,
+        )
+        if not cfg.tie_word_embeddings:
+            self.targets["lm_head.weight"] = (lm_head, "weight", None)
+        self.head = Chain([("lm_head", lm_head)], out_placement=Replicate())
+        self.collectives = compile_placements(self, comm)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        ctx.rope = self.cos_sin[ctx.positions]
+        hidden = self.body(input_ids, ctx)
+        logits = self.head(hidden[ctx.logits_indices], ctx)
+        return logits[:, : self.cfg.vocab_size].float()
+
+    def required_weights(self) -> set[str]:
+        """Checkpoint names that must be present."""
+        return set(self.targets)
