@@ -4,6 +4,7 @@ embedded SmolLM2 GGUF."""
 from __future__ import annotations
 
 import os
+import zlib
 import warnings
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def make_tiny(kind: str, root: Path, **overrides: object) -> Path:
     if kind == "deepseek_v2":
         kw.update(topk_method="group_limited_greedy", routed_scaling_factor=1.5)
     kw.update(overrides)
-    torch.manual_seed(hash(kind) % 1000)
+    # crc32, not hash(): str hashes change per process, and so would the models.
+    torch.manual_seed(zlib.crc32(kind.encode()) % 1000)
     model = AutoModelForCausalLM.from_config(cls(**kw), dtype=torch.float32)
     # Random init is tiny; widen it so logits are not all near-ties (greedy then is a
     # meaningful comparison).
