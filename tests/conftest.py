@@ -4,8 +4,8 @@ embedded SmolLM2 GGUF."""
 from __future__ import annotations
 
 import os
-import zlib
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest

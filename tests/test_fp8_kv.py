@@ -15,8 +15,8 @@ from test_kernels import make_paged
 
 from agentspeed.config import CacheConfig, EngineConfig
 from agentspeed.engine.simple_generate import generate
-from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.execution.inputs import SequenceChunk
+from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.kernels import cpu, reference
 from agentspeed.kernels.reference import FP8, dequantize, quantize_fp8
 from agentspeed.sampling_params import SamplingParams
