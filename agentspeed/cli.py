@@ -209,7 +209,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                                 args.enable_test_hooks, args.api_key)
             kv_tokens = (engine.info.num_pages - 1) * engine.info.page_size
             print(f"agentspeed: serving {name} on http://{args.host}:{args.port}/v1 (context "
-                  f"{engine.info.max_model_len}, KV cache {kv_tokens} tokens, tool parser {parser})",
+                  f"{engine.info.max_model_len}, KV cache {kv_tokens} tokens at "
+                  f"{engine.info.kv_bytes_per_token} bytes/token, tool parser {parser})",
                   file=sys.stderr, flush=True)
             await serve_forever(build_app(state), args.host, args.port, args.drain_timeout,
                                 args.log_level if args.log_level != "warning" else "info")
