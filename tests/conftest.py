@@ -12,6 +12,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on CPU tensors under the interpreter in these tests; triton reads this
+# once, at its import, so it is set before anything can import it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", category=UserWarning)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

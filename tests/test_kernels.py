@@ -145,7 +145,8 @@ def _sample_inputs(op: str, dtype: torch.dtype) -> tuple[object, ...]:
     raise AssertionError(op)
 
 
-@pytest.mark.parametrize("op", [o for o in OPS if not o.startswith("paged_")])
+# attention ops have their own tests (paged: below; MLA: tests/test_mla_kernels.py)
+@pytest.mark.parametrize("op", [o for o in OPS if not o.startswith(("paged_", "mla_"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_backend_matches_reference(op: str, dtype: torch.dtype) -> None:
     if op == "sample":

@@ -10,6 +10,7 @@ import torch
 from agentspeed.kernels import cpu_mla, reference
 from agentspeed.kernels.api import AttentionMetadata
 from agentspeed.kernels.reference import quantize_fp8
+from agentspeed.kernels.registry import backends_for
 
 H, NOPE, ROPE, LORA, V = 4, 24, 16, 32, 20
 
@@ -63,6 +64,13 @@ def test_cpu_mla_prefill_matches_reference(force: str, fp8: bool, monkeypatch: p
     ref = reference.mla_prefill(q_nope, q_pe, cache, w, meta, 0.2, scale)
     got = cpu_mla.mla_prefill(q_nope, q_pe, cache, w, meta, 0.2, scale)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["mla_decode", "mla_prefill"])
+def test_every_cpu_backend_is_tested_here(op: str) -> None:
+    # the tests above cover exactly these; a new CPU backend needs its own case here
+    runnable = {k.backend for k in backends_for(op) if not k.why_not("cpu", torch.float32, {})}
+    assert runnable == {"reference", "cpu"}
 
 
 def test_absorbed_form_is_chosen_for_short_turns_over_long_prefixes() -> None:
