@@ -95,6 +95,8 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         "kv_cache_dtype": cfg.cache.kv_cache_dtype,
         "mla": mcfg.mla is not None,
     }
+    if mcfg.mla is not None:
+        traits.update(kv_lora_rank=mcfg.mla.kv_lora_rank, qk_rope_head_dim=mcfg.mla.qk_rope_head_dim)
     kernels = KernelSet(device, dtype, traits, cfg.kernels)
     cls = model_class(mcfg.architecture)
     try:
