@@ -2,7 +2,8 @@
 
 Backs the per-sequence choice in agentspeed/kernels/cpu_mla.py: prints the time of each
 form and what `prefer_absorbed` picks, at DeepSeek-V3 dims with the heads one rank holds
-under TP=8 (16 heads, lora 512, rope 64, nope 128, v 128), fp32.
+under TP=8 (16 heads, lora 512, rope 64, nope 128, v 128), fp32. Then times SDPA with values
+narrower than keys against values as wide as keys (why the backend widens them).
 
     python benchmarks/bench_mla_cpu.py [--heads 16] [--repeat 3]
 """
@@ -45,6 +46,34 @@ def timed(fn: object, args: tuple[torch.Tensor, ...], meta: AttentionMetadata, r
     return best
 
 
+def best_ms(fn: object, repeat: int) -> float:
+    fn()  # type: ignore[operator]
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def sdpa_value_width(heads: int, repeat: int) -> None:
+    """SDPA with narrow values vs values padded/widened to the key width, same result."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    L = 4096
+    ctx = torch.randn(L, LORA + ROPE)
+    q = torch.randn(1, heads, 1, LORA + ROPE)
+    kv = ctx[None, None]
+    narrow = best_ms(lambda: sdpa(q, kv, kv[..., :LORA], enable_gqa=True), repeat)
+    wide = best_ms(lambda: sdpa(q, kv, kv, enable_gqa=True)[..., :LORA], repeat)
+    print(f"absorbed decode, 1 token over {L}: values {LORA} wide {narrow:.1f} ms, {LORA + ROPE} wide {wide:.1f} ms")
+    L = 2048
+    qe, ke = torch.randn(1, heads, L, NOPE + ROPE), torch.randn(1, heads, L, NOPE + ROPE)
+    ve = torch.randn(1, heads, L, V)
+    narrow = best_ms(lambda: sdpa(qe, ke, ve, is_causal=True), repeat)
+    wide = best_ms(lambda: sdpa(qe, ke, torch.nn.functional.pad(ve, (0, NOPE + ROPE - V)), is_causal=True), repeat)
+    print(f"expanded prefill, fresh {L}: values {V} wide {narrow:.1f} ms, padded to {NOPE + ROPE} {wide:.1f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", type=int, default=16)
@@ -67,6 +96,7 @@ def main() -> None:
         right = pick == min(times, key=lambda k: times[k])
         print(f"{qlen:>6} {ctx:>8} {times['absorbed'] * 1e3:>12.1f} {times['expanded'] * 1e3:>12.1f} "
               f"{pick:>9} {'yes' if right else 'NO':>6}")
+    sdpa_value_width(args.heads, args.repeat)
 
 
 if __name__ == "__main__":
