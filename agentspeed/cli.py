@@ -8,7 +8,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from agentspeed.config import CacheConfig, EngineConfig, KernelConfig, ParallelConfig
+from agentspeed.config import (
+    KV_CACHE_DTYPES,
+    CacheConfig,
+    EngineConfig,
+    KernelConfig,
+    ParallelConfig,
+)
 from agentspeed.errors import AgentspeedError, ConfigError
 
 log = logging.getLogger("agentspeed")
@@ -36,9 +42,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
                    help="bytes of KV cache per rank, e.g. 4GiB (default on CPU: 25%% of available "
                         "memory, at most 4GiB; on GPU see --gpu-memory-utilization)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                   help="KV cache storage: auto (the compute dtype) or fp8 (e4m3 with one scale per "
-                        "token; 2x smaller than bf16, 4x smaller than fp32)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="KV cache storage: auto (the compute dtype: exact), bfloat16/float16 (half "
+                        "of fp32; on CPU bfloat16 makes long-context decode ~2x faster), or fp8 "
+                        "(e4m3 with one scale per token: a quarter of fp32, for capacity)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory the engine may use, KV cache included (default 0.9)")
     g.add_argument("--kernel-backend", default=None,

@@ -118,6 +118,9 @@ class ParallelConfig:
             raise ConfigError(f"invalid tensor parallel rank {self.rank} of {self.tp}")
 
 
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8")
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Paged KV cache. The pool size comes from num_pages, else kv_cache_memory (bytes on
@@ -127,7 +130,8 @@ class CacheConfig:
 
     page_size: int = 16
     num_pages: int | None = None
-    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (e4m3 with per-token scales)
+    # auto (the compute dtype) | bfloat16 | float16 | fp8 (e4m3 with per-token scales)
+    kv_cache_dtype: str = "auto"
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     cpu_memory_fraction: float = 0.25
@@ -136,8 +140,10 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.page_size < 1:
             raise ConfigError(f"page size must be >= 1, got {self.page_size}")
-        if self.kv_cache_dtype not in ("auto", "fp8"):
-            raise ConfigError(f"kv cache dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"kv cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
-"""Decode step time at long context: the CPU decode kernel's per-sequence page-run path
-against the padded-gather path it replaced, on the default model through ModelRunner.execute.
+"""Decode step time at long context on the default model through ModelRunner.execute: the
+CPU decode kernel's per-sequence page-run path against the padded-gather path it replaced,
+for a KV cache stored as --kv-cache-dtype (auto = fp32 here).
 
-    python benchmarks/bench_long_decode.py --batch 8 --context 6000
+    python benchmarks/bench_long_decode.py --batch 8 --context 6000 [--kv-cache-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=6000)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "fp8"])
     a = ap.parse_args()
     B, L, ps = a.batch, a.context, 16
     npg = -(-(L + a.steps + 8) // ps)
-    r = ModelRunner(EngineConfig(cache=CacheConfig(page_size=ps, num_pages=1 + B * npg)))
+    r = ModelRunner(EngineConfig(cache=CacheConfig(page_size=ps, num_pages=1 + B * npg,
+                                                   kv_cache_dtype=a.kv_cache_dtype)))
     params = [SamplingParams(temperature=0, max_tokens=a.steps + 8)] * B
     pages = [list(range(1 + b * npg, 1 + (b + 1) * npg)) for b in range(B)]  # one run per sequence
     for b in range(B):
@@ -43,8 +46,10 @@ def main() -> None:
     runs = steps()
     cpu.LONG_CONTEXT = 1 << 30  # force the padded-gather path
     gather = steps()
-    print(f"command: python benchmarks/bench_long_decode.py --batch {B} --context {L} --steps {a.steps}")
-    print(f"batch {B} x context {L}: page-run views {runs:.1f} ms/step, padded gather {gather:.1f} ms/step")
+    print(f"command: python benchmarks/bench_long_decode.py --batch {B} --context {L} --steps {a.steps} "
+          f"--kv-cache-dtype {a.kv_cache_dtype}")
+    print(f"batch {B} x context {L}, KV {r.kv.dtype}: page-run views {runs:.1f} ms/step, "
+          f"padded gather {gather:.1f} ms/step")
 
 
 if __name__ == "__main__":

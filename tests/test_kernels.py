@@ -101,11 +101,12 @@ def test_paged_attention_matches_dense(ctx: list[int], qlens: list[int], ps: int
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_long_context_decode_matches_dense(shuffle: bool) -> None:
     """Past LONG_CONTEXT the CPU decode attends over views of page runs: one run, several runs
-    (a shared prefix, then own pages), single pages, and a short sequence in the batch."""
+    (a shared prefix, then own pages), single pages, and a short sequence in the batch. The
+    contexts also split into 2 parts + a 1-token remainder, 4 parts, and 8 parts + 7."""
     from agentspeed.kernels.cpu import LONG_CONTEXT, _page_runs
 
-    ctx = [LONG_CONTEXT + 77, LONG_CONTEXT * 2, 40]
-    q, kc, vc, meta, dk, dv = make_paged(ctx, [1, 1, 1], 16, shared_prefix=512, shuffle=shuffle)
+    ctx = [LONG_CONTEXT + 77, LONG_CONTEXT * 2, 40, 4999]
+    q, kc, vc, meta, dk, dv = make_paged(ctx, [1, 1, 1, 1], 16, shared_prefix=512, shuffle=shuffle)
     expected = torch.cat([dense_attention(qb, k, v) for qb, k, v in zip(q.split(1), dk, dv)])
     impl = select_kernel("paged_attention_decode", "cpu", torch.float32, {"head_dim": D, "page_size": 16})
     assert impl.backend == "cpu"

@@ -44,7 +44,7 @@ def make_latent(ctx_lens: list[int], query_lens: list[int], page_size: int, seed
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("query_lens", [[1, 1, 1], [2, 4, 1]])
 def test_cpu_mla_decode_matches_reference(query_lens: list[int], fp8: bool) -> None:
-    cache, scale, meta = make_latent([9, 40, 17], query_lens, page_size=5, fp8=fp8)
+    cache, scale, meta = make_latent([9, 1101, 17], query_lens, page_size=5, fp8=fp8)  # 1101: split-KV
     q = torch.randn(sum(query_lens), H, LORA + ROPE)
     ref = reference.mla_decode(q, cache, meta, 0.2, LORA, scale)
     torch.testing.assert_close(cpu_mla.mla_decode(q, cache, meta, 0.2, LORA, scale), ref, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,8 @@ MHA/GQA: K and V of shape [num_pages, page_size, num_kv_heads_local, head_dim].
 MLA: one latent tensor [num_pages, page_size, kv_lora_rank + rope_dim], the same on every
 tensor-parallel rank (the latent is shared by all heads).
 With kv_cache_dtype fp8 the values are float8_e4m3fn and every token row has a float32 scale
-([num_pages, page_size] per tensor). Page 0 is the null page: padding entries of page tables
+([num_pages, page_size] per tensor); bfloat16/float16 store 16-bit values without scales
+(on a CPU computing in fp32 that halves the bytes long-context decode reads). Page 0 is the null page: padding entries of page tables
 point at it and nothing meaningful is ever read from it."""
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def kv_heads_local(cfg: ModelConfig, tp: int) -> int:
     return max(1, cfg.num_kv_heads // tp)
 
 
+_STORAGE = {"fp8": FP8, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def storage_dtype(cache: CacheConfig, dtype: torch.dtype) -> torch.dtype:
-    return FP8 if cache.kv_cache_dtype == "fp8" else dtype
+    """What the cache stores; kernels compute in the model's dtype whatever this is."""
+    return _STORAGE.get(cache.kv_cache_dtype, dtype)
 
 
 def bytes_per_token(cfg: ModelConfig, cache: CacheConfig, tp: int, dtype: torch.dtype) -> int:

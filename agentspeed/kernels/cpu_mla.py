@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from agentspeed.kernels.api import AttentionMetadata
+from agentspeed.kernels.cpu import attend_one_token
 from agentspeed.kernels.reference import gather_context
 from agentspeed.kernels.registry import register_kernel
 
@@ -39,6 +40,8 @@ def _mask(qlen: int, slen: int) -> torch.Tensor | None:
 def _absorbed(q: torch.Tensor, ctx: torch.Tensor, lora: int, scale: float) -> torch.Tensor:
     """q [n, H, lora + rope] over latent rows ctx [L, lora + rope] -> [n, H, lora]."""
     n, L = q.shape[0], ctx.shape[0]
+    if n == 1:  # decode: all heads as one group over the one latent "KV head", split-KV
+        return attend_one_token(q[0], ctx[None], ctx[None], scale)[None, :, :lora]
     kv = ctx[None, None]  # [1, 1, L, Dk]: one KV head shared by all query heads
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], kv, kv, attn_mask=_mask(n, L), scale=scale, enable_gqa=True

@@ -104,14 +104,14 @@ def gather_context(
     cache: torch.Tensor, page_table_row: torch.Tensor, seq_len: int,
     scale: torch.Tensor | None = None, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The first seq_len tokens of one sequence's cache, [seq_len, ...], dequantized to
-    `dtype` when the cache is fp8 (scale given)."""
+    """The first seq_len tokens of one sequence's cache, [seq_len, ...], in `dtype` (None:
+    the cache's own), dequantized when the cache is fp8 (scale given; default float32)."""
     page_size = cache.shape[1]
     n_pages = -(-seq_len // page_size)
     pages = page_table_row[:n_pages].long()
     rows = cache[pages].flatten(0, 1)[:seq_len]
     if scale is None:
-        return rows
+        return rows if dtype is None else dequantize(rows, None, dtype)
     return dequantize(rows, scale[pages].flatten(0, 1)[:seq_len], dtype or torch.float32)
 
 
