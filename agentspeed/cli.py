@@ -44,8 +44,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "memory, at most 4GiB; on GPU see --gpu-memory-utilization)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="KV cache storage: auto (the compute dtype: exact), bfloat16/float16 (half "
-                        "of fp32; on CPU bfloat16 makes long-context decode ~2x faster), or fp8 "
-                        "(e4m3 with one scale per token: a quarter of fp32, for capacity)")
+                        "the bytes of fp32; on CPU bfloat16 decodes as fast as fp32), or fp8 (e4m3 "
+                        "with one scale per token: a quarter of fp32, slower to read on CPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory the engine may use, KV cache included (default 0.9)")
     g.add_argument("--kernel-backend", default=None,
