@@ -3,6 +3,7 @@ CPU decode kernel's per-sequence page-run path against the padded-gather path it
 for a KV cache stored as --kv-cache-dtype (auto = fp32 here).
 
     python benchmarks/bench_long_decode.py --batch 8 --context 6000 [--kv-cache-dtype bfloat16]
+    python benchmarks/bench_long_decode.py --profile   # torch.profiler table of the decode steps
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=6000)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "fp8"])
+    ap.add_argument("--profile", action="store_true", help="print where the page-run steps' time goes")
     a = ap.parse_args()
     B, L, ps = a.batch, a.context, 16
     npg = -(-(L + a.steps + 8) // ps)
@@ -43,6 +45,12 @@ def main() -> None:
         return (time.perf_counter() - t0) / a.steps * 1000
 
     steps()  # warm-up
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     runs = steps()
     cpu.LONG_CONTEXT = 1 << 30  # force the padded-gather path
     gather = steps()

@@ -35,6 +35,29 @@ if torch.backends.mkldnn.is_available():
     register_kernel("linear", "cpu", _CPU, (torch.float32,), priority=10, prepare=_prepack)(_linear)
 
 
+def _prepack_bf16(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().to(torch.bfloat16).contiguous(), 32)
+
+
+def _linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    b = None if bias is None else bias.to(torch.bfloat16)
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), w, b, "none", [], "").to(x.dtype)
+
+
+def _has_bf16_dot() -> bool:
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# Opt-in (`--kernel-backend linear=cpu_bf16`): weights stored in bf16 and multiplied with the
+# CPU's bf16 dot-product instructions (AVX512-BF16/AMX), activations rounded to bf16 on the
+# way in and results returned in fp32. Half the weight bytes per decoded token and ~2x the
+# GEMM rate for prefill, at bf16 weight precision (so not bit-faithful to an fp32 reference,
+# hence never picked by default). Registered only where the hardware has bf16 dot products:
+# elsewhere bf16 math is emulated and slower than fp32.
+if _has_bf16_dot():
+    register_kernel("linear", "cpu_bf16", _CPU, (torch.float32,), priority=0, prepare=_prepack_bf16)(_linear_bf16)
+
+
 @register_kernel("paged_attention_prefill", "cpu", _CPU, _FLOATS, priority=10)
 def paged_attention_prefill(
     q: torch.Tensor,
