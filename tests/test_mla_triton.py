@@ -5,6 +5,7 @@ only."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -45,12 +46,23 @@ def _numpy_refuses_size1_to_int() -> bool:
     return False
 
 
-def _patch_lang_tensor_numpy24(tensor: type) -> None:
+def _patch_lang_tensor_numpy24(tensor: type, *args: object) -> None:
     """triton 3.5's interpreter turns a scalar (a shape-(1,) array there) into a loop bound
     with int(array), which NumPy >= 2.4 refuses (triton issue #9171, fixed upstream by
     PR #9172): redo its tensor patching, then take the one element explicitly."""
-    _ORIGINAL_PATCH(tensor)
+    _ORIGINAL_PATCH(tensor, *args)
     tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])  # type: ignore[attr-defined]
+
+
+def _interpreter_needs_numpy24_fix() -> bool:
+    """Only for NumPy >= 2.4 with a triton whose interpreter still calls int() on the
+    array (newer triton squeezes it first and needs nothing)."""
+    if not _numpy_refuses_size1_to_int():
+        return False
+    try:
+        return "squeeze()" not in inspect.getsource(interpreter._patch_lang_tensor)
+    except (OSError, TypeError):
+        return True
 
 
 _ORIGINAL_PATCH = interpreter._patch_lang_tensor
@@ -60,7 +72,7 @@ _ORIGINAL_PATCH = interpreter._patch_lang_tensor
 def _numpy24_loop_bounds() -> Iterator[None]:
     """Runtime loop bounds (`range(start, end, BLOCK_N)`) in the interpreter under NumPy >= 2.4."""
     with pytest.MonkeyPatch.context() as mp:
-        if _numpy_refuses_size1_to_int():
+        if _interpreter_needs_numpy24_fix():
             mp.setattr(interpreter, "_patch_lang_tensor", _patch_lang_tensor_numpy24)
         yield
 
