@@ -24,6 +24,24 @@ def assert_bf16_close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert err < 2e-2, err
 
 
+def paged_meta(
+    tables: list[list[int]], ctx_lens: list[int], query_lens: list[int], page_size: int, slots: list[int]
+) -> AttentionMetadata:
+    """Metadata for sequences whose context ctx_lens[b] lives in pages tables[b] and whose
+    last query_lens[b] tokens are the queries (written to `slots`)."""
+    width = max(len(t) for t in tables)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
+        seq_lens=torch.tensor(ctx_lens, dtype=torch.int32),
+        page_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        query_lens_cpu=tuple(query_lens),
+        seq_lens_cpu=tuple(ctx_lens),
+        page_size=page_size,
+        pages_cpu=tuple(tuple(t) for t in tables),
+    )
+
+
 def make_paged(
     ctx_lens: list[int], query_lens: list[int], page_size: int, shared_prefix: int = 0, seed: int = 0,
     shuffle: bool = True,
@@ -56,17 +74,7 @@ def make_paged(
         dense_k.append(k)
         dense_v.append(v)
         tables.append(pages)
-    width = max(len(t) for t in tables)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots),
-        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
-        seq_lens=torch.tensor(ctx_lens, dtype=torch.int32),
-        page_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        query_lens_cpu=tuple(query_lens),
-        seq_lens_cpu=tuple(ctx_lens),
-        page_size=page_size,
-        pages_cpu=tuple(tuple(t) for t in tables),
-    )
+    meta = paged_meta(tables, ctx_lens, query_lens, page_size, slots)
     q = torch.randn(sum(query_lens), H, D, generator=g)
     return q, k_cache, v_cache, meta, dense_k, dense_v
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kernels import paged_meta
 
 from agentspeed.kernels import cpu_mla, reference
 from agentspeed.kernels.api import AttentionMetadata
@@ -27,17 +28,7 @@ def make_latent(ctx_lens: list[int], query_lens: list[int], page_size: int, seed
         cache, scale = quantize_fp8(cache, 1)
     free = (torch.randperm(n_pages - 1, generator=g) + 1).tolist()
     tables = [[free.pop() for _ in range(-(-c // page_size))] for c in ctx_lens]
-    width = max(len(t) for t in tables)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(sum(query_lens), dtype=torch.int64),
-        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
-        seq_lens=torch.tensor(ctx_lens, dtype=torch.int32),
-        page_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        query_lens_cpu=tuple(query_lens),
-        seq_lens_cpu=tuple(ctx_lens),
-        page_size=page_size,
-        pages_cpu=tuple(tuple(t) for t in tables),
-    )
+    meta = paged_meta(tables, ctx_lens, query_lens, page_size, [0] * sum(query_lens))
     return cache, scale, meta
 
 
