@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny
-from test_hf_parity import PROMPTS, hf_greedy, runner_for
+from test_hf_parity import PROMPTS, assert_end_logits_match, hf_greedy, runner_for
 
 from agentspeed.engine.llm import LLM
 from agentspeed.engine.simple_generate import generate
-from agentspeed.execution.inputs import SequenceChunk
 from agentspeed.modeling.layers.mla import MLAttention
 from agentspeed.modeling.layers.moe import SparseMoE
 from agentspeed.sampling_params import SamplingParams
@@ -55,12 +54,7 @@ def test_greedy_tokens_and_logits_match_transformers(models: dict[str, Path], va
         assert out.token_ids == ref_tokens
         alone = generate(runner, [prompt], GREEDY)[0]
         assert alone.token_ids == ref_tokens
-        full = prompt + ref_tokens
-        pages = list(range(1, 1 + -(-len(full) // 5)))
-        logits = runner.forward([SequenceChunk("x", full[:-1], 0, pages)])
-        torch.testing.assert_close(logits[0], ref_logits[-1], rtol=1e-4, atol=1e-4)
-        logits = runner.forward([SequenceChunk("x", prompt, 0, pages)])
-        torch.testing.assert_close(logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
+        assert_end_logits_match(runner, prompt, ref_tokens, ref_logits, page_size=5)
 
 
 def test_latent_cache_layout_and_size(models: dict[str, Path]) -> None:

@@ -45,6 +45,19 @@ def runner_for(path: Path | str, page_size: int = 16, **kw: object) -> ModelRunn
     return ModelRunner(cfg)
 
 
+def assert_end_logits_match(
+    runner: ModelRunner, prompt: list[int], ref_tokens: list[int], ref_logits: torch.Tensor, page_size: int
+) -> None:
+    """Our final-position logits of the prompt, and of prompt + completion[:-1], equal the
+    reference's (ref_logits [n, vocab]: the logits each reference token was chosen from)."""
+    full = prompt + ref_tokens
+    pages = list(range(1, 1 + -(-len(full) // page_size)))
+    logits = runner.forward([SequenceChunk("x", full[:-1], 0, pages)])
+    torch.testing.assert_close(logits[0], ref_logits[-1], rtol=1e-4, atol=1e-4)
+    logits = runner.forward([SequenceChunk("x", prompt, 0, pages)])
+    torch.testing.assert_close(logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_greedy_tokens_and_logits_match_transformers(tiny_models: dict[str, Path], kind: str) -> None:
     path = tiny_models[kind]
@@ -57,13 +70,7 @@ def test_greedy_tokens_and_logits_match_transformers(tiny_models: dict[str, Path
         ref_tokens, ref_logits = hf_greedy(path, prompt, NEW_TOKENS)
         assert b.token_ids == ref_tokens
         assert s.token_ids == ref_tokens
-        # final-position logits of the prompt, and after the full completion
-        full = prompt + ref_tokens
-        pages = list(range(1, 1 + -(-len(full) // 5)))
-        logits = runner.forward([SequenceChunk("x", full[:-1], 0, pages)])
-        torch.testing.assert_close(logits[0], ref_logits[-1], rtol=1e-4, atol=1e-4)
-        logits = runner.forward([SequenceChunk("x", prompt, 0, pages)])
-        torch.testing.assert_close(logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
+        assert_end_logits_match(runner, prompt, ref_tokens, ref_logits, page_size=5)
 
 
 VARIANTS = {
