@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -109,7 +110,8 @@ def run(a: argparse.Namespace) -> None:
         rows += bench("llama-server", peer.url, a, Path(f"{tmp}.llamacpp.json"))
     finally:
         peer.stop()
-    ours = ServerProcess([str(gguf), "--max-num-seqs", str(max(slots, 8)), "--kv-cache-memory", a.kv_cache_memory])
+    ours = ServerProcess([str(gguf), "--max-num-seqs", str(max(slots, 8)), "--kv-cache-memory", a.kv_cache_memory,
+                          *shlex.split(a.agentspeed_args)])
     try:
         rows += bench("agentspeed", ours.url, a, Path(f"{tmp}.agentspeed.json"))
     finally:
@@ -140,6 +142,9 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2)")
     r.add_argument("--kv-cache-memory", default="4GiB")
+    r.add_argument("--agentspeed-args", default="",
+                   help="extra `agentspeed serve` flags, e.g. '--kv-cache-dtype bfloat16' (llama-server's "
+                        "KV cache is f16 by default)")
     r.add_argument("--output", default="peer_results.json")
     r.add_argument("--plot", default="peer_pareto.png")
     a = ap.parse_args()

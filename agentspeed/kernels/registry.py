@@ -43,6 +43,9 @@ class KernelImpl:
 
 
 _REGISTRY: dict[str, dict[str, KernelImpl]] = {}
+# (op, backend) -> why that backend could not register here (e.g. a native build failed), so
+# forcing it says why instead of only "does not implement".
+_UNAVAILABLE: dict[tuple[str, str], str] = {}
 
 
 def register_kernel(
@@ -69,6 +72,15 @@ def register_kernel(
         return fn
 
     return deco
+
+
+def register_unavailable(op: str, backend: str, reason: str) -> None:
+    """Record that `backend` exists for `op` but cannot run on this machine, and why."""
+    _UNAVAILABLE[(op, backend)] = reason
+
+
+def unavailable_reason(op: str, backend: str) -> str | None:
+    return _UNAVAILABLE.get((op, backend))
 
 
 def registered_ops() -> list[str]:
@@ -100,6 +112,9 @@ def select_kernel(
     if force is not None:
         impl = impls.get(force)
         if impl is None:
+            reason = _UNAVAILABLE.get((op, force))
+            if reason is not None:
+                raise KernelUnavailableError(f"kernel backend {force!r} for {op!r} is unavailable here: {reason}")
             raise KernelUnavailableError(
                 f"kernel backend {force!r} does not implement {op!r} (has: {sorted(impls)})"
             )

@@ -1,0 +1,93 @@
+"""Native CPU kernels: C++ sources in this folder, compiled on first use with the machine's
+C++ compiler for the CPU it runs on (-march=native) and loaded with ctypes.
+
+Contract:
+- `load()` returns the loaded library, or raises NativeBuildError saying why not (no
+  compiler, a compile error). It never falls back silently; callers decide what to do.
+- Builds are cached under $AGENTSPEED_CACHE_DIR (default ~/.cache/agentspeed)/native/, keyed
+  by the source, the flags, the compiler and the CPU's flags, so a changed source or another
+  machine rebuilds. Concurrent builders (tensor-parallel ranks) each compile to a temporary
+  file and rename it into place, so nobody loads a half-written library.
+- The library is plain C ABI with no torch headers (a build takes seconds, not minutes) and
+  links the OpenMP runtime torch itself loaded (same soname, libgomp.so.1), so its threads
+  are torch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from agentspeed.errors import AgentspeedError
+
+SOURCES = ("paged_decode.cpp",)
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+ABI_VERSION = 1
+ENV_CACHE = "AGENTSPEED_CACHE_DIR"
+ENV_CXX = "CXX"
+
+
+class NativeBuildError(AgentspeedError):
+    """The native kernels could not be built or loaded here."""
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "agentspeed")
+    return Path(root) / "native"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get(ENV_CXX) or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise NativeBuildError("no C++ compiler found (install g++ or set $CXX)")
+    return cxx
+
+
+@cache
+def load() -> ctypes.CDLL:
+    """The compiled kernel library (built once per source/compiler/CPU, then cached)."""
+    here = Path(__file__).parent
+    cxx = _compiler()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise NativeBuildError(f"C++ compiler {cxx!r} does not run: {e}") from e
+    h = hashlib.sha256()
+    for part in (version, " ".join(FLAGS), _cpu_flags(), *(
+            (here / s).read_text() for s in SOURCES)):
+        h.update(part.encode())
+    out = _cache_dir() / h.hexdigest()[:16] / "libagentspeed_native.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = [cxx, *FLAGS, *(str(here / s) for s in SOURCES), "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            os.unlink(tmp)
+            raise NativeBuildError(f"compiling native kernels failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+        os.replace(tmp, out)
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError as e:
+        raise NativeBuildError(f"loading {out} failed: {e}") from e
+    if lib.agentspeed_abi_version() != ABI_VERSION:
+        raise NativeBuildError(f"{out} has ABI {lib.agentspeed_abi_version()}, expected {ABI_VERSION}")
+    return lib

@@ -1,0 +1,407 @@
+// Paged decode attention for CPUs: one query token per sequence over its paged K/V cache,
+// read in the cache's own storage type (fp32, bf16, fp16, fp8 e4m3 with per-token scales).
+//
+// Why native: at long context a decode step is bound by reading K/V. The torch path
+// converts a 16-bit cache to fp32 per sequence before attending (read 2 bytes, write 4,
+// read 4 again), so a bf16 cache saved memory but no time. Here each K/V row is converted
+// in registers as it streams past, once per KV head for its whole GQA group.
+//
+// Work split: (sequence, KV head, span of SPLIT tokens) items, run by OpenMP threads; each
+// item keeps a running max / sum / weighted V per query head of the group (flash-decoding),
+// and the spans of one (sequence, KV head) are merged by log-sum-exp at the end. Built with
+// -ffast-math for the vectorised exp; no infinities are used (initial max is -1e30).
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <omp.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum Dtype : int { F32 = 0, BF16 = 1, F16 = 2, FP8_E4M3 = 3 };
+
+constexpr int BLOCK = 32;   // tokens scored together before the softmax update
+constexpr int PF = 2;  // blocks ahead that the K/V rows are prefetched
+constexpr int MAX_GROUP = 32;
+constexpr int MAX_DIM = 256;
+constexpr int MAX_HEADS = 64;  // vectorised path: every head of a sequence in one item
+
+float fp8_lut[256];
+
+void init_fp8_lut() {
+    // e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; S.1111.111 is NaN, no infinities.
+    for (int b = 0; b < 256; ++b) {
+        int sign = b >> 7, exp = (b >> 3) & 15, man = b & 7;
+        float v;
+        if (exp == 15 && man == 7) v = NAN;
+        else if (exp == 0) v = std::ldexp(man / 8.0f, -6);
+        else v = std::ldexp(1.0f + man / 8.0f, exp - 7);
+        fp8_lut[b] = sign ? -v : v;
+    }
+}
+
+// One row of `n` stored values -> fp32.
+template <int DT>
+inline void load_row(const void* base, int64_t elem, int n, float* __restrict out) {
+    if constexpr (DT == F32) {
+        std::memcpy(out, static_cast<const float*>(base) + elem, sizeof(float) * n);
+    } else if constexpr (DT == BF16) {
+        const uint16_t* p = static_cast<const uint16_t*>(base) + elem;
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+            uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+            float f;
+            std::memcpy(&f, &u, 4);
+            out[i] = f;
+        }
+    } else if constexpr (DT == F16) {
+        const _Float16* p = static_cast<const _Float16*>(base) + elem;
+#pragma omp simd
+        for (int i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+    } else {
+        const uint8_t* p = static_cast<const uint8_t*>(base) + elem;
+        for (int i = 0; i < n; ++i) out[i] = fp8_lut[p[i]];
+    }
+}
+
+struct Args {
+    const float* q;  // [B, H, D]
+    const void* k_cache;  // [pages, page_size, KVH, D]
+    const void* v_cache;
+    const float* k_scale;  // [pages, page_size] or null
+    const float* v_scale;
+    const int32_t* page_table;  // [B, pt_stride]
+    int64_t pt_stride;
+    const int32_t* seq_lens;  // [B]
+    int B, H, KVH, D, page_size;
+    float scale;
+    float* out;  // [B, H, D]
+};
+
+// Attend query heads [kh*G, kh*G+G) of sequence b over tokens [t0, t1) of its context.
+// Writes m[G], l[G] (running max and sum of exp) and acc[G*D] (unnormalised output).
+template <int DT>
+void attend_span(const Args& a, int b, int kh, int t0, int t1, float* m, float* l, float* acc) {
+    const int G = a.H / a.KVH, D = a.D;
+    const int64_t row = static_cast<int64_t>(a.KVH) * D;  // elements per token
+    const int32_t* pages = a.page_table + b * a.pt_stride;
+    float qs[MAX_GROUP * MAX_DIM];
+    const float* qb = a.q + (static_cast<int64_t>(b) * a.H + kh * G) * D;
+    for (int i = 0; i < G * D; ++i) qs[i] = qb[i] * a.scale;
+    for (int h = 0; h < G; ++h) { m[h] = -1e30f; l[h] = 0.0f; }
+    std::memset(acc, 0, sizeof(float) * G * D);
+
+    float kv[BLOCK][MAX_DIM];
+    float s[MAX_GROUP][BLOCK];
+    int64_t slot[BLOCK];
+    for (int start = t0; start < t1; start += BLOCK) {
+        const int n = start + BLOCK <= t1 ? BLOCK : t1 - start;
+        for (int j = 0; j < n; ++j) {
+            int t = start + j;
+            slot[j] = static_cast<int64_t>(pages[t / a.page_size]) * a.page_size + t % a.page_size;
+            load_row<DT>(a.k_cache, slot[j] * row + kh * D, D, kv[j]);
+        }
+        for (int h = 0; h < G; ++h) {
+            const float* qh = qs + h * D;
+            for (int j = 0; j < n; ++j) {
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int d = 0; d < D; ++d) dot += qh[d] * kv[j][d];
+                s[h][j] = a.k_scale ? dot * a.k_scale[slot[j]] : dot;
+            }
+        }
+        for (int h = 0; h < G; ++h) {
+            float mb = m[h];
+            for (int j = 0; j < n; ++j) mb = s[h][j] > mb ? s[h][j] : mb;
+            const float corr = std::exp(m[h] - mb);
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < n; ++j) {
+                s[h][j] = std::exp(s[h][j] - mb);
+                sum += s[h][j];
+            }
+            l[h] = l[h] * corr + sum;
+            m[h] = mb;
+            if (corr != 1.0f) {
+                float* ah = acc + h * D;
+#pragma omp simd
+                for (int d = 0; d < D; ++d) ah[d] *= corr;
+            }
+        }
+        for (int j = 0; j < n; ++j) {
+            load_row<DT>(a.v_cache, slot[j] * row + kh * D, D, kv[j]);
+            const float vs = a.v_scale ? a.v_scale[slot[j]] : 1.0f;
+            for (int h = 0; h < G; ++h) {
+                const float p = s[h][j] * vs;
+                float* ah = acc + h * D;
+#pragma omp simd
+                for (int d = 0; d < D; ++d) ah[d] += p * kv[j][d];
+            }
+        }
+    }
+}
+
+// Vectorised span for head sizes 64 and 128. Vectors are W floats: 16 where the compiler
+// targets AVX-512, else 8 (AVX2). K and V rows of a block are converted into fp32 vectors
+// once; each query head's output accumulates in registers across the block instead of in
+// memory per token.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#else
+constexpr int W = 8;
+#endif
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef uint16_t vu16 __attribute__((vector_size(W * 2)));
+typedef uint32_t vu32 __attribute__((vector_size(W * 4)));
+typedef _Float16 vh __attribute__((vector_size(W * 2)));
+typedef float v8f __attribute__((vector_size(32)));
+
+template <int DT>
+inline vf loadw(const void* base, int64_t elem) {
+    vf f;
+    if constexpr (DT == F32) {
+        std::memcpy(&f, static_cast<const float*>(base) + elem, sizeof(vf));
+    } else if constexpr (DT == BF16) {
+#if defined(__AVX512F__)
+        // one widening load + shift (the generic form compiles to two 256-bit halves)
+        __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + elem));
+        return reinterpret_cast<vf>(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+#else
+        vu16 raw;
+        std::memcpy(&raw, static_cast<const uint16_t*>(base) + elem, sizeof(vu16));
+        vu32 w = __builtin_convertvector(raw, vu32) << 16;
+        std::memcpy(&f, &w, sizeof(vf));
+#endif
+    } else if constexpr (DT == F16) {
+        vh h;
+        std::memcpy(&h, static_cast<const _Float16*>(base) + elem, sizeof(vh));
+        f = __builtin_convertvector(h, vf);
+    } else {
+        const uint8_t* p = static_cast<const uint8_t*>(base) + elem;
+        for (int i = 0; i < W; ++i) f[i] = fp8_lut[p[i]];
+    }
+    return f;
+}
+
+inline v8f fold8(vf v) {
+#if defined(__AVX512F__)
+    v8f lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    v8f hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    return lo + hi;
+#else
+    return v;
+#endif
+}
+
+// out[j] = sum of d[j]'s 8 lanes: an 8x8 transpose-add (7 horizontal adds and a lane blend
+// instead of a full horizontal sum per token).
+inline v8f hsum8(const v8f* d) {
+#if defined(__AVX__)
+    __m256 a = _mm256_hadd_ps(d[0], d[1]), b = _mm256_hadd_ps(d[2], d[3]);
+    __m256 c = _mm256_hadd_ps(d[4], d[5]), e = _mm256_hadd_ps(d[6], d[7]);
+    __m256 ab = _mm256_hadd_ps(a, b), ce = _mm256_hadd_ps(c, e);
+    // ab = [t0 t1 t2 t3 | t0' t1' t2' t3'] (low and high 128-bit halves of tokens 0-3)
+    __m256 lo = _mm256_permute2f128_ps(ab, ce, 0x20), hi = _mm256_permute2f128_ps(ab, ce, 0x31);
+    return lo + hi;
+#else
+    v8f r;
+    for (int j = 0; j < 8; ++j) {
+        float t = 0.0f;
+        for (int i = 0; i < 8; ++i) t += d[j][i];
+        r[j] = t;
+    }
+    return r;
+#endif
+}
+
+template <int DT, int NV>
+void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, float* accf) {
+    // All KV heads per item: a token's K (then V) row is read whole and in order, instead of
+    // a KV head's slice per item (which left the hardware prefetcher fetching the rest).
+    constexpr int D = NV * W;
+    constexpr int64_t ELEM = DT == F32 ? 4 : DT == FP8_E4M3 ? 1 : 2;  // bytes per stored value
+    const int H = a.H, G = a.H / a.KVH;
+    const int64_t row = static_cast<int64_t>(a.KVH) * D;
+    const int32_t* pages = a.page_table + b * a.pt_stride;
+    vf qs[MAX_HEADS][NV];
+    vf acc[MAX_HEADS][NV] = {};
+    const float* qb = a.q + static_cast<int64_t>(b) * H * D;
+    for (int h = 0; h < H; ++h) {
+        for (int i = 0; i < NV; ++i) {
+            std::memcpy(&qs[h][i], qb + h * D + i * W, sizeof(vf));
+            qs[h][i] *= a.scale;
+        }
+        m[h] = -1e30f;
+        l[h] = 0.0f;
+    }
+    vf kv[BLOCK][NV];
+    float s[MAX_GROUP][BLOCK];
+    int64_t slot[BLOCK];
+    for (int start = t0; start < t1; start += BLOCK) {
+        const int n = start + BLOCK <= t1 ? BLOCK : t1 - start;
+        for (int j = 0; j < n; ++j) {
+            const int t = start + j;
+            slot[j] = static_cast<int64_t>(pages[t / a.page_size]) * a.page_size + t % a.page_size;
+        }
+        for (int j = n; j < ((n + 7) & ~7); ++j)  // pad the last group of 8 with zero rows
+            for (int i = 0; i < NV; ++i) kv[j][i] = vf{};
+        // Software prefetch of the next block's K/V rows: the stream jumps between pages, and
+        // profiles showed the row loads stalling on memory with only the hardware prefetcher.
+        const int nn = start + (PF + 1) * BLOCK <= t1 ? BLOCK : t1 - start - PF * BLOCK;
+        for (int j = 0; j < nn; ++j) {
+            const int t = start + PF * BLOCK + j;
+            const int64_t sl = static_cast<int64_t>(pages[t / a.page_size]) * a.page_size + t % a.page_size;
+            const char* kp = static_cast<const char*>(a.k_cache) + sl * row * ELEM;
+            const char* vp = static_cast<const char*>(a.v_cache) + sl * row * ELEM;
+            for (int64_t c = 0; c < row * ELEM; c += 64) {
+                __builtin_prefetch(kp + c);
+                __builtin_prefetch(vp + c);
+            }
+        }
+        for (int kh = 0; kh < a.KVH; ++kh) {
+            for (int j = 0; j < n; ++j)
+                for (int i = 0; i < NV; ++i) kv[j][i] = loadw<DT>(a.k_cache, slot[j] * row + kh * D + i * W);
+            for (int g = 0; g < G; ++g) {
+                const vf* qh = qs[kh * G + g];
+                for (int j0 = 0; j0 < n; j0 += 8) {
+                    v8f d[8];
+                    for (int j = 0; j < 8; ++j) {
+                        vf t = qh[0] * kv[j0 + j][0];
+                        for (int i = 1; i < NV; ++i) t += qh[i] * kv[j0 + j][i];
+                        d[j] = fold8(t);
+                    }
+                    v8f r = hsum8(d);
+                    std::memcpy(&s[g][j0], &r, 32);
+                }
+                if (a.k_scale)
+                    for (int j = 0; j < n; ++j) s[g][j] *= a.k_scale[slot[j]];
+                const int h = kh * G + g;
+                float mb = m[h];
+#pragma omp simd reduction(max : mb)
+                for (int j = 0; j < n; ++j) mb = s[g][j] > mb ? s[g][j] : mb;
+                const float corr = std::exp(m[h] - mb);
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int j = 0; j < n; ++j) {
+                    s[g][j] = std::exp(s[g][j] - mb);
+                    sum += s[g][j];
+                }
+                l[h] = l[h] * corr + sum;
+                m[h] = mb;
+                if (corr != 1.0f)
+                    for (int i = 0; i < NV; ++i) acc[h][i] *= corr;
+                if (a.v_scale)
+                    for (int j = 0; j < n; ++j) s[g][j] *= a.v_scale[slot[j]];
+            }
+            for (int j = 0; j < n; ++j)
+                for (int i = 0; i < NV; ++i) kv[j][i] = loadw<DT>(a.v_cache, slot[j] * row + kh * D + i * W);
+            for (int g = 0; g < G; ++g) {
+                vf r[NV];
+                vf* ah = acc[kh * G + g];
+                for (int i = 0; i < NV; ++i) r[i] = ah[i];
+                for (int j = 0; j < n; ++j)
+                    for (int i = 0; i < NV; ++i) r[i] += s[g][j] * kv[j][i];
+                for (int i = 0; i < NV; ++i) ah[i] = r[i];
+            }
+        }
+    }
+    for (int h = 0; h < H; ++h)
+        for (int i = 0; i < NV; ++i) std::memcpy(accf + h * D + i * W, &acc[h][i], sizeof(vf));
+}
+
+// One item: every head of sequence b over tokens [t0, t1); m, l [H], acc [H, D].
+template <int DT>
+void attend(const Args& a, int b, int t0, int t1, float* m, float* l, float* acc) {
+    if (a.H <= MAX_HEADS) {
+        switch (a.D) {
+            case 64: attend_span_vec<DT, 64 / W>(a, b, t0, t1, m, l, acc); return;
+            case 128: attend_span_vec<DT, 128 / W>(a, b, t0, t1, m, l, acc); return;
+            default: break;
+        }
+    }
+    const int G = a.H / a.KVH;
+    for (int kh = 0; kh < a.KVH; ++kh)
+        attend_span<DT>(a, b, kh, t0, t1, m + kh * G, l + kh * G, acc + kh * G * a.D);
+}
+
+template <int DT>
+void run(const Args& a, int split, int threads) {
+    const int H = a.H, D = a.D;
+    std::vector<int> first(a.B + 1, 0);  // items [first[b], first[b+1]) are sequence b's spans
+    for (int b = 0; b < a.B; ++b) first[b + 1] = first[b] + (a.seq_lens[b] + split - 1) / split;
+    const int items = first[a.B];
+    std::vector<float> m(static_cast<size_t>(items) * H), l(m.size()), acc(m.size() * D);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int it = 0; it < items; ++it) {
+        int b = 0;
+        while (first[b + 1] <= it) ++b;
+        const int t0 = (it - first[b]) * split;
+        const int t1 = t0 + split < a.seq_lens[b] ? t0 + split : a.seq_lens[b];
+        const size_t o = static_cast<size_t>(it) * H;
+        attend<DT>(a, b, t0, t1, &m[o], &l[o], &acc[o * D]);
+    }
+    // Merge each (sequence, head)'s spans by log-sum-exp.
+#pragma omp parallel for num_threads(threads)
+    for (int bh = 0; bh < a.B * H; ++bh) {
+        const int b = bh / H, h = bh % H;
+        float mx = -1e30f;
+        for (int it = first[b]; it < first[b + 1]; ++it) mx = m[it * H + h] > mx ? m[it * H + h] : mx;
+        float den = 0.0f;
+        float* o = a.out + static_cast<int64_t>(bh) * D;
+        std::memset(o, 0, sizeof(float) * D);
+        for (int it = first[b]; it < first[b + 1]; ++it) {
+            const size_t r = static_cast<size_t>(it) * H + h;
+            const float w = std::exp(m[r] - mx);
+            den += w * l[r];
+            const float* ar = &acc[r * D];
+#pragma omp simd
+            for (int d = 0; d < D; ++d) o[d] += w * ar[d];
+        }
+        const float inv = 1.0f / den;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) o[d] *= inv;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int agentspeed_abi_version() { return 1; }
+
+// Returns 0 on success, a negative code for arguments the kernel cannot take (the Python
+// wrapper checks these first; the codes are a second line of defence, never a crash).
+int paged_decode_attention(const float* q, const void* k_cache, const void* v_cache,
+                           const float* k_scale, const float* v_scale, int dtype,
+                           const int32_t* page_table, int64_t pt_stride, const int32_t* seq_lens,
+                           int B, int H, int KVH, int D, int page_size, float scale, float* out,
+                           int split, int threads) {
+    if (KVH <= 0 || H % KVH != 0 || H / KVH > MAX_GROUP || D > MAX_DIM || split <= 0) return -1;
+    for (int b = 0; b < B; ++b)
+        if (seq_lens[b] <= 0) return -2;
+    Args a{q, k_cache, v_cache, k_scale, v_scale, page_table, pt_stride, seq_lens,
+           B, H, KVH, D, page_size, scale, out};
+    switch (dtype) {
+        case F32: run<F32>(a, split, threads); return 0;
+        case BF16: run<BF16>(a, split, threads); return 0;
+        case F16: run<F16>(a, split, threads); return 0;
+        case FP8_E4M3:
+            if (!k_scale || !v_scale) return -3;
+            run<FP8_E4M3>(a, split, threads);
+            return 0;
+        default: return -4;
+    }
+}
+
+}  // extern "C"
+
+namespace {
+struct Init {
+    Init() { init_fp8_lut(); }
+} init_once;
+}  // namespace

@@ -1,0 +1,129 @@
+"""The native CPU decode kernel (kernels/native/paged_decode.cpp via kernels/cpu_native.py):
+it builds wherever a C++ compiler exists, matches the reference on every storage type,
+head size and group size it takes, refuses what it cannot take, and a failed build is
+reported, never silently swapped."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_kernels import paged_meta
+
+import agentspeed.kernels  # noqa: F401  (registers backends)
+from agentspeed.config import KernelConfig
+from agentspeed.errors import KernelUnavailableError
+from agentspeed.kernels import cpu_native, native, reference
+from agentspeed.kernels.api import KernelSet
+from agentspeed.kernels.reference import quantize_fp8
+from agentspeed.kernels.registry import backends_for
+
+HAS_CXX = shutil.which("g++") is not None or shutil.which("c++") is not None
+needs_native = pytest.mark.skipif(
+    not any(k.backend == "cpu_native" for k in backends_for("paged_attention_decode")),
+    reason="native kernels did not build here (see test_builds_where_a_compiler_exists)",
+)
+
+
+def test_builds_where_a_compiler_exists() -> None:
+    """With a compiler on the machine the backend must be registered and be the default:
+    a broken build must fail here, not quietly leave decode on the torch path."""
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler on this machine")
+    assert KernelSet("cpu", torch.float32).backends["paged_attention_decode"] == "cpu_native"
+
+
+def _case(ctx: list[int], heads: int, kvh: int, d: int, ps: int, seed: int = 0):
+    """Random K/V in shuffled pages: (q, k_cache, v_cache, meta)."""
+    g = torch.Generator().manual_seed(seed)
+    n_pages = 1 + sum(-(-c // ps) for c in ctx)
+    free = (torch.randperm(n_pages - 1, generator=g) + 1).tolist()
+    tables = [[free.pop() for _ in range(-(-c // ps))] for c in ctx]
+    k = torch.randn(n_pages, ps, kvh, d, generator=g)
+    v = torch.randn(n_pages, ps, kvh, d, generator=g)
+    q = torch.randn(len(ctx), heads, d, generator=g) * 2  # sharper softmax than unit scale
+    return q, k, v, paged_meta(tables, ctx, [1] * len(ctx), ps, [0] * len(ctx))
+
+
+SPLIT = cpu_native.SPLIT_TOKENS
+SHAPES = [
+    # (heads, kv heads, head dim): SmolLM2 (9/3/64), MHA, a large group, 128, and head
+    # sizes that take the scalar path (not a multiple of 8, or not 64/128)
+    (9, 3, 64), (4, 4, 64), (32, 1, 64), (8, 2, 128), (6, 2, 80), (4, 2, 20),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("heads,kvh,d", SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "fp8"])
+def test_matches_reference(heads: int, kvh: int, d: int, dtype: str) -> None:
+    # 1 token, a partial block, exactly one span, one past it, several spans + remainder
+    ctx = [1, 13, SPLIT, SPLIT + 1, 3 * SPLIT + 77]
+    q, k, v, meta = _case(ctx, heads, kvh, d, ps=16)
+    ks = vs = None
+    if dtype == "fp8":
+        (k, ks), (v, vs) = quantize_fp8(k, 2), quantize_fp8(v, 2)
+    else:
+        k, v = k.to(getattr(torch, dtype)), v.to(getattr(torch, dtype))
+    scale = d**-0.5
+    want = reference._paged_attention(q, k, v, meta, scale, ks, vs)
+    got = cpu_native.paged_attention_decode(q, k, v, meta, scale, ks, vs)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("ps", [1, 5, 16])
+def test_page_sizes_and_padded_page_table(ps: int) -> None:
+    """Page boundaries inside spans and blocks; a page table wider than any sequence needs."""
+    q, k, v, meta = _case([700, 33, 1030], 9, 3, 64, ps, seed=ps)
+    wide = torch.nn.functional.pad(meta.page_table, (0, 7))
+    meta = type(meta)(**{f: getattr(meta, f) for f in meta.__slots__} | {"page_table": wide})
+    want = reference._paged_attention(q, k, v, meta, 0.125)
+    torch.testing.assert_close(cpu_native.paged_attention_decode(q, k, v, meta, 0.125), want,
+                               rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_refuses_what_it_cannot_take() -> None:
+    q, k, v, meta = _case([10], 9, 3, 64, 4)
+    with pytest.raises(ValueError, match="cannot take"):
+        cpu_native.paged_attention_decode(q.double(), k, v, meta, 0.1)
+    with pytest.raises(ValueError, match="cannot take"):  # fp8 without scales
+        cpu_native.paged_attention_decode(q, k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), meta, 0.1)
+    q2, k2, v2, meta2 = _case([10], 66, 2, 64, 4)  # group of 33 > the kernel's 32
+    with pytest.raises(ValueError, match="cannot take"):
+        cpu_native.paged_attention_decode(q2, k2, v2, meta2, 0.1)
+
+
+def test_failed_build_is_an_error_not_a_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    with pytest.raises(native.NativeBuildError, match=r"does not run|failed"):
+        native.load.__wrapped__()
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native.NativeBuildError):
+        native.load.__wrapped__()
+
+
+def test_forcing_an_unavailable_backend_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentspeed.kernels import registry
+
+    monkeypatch.setitem(registry._UNAVAILABLE, ("paged_attention_decode", "test-native"), "no compiler")
+    with pytest.raises(KernelUnavailableError, match="unavailable here: no compiler"):
+        KernelSet("cpu", torch.float32, config=KernelConfig.parse("paged_attention_decode=test-native"))
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler on this machine")
+def test_builds_into_its_cache_and_reuses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(tmp_path))
+    lib = native.load.__wrapped__()
+    assert lib.agentspeed_abi_version() == native.ABI_VERSION
+    built = list(tmp_path.glob("native/*/libagentspeed_native.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    native.load.__wrapped__()  # cached: no rebuild
+    assert built[0].stat().st_mtime_ns == mtime
+    assert len(list(tmp_path.glob("native/*/*"))) == 1  # no temporary files left behind
