@@ -127,3 +127,23 @@ def test_builds_into_its_cache_and_reuses_it(tmp_path: Path, monkeypatch: pytest
     native.load.__wrapped__()  # cached: no rebuild
     assert built[0].stat().st_mtime_ns == mtime
     assert len(list(tmp_path.glob("native/*/*"))) == 1  # no temporary files left behind
+
+
+@needs_native
+@pytest.mark.skipif("avx512f" not in Path("/proc/cpuinfo").read_text(), reason="already the AVX2 build")
+def test_avx2_build_matches_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel has AVX-512 and AVX2 conversions; on an AVX-512 machine build the AVX2 one
+    too (CI machines may be AVX2-only) and check it."""
+    monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("AGENTSPEED_NATIVE_FLAGS", "-mno-avx512f")
+    fn = native.load.__wrapped__().paged_decode_attention
+    fn.argtypes, fn.restype = cpu_native._ARGTYPES, cpu_native._I
+    monkeypatch.setattr(cpu_native, "_fn", fn)
+    for d in (64, 128):
+        q, k, v, meta = _case([5, 300, SPLIT + 9], 8, 2, d, ps=16, seed=d)
+        (k8, ks), (v8, vs) = quantize_fp8(k, 2), quantize_fp8(v, 2)
+        cases = [(k.to(dt), v.to(dt), None, None) for dt in (torch.float32, torch.bfloat16, torch.float16)]
+        for kc, vc, kss, vss in [*cases, (k8, v8, ks, vs)]:
+            want = reference._paged_attention(q, kc, vc, meta, 0.1, kss, vss)
+            got = cpu_native.paged_attention_decode(q, kc, vc, meta, 0.1, kss, vss)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"d={d} {kc.dtype}")

@@ -31,6 +31,9 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", 
 ABI_VERSION = 1
 ENV_CACHE = "AGENTSPEED_CACHE_DIR"
 ENV_CXX = "CXX"
+# Extra compiler flags, e.g. "-mno-avx512f" to build (and test) the AVX2 code path on an
+# AVX-512 machine. Part of the cache key.
+ENV_FLAGS = "AGENTSPEED_NATIVE_FLAGS"
 
 
 class NativeBuildError(AgentspeedError):
@@ -69,8 +72,9 @@ def load() -> ctypes.CDLL:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise NativeBuildError(f"C++ compiler {cxx!r} does not run: {e}") from e
+    flags = [*FLAGS, *os.environ.get(ENV_FLAGS, "").split()]
     h = hashlib.sha256()
-    for part in (version, " ".join(FLAGS), _cpu_flags(), *(
+    for part in (version, " ".join(flags), _cpu_flags(), *(
             (here / s).read_text() for s in SOURCES)):
         h.update(part.encode())
     out = _cache_dir() / h.hexdigest()[:16] / "libagentspeed_native.so"
@@ -78,7 +82,7 @@ def load() -> ctypes.CDLL:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        cmd = [cxx, *FLAGS, *(str(here / s) for s in SOURCES), "-o", tmp]
+        cmd = [cxx, *flags, *(str(here / s) for s in SOURCES), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             os.unlink(tmp)

@@ -159,6 +159,13 @@ typedef float vf __attribute__((vector_size(W * 4)));
 typedef uint16_t vu16 __attribute__((vector_size(W * 2)));
 typedef uint32_t vu32 __attribute__((vector_size(W * 4)));
 typedef _Float16 vh __attribute__((vector_size(W * 2)));
+typedef uint8_t vu8 __attribute__((vector_size(W)));
+
+// e4m3 bits placed into an fp16 (sign to bit 15, exponent+mantissa to bits 13..7) read as
+// the e4m3 value times 2^-8, subnormals included (fp16's exponent bias is 8 more than
+// e4m3's); the vectorised path converts this way and multiplies the 2^8 into the per-token
+// scale. (e4m3's NaN pattern is never stored: quantize_fp8 scales into range.)
+constexpr float FP8_VIA_F16 = 256.0f;
 typedef float v8f __attribute__((vector_size(32)));
 
 template <int DT>
@@ -178,12 +185,37 @@ inline vf loadw(const void* base, int64_t elem) {
         std::memcpy(&f, &w, sizeof(vf));
 #endif
     } else if constexpr (DT == F16) {
+        const void* p = static_cast<const uint16_t*>(base) + elem;
+#if defined(__AVX512F__)
+        return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
+        return reinterpret_cast<vf>(_mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+#else
         vh h;
-        std::memcpy(&h, static_cast<const _Float16*>(base) + elem, sizeof(vh));
+        std::memcpy(&h, p, sizeof(vh));
         f = __builtin_convertvector(h, vf);
+#endif
     } else {
-        const uint8_t* p = static_cast<const uint8_t*>(base) + elem;
-        for (int i = 0; i < W; ++i) f[i] = fp8_lut[p[i]];
+        const void* p = static_cast<const uint8_t*>(base) + elem;
+#if defined(__AVX512F__)
+        __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+        __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8),
+                                       _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)), 7));
+        return reinterpret_cast<vf>(_mm512_cvtph_ps(bits));
+#elif defined(__F16C__)
+        __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(static_cast<const __m128i*>(p)));
+        __m128i bits = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8),
+                                    _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7f)), 7));
+        return reinterpret_cast<vf>(_mm256_cvtph_ps(bits));
+#else
+        vu8 raw;
+        std::memcpy(&raw, p, sizeof(vu8));
+        vu16 w = __builtin_convertvector(raw, vu16);
+        vu16 bits = ((w & 0x80) << 8) | ((w & 0x7f) << 7);
+        vh h;
+        std::memcpy(&h, &bits, sizeof(vh));
+        f = __builtin_convertvector(h, vf);
+#endif
     }
     return f;
 }
@@ -279,7 +311,7 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
                     std::memcpy(&s[g][j0], &r, 32);
                 }
                 if (a.k_scale)
-                    for (int j = 0; j < n; ++j) s[g][j] *= a.k_scale[slot[j]];
+                    for (int j = 0; j < n; ++j) s[g][j] *= a.k_scale[slot[j]] * FP8_VIA_F16;
                 const int h = kh * G + g;
                 float mb = m[h];
 #pragma omp simd reduction(max : mb)
@@ -296,7 +328,7 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
                 if (corr != 1.0f)
                     for (int i = 0; i < NV; ++i) acc[h][i] *= corr;
                 if (a.v_scale)
-                    for (int j = 0; j < n; ++j) s[g][j] *= a.v_scale[slot[j]];
+                    for (int j = 0; j < n; ++j) s[g][j] *= a.v_scale[slot[j]] * FP8_VIA_F16;
             }
             for (int j = 0; j < n; ++j)
                 for (int i = 0; i < NV; ++i) kv[j][i] = loadw<DT>(a.v_cache, slot[j] * row + kh * D + i * W);
