@@ -94,6 +94,9 @@ PREFILL_CASES = [
     ([23, 9, 40], [23, 9, 40], 5, 0),
     ([37, 41, 19], [5, 41, 1], 3, 12),  # cached prefix, mixed prefill + decode rows
     ([64, 65, 33], [1, 17, 33], 16, 32),
+    # prefixes past the CPU backend's PREFIX_SPLIT (split prefix / causal path), a decode row
+    # and a fresh prompt beside them
+    ([700, 600, 520, 300], [40, 300, 1, 300], 16, 256),
 ]
 
 

@@ -59,7 +59,7 @@ def test_cpu_attention_on_narrow_cache_matches_reference(
     # and the narrow cache attends close to the full-precision one
     full = reference._paged_attention(q, k_cache, v_cache, meta, 0.25)
     torch.testing.assert_close(ref, full, rtol=0.1, atol=0.1)
-    pq, pk, pv, pmeta, _, _ = make_paged(ctx, [5, 9, 5], page_size=8, seed=1)
+    pq, pk, pv, pmeta, _, _ = make_paged([*ctx, 400], [5, 9, 5, 30], page_size=8, seed=1)  # 400: split path
     pkq, pks = _store(pk, kind)
     pvq, pvs = _store(pv, kind)
     torch.testing.assert_close(

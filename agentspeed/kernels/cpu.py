@@ -70,7 +70,15 @@ def paged_attention_prefill(
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     start = 0
+    ps = k_cache.shape[1]
     for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if meta.pages_cpu and _flash is not None and slen - qlen >= PREFIX_SPLIT and qlen > 1:
+            runs = _page_runs(meta.pages_cpu[b][: -(-slen // ps)])
+            k = _context(k_cache, runs, slen, k_scale, q.dtype)
+            v = _context(v_cache, runs, slen, v_scale, q.dtype)
+            out[start : start + qlen] = _attend_after_prefix(q[start : start + qlen], k, v, scale)
+            start += qlen
+            continue
         # 4-D inputs: with 3-D ones SDPA leaves its fused CPU kernel for the math path (6x
         # slower on a 2,000-token prompt).
         k = gather_context(k_cache, meta.page_table[b], slen, k_scale, q.dtype).transpose(0, 1)[None]
@@ -152,6 +160,32 @@ def attend_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     out = torch.cat([o for o, _ in parts])  # [splits, KVH, group, D]
     lse = torch.cat([x for _, x in parts])  # [splits, KVH, group]
     return (out * torch.softmax(lse, 0)[..., None]).sum(0).view(q.shape[0], -1)
+
+
+# New tokens over a cached prefix of at least PREFIX_SPLIT tokens (a tool output appended to
+# a long conversation): the prefix part runs unmasked with the GQA group folded into the
+# query rows, the new tokens' own part causally, merged by log-sum-exp. Against one SDPA
+# call with a causal-with-offset mask: 32.0 -> 28.1 ms per layer for 300 tokens over 6,300
+# (SmolLM2 shapes), and the page-run views skip the gather copy of an fp32 cache.
+PREFIX_SPLIT = 256
+
+
+def _attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [n, H, D] at the last n positions of k/v [KVH, L, D] -> [n, H, D], causal."""
+    n, H, d = q.shape
+    kvh, L, _ = k.shape
+    g = H // kvh
+    P = L - n
+    assert _flash is not None
+    qt = q.transpose(0, 1)  # [H, n, D]
+    o1, l1 = _flash(qt.reshape(1, kvh, g * n, d), k[None, :, :P], v[None, :, :P], scale=scale)[:2]
+    kn = k[:, P:].repeat_interleave(g, 0)[None]
+    vn = v[:, P:].repeat_interleave(g, 0)[None]
+    o2, l2 = _flash(qt[None], kn, vn, is_causal=True, scale=scale)[:2]
+    o1, l1 = o1.reshape(H, n, -1), l1.reshape(H, n)
+    o2, l2 = o2.reshape(H, n, -1), l2.reshape(H, n)
+    w = torch.sigmoid(l1 - l2)[..., None]  # share of the prefix part: e^l1 / (e^l1 + e^l2)
+    return (o2 + w * (o1 - o2)).transpose(0, 1)
 
 
 def _decode_per_sequence(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
