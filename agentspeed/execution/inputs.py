@@ -68,5 +68,5 @@ def build_inputs(chunks: Sequence[SequenceChunk], page_size: int, device: str) -
         seq_lens_cpu=tuple(seq_lens),
         page_size=page_size,
         pages_cpu=tuple(c.pages for c in chunks),
-    )
+    ).with_decode_split()
     return ModelInputs(t(ids, torch.int64), t(positions, torch.int64), attn, t(logits_rows, torch.int64))

@@ -35,6 +35,7 @@ once for a model so hot paths make no per-call registry lookups.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,9 +84,41 @@ class AttentionMetadata:
     page_size: int
     pages_cpu: tuple[Sequence[int], ...] = ()  # per sequence, its pages (host copy of page_table)
 
+    # For a mixed batch that starts with single-token (decode) sequences: (number of them,
+    # their metadata, the rest's metadata), so attention can run the decode kernel on those
+    # rows; None otherwise. Built once per forward by `with_decode_split`.
+    decode_split: tuple[int, AttentionMetadata, AttentionMetadata] | None = None
+
     @property
     def is_decode(self) -> bool:
         return max(self.query_lens_cpu) == 1
+
+    def _part(self, lo: int, hi: int) -> AttentionMetadata:
+        q0 = sum(self.query_lens_cpu[:lo])
+        q1 = q0 + sum(self.query_lens_cpu[lo:hi])
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[q0:q1],
+            query_start_loc=self.query_start_loc[lo : hi + 1] - q0,
+            seq_lens=self.seq_lens[lo:hi],
+            page_table=self.page_table[lo:hi],
+            query_lens_cpu=self.query_lens_cpu[lo:hi],
+            seq_lens_cpu=self.seq_lens_cpu[lo:hi],
+            page_size=self.page_size,
+            pages_cpu=self.pages_cpu[lo:hi],
+        )
+
+    def with_decode_split(self) -> AttentionMetadata:
+        """This metadata with `decode_split` filled in when the batch is mixed and leads with
+        single-token sequences (the scheduler puts decodes first)."""
+        nd = 0
+        for n in self.query_lens_cpu:
+            if n != 1:
+                break
+            nd += 1
+        if nd == 0 or nd == len(self.query_lens_cpu):
+            return self
+        n = len(self.query_lens_cpu)
+        return dataclasses.replace(self, decode_split=(nd, self._part(0, nd), self._part(nd, n)))
 
     @property
     def max_seq_len(self) -> int:

@@ -57,6 +57,16 @@ class PagedAttention(SpmdModule):
         q, k = ks.rotary_embedding(q, k, ctx.rope)
         kv = ctx.kv_caches[self.layer_idx]
         ks.store_kv(k, v, kv.k, kv.v, ctx.attn.slot_mapping, kv.k_scale, kv.v_scale)
-        attend = ks.paged_attention_decode if ctx.attn.is_decode else ks.paged_attention_prefill
-        out = attend(q, kv.k, kv.v, ctx.attn, self.scale, kv.k_scale, kv.v_scale)
+        meta = ctx.attn
+        if meta.is_decode:
+            out = ks.paged_attention_decode(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale)
+        elif meta.decode_split is not None:
+            # Decode rows of a mixed step go to the decode kernel (on CPU the native one reads
+            # the pages in place; the prefill path would gather each whole context).
+            nd, dmeta, pmeta = meta.decode_split
+            out = torch.empty_like(q)
+            out[:nd] = ks.paged_attention_decode(q[:nd], kv.k, kv.v, dmeta, self.scale, kv.k_scale, kv.v_scale)
+            out[nd:] = ks.paged_attention_prefill(q[nd:], kv.k, kv.v, pmeta, self.scale, kv.k_scale, kv.v_scale)
+        else:
+            out = ks.paged_attention_prefill(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale)
         return out.reshape(T, self.q_size)
