@@ -136,9 +136,18 @@ def test_avx2_build_matches_reference(tmp_path: Path, monkeypatch: pytest.Monkey
     too (CI machines may be AVX2-only) and check it."""
     monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("AGENTSPEED_NATIVE_FLAGS", "-mno-avx512f")
-    fn = native.load.__wrapped__().paged_decode_attention
+    lib = native.load.__wrapped__()
+    fn = lib.paged_decode_attention
     fn.argtypes, fn.restype = cpu_native._ARGTYPES, cpu_native._I
     monkeypatch.setattr(cpu_native, "_fn", fn)
+    q4 = lib.q4_linear
+    q4.argtypes, q4.restype = cpu_native._q4.argtypes, cpu_native._I  # type: ignore[union-attr]
+    monkeypatch.setattr(cpu_native, "_q4", q4)
+    w = q4_weight(40, 128)
+    p = cpu_native._prepare_linear(w)
+    for rows in (1, 5):
+        x = torch.randn(rows, 128)
+        torch.testing.assert_close(cpu_native.linear(x, p, None), x @ w.T, rtol=1e-5, atol=1e-5)
     for d in (64, 128):
         q, k, v, meta = _case([5, 300, SPLIT + 9], 8, 2, d, ps=16, seed=d)
         (k8, ks), (v8, vs) = quantize_fp8(k, 2), quantize_fp8(v, 2)
@@ -147,3 +156,57 @@ def test_avx2_build_matches_reference(tmp_path: Path, monkeypatch: pytest.Monkey
             want = reference._paged_attention(q, kc, vc, meta, 0.1, kss, vss)
             got = cpu_native.paged_attention_decode(q, kc, vc, meta, 0.1, kss, vss)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"d={d} {kc.dtype}")
+
+
+def q4_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A weight as a GGUF Q4_1 tensor dequantizes: per 32 inputs an fp16 scale and min, codes
+    0..15 with both ends used (the quantizer maps a block's min and max to them)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k // 32, 32), generator=g).double()
+    codes[..., 0], codes[..., 1] = 0, 15
+    scales = (torch.rand(n, k // 32, 1, generator=g) * 0.02).half().double()
+    mins = (-7.5 * scales + torch.randn(n, k // 32, 1, generator=g) * 1e-3).half().double()
+    return (scales * codes + mins).float().reshape(n, k)
+
+
+def test_q4_form_is_found_only_when_exact() -> None:
+    w = q4_weight(48, 96)
+    codes, scales, mins = cpu_native.to_q4(w)  # type: ignore[misc]
+    assert codes.shape == (48, 3, 16) and codes.dtype == torch.uint8 and scales.shape == mins.shape == (48, 3)
+    c = torch.cat([codes & 15, codes >> 4], -1).float()  # byte j = code j | code j+16 << 4
+    torch.testing.assert_close(c * scales[..., None] + mins[..., None], w.view(48, 3, 32), rtol=0, atol=0)
+    assert cpu_native.to_q4(torch.randn(48, 96)) is None
+    off = w.clone()
+    off[7, 40] = torch.nextafter(off[7, 40], torch.tensor(1.0))  # one ulp away from the grid
+    assert cpu_native.to_q4(off) is None
+    assert cpu_native.to_q4(w[:, :80]) is None  # not whole blocks
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_q4_linear_matches_fp32(rows: int, bias: bool) -> None:
+    w = q4_weight(200, 576, seed=rows)
+    b = torch.randn(200) if bias else None
+    p = cpu_native._prepare_linear(w)
+    assert p.codes is not None
+    x = torch.randn(rows, 576)
+    want = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(cpu_native.linear(x, p, b), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_native.linear(x[None], p, b), want[None], rtol=1e-5, atol=1e-5)
+    dense = cpu_native._prepare_linear(torch.randn(200, 576))  # not representable: dense only
+    assert dense.codes is None and cpu_native.linear(x, dense, b).shape == (rows, 200)
+
+
+@needs_native
+def test_smollm2_gguf_linears_take_the_q4_path(smollm2_path: Path) -> None:
+    """Every Q4_1 linear of the default model must be recognised (else decode silently
+    streams fp32 weights); the Q8_0 embedding / LM head is not 4-bit and stays dense."""
+    from agentspeed.config import EngineConfig
+    from agentspeed.execution.model_runner import ModelRunner
+
+    runner = ModelRunner(EngineConfig(model=str(smollm2_path)))
+    packed = [m._w for m in runner.model.modules() if isinstance(getattr(m, "_w", None), cpu_native.PackedLinear)]
+    q4 = [p for p in packed if p.codes is not None]
+    assert len(q4) == 30 * 4  # fused qkv, o, fused gate/up, down in each of 30 layers
+    assert len(packed) - len(q4) == 1  # the tied LM head

@@ -3,7 +3,8 @@
 Ops (each has a torch `reference` backend that runs everywhere):
   linear(x, w, bias) -> Tensor                    x @ w.T + bias, with w as returned by
                                                   `KernelSet.linear_prepare(weight)` (done
-                                                  once at build: a backend may repack it)
+                                                  once at build: a backend may repack it or
+                                                  wrap it in its own object)
   rms_norm(x, weight, eps) -> Tensor
   rotary_embedding(q, k, cos_sin) -> (q, k)       NeoX-style; cos_sin [T, rot]: each token's
                                                   cos|sin (gathered once per forward)

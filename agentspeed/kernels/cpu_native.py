@@ -1,5 +1,11 @@
 """`cpu_native` backend: C++ kernels (kernels/native/) for what torch ops do poorly on CPU.
 
+linear: for decode-sized batches (at most Q4_MAX_ROWS rows), weights that are exactly 4-bit
+codes times a per-32 scale plus a minimum (what a GGUF Q4_1 tensor dequantizes to) are read
+in that form: 0.75 bytes per weight instead of 4. `prepare` checks the representation bit
+for bit and keeps the fp32 weight (prepacked for oneDNN) for larger batches and for weights
+that are not exactly representable, so results are the fp32 product up to summation order.
+
 paged_attention_decode reads K/V pages in their storage type (fp32, bf16, fp16, fp8 with
 per-token scales) and converts rows in registers while streaming them, once per KV head for
 its whole GQA group; the torch backend converts each sequence's context to fp32 first, so
@@ -19,6 +25,7 @@ import os
 
 import torch
 
+from agentspeed.kernels import cpu
 from agentspeed.kernels.api import AttentionMetadata
 from agentspeed.kernels.native import NativeBuildError, load
 from agentspeed.kernels.registry import register_kernel, register_unavailable
@@ -74,7 +81,71 @@ def paged_attention_decode(
     return out
 
 
+Q4_MAX_ROWS = 8
+
+
+class PackedLinear:
+    """A prepared linear weight: the dense fp32 form (as the `cpu` backend takes it) and, when
+    the weight is exactly representable, its 4-bit blocks."""
+
+    __slots__ = ("codes", "dense", "mins", "scales")
+
+    def __init__(self, dense: torch.Tensor, q4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        self.dense = dense
+        self.codes: torch.Tensor | None = None if q4 is None else q4[0]
+        self.scales: torch.Tensor | None = None if q4 is None else q4[1]
+        self.mins: torch.Tensor | None = None if q4 is None else q4[2]
+
+
+def to_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(codes [N, K/32, 16] uint8, scales [N, K/32], mins [N, K/32]) with
+    fma(scale, code, min) == w for every element, or None if w is not exactly that."""
+    if w.dim() != 2 or w.dtype != torch.float32 or w.shape[1] % 32:
+        return None
+    n, k = w.shape
+    if n > 64 and to_q4(w[:64]) is None:  # cheap early answer for the usual dense weight
+        return None
+    blocks = w.detach().reshape(n, k // 32, 32).double()
+    mins = blocks.amin(-1)
+    # GGUF stores the scale as fp16 and its quantizer maps the block's max to code 15.
+    scales = ((blocks.amax(-1) - mins) / 15).to(torch.float16).double()
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = ((blocks - mins[..., None]) / safe[..., None]).round().clamp(0, 15)
+    prod = scales[..., None] * codes  # exact in float64 (an 11-bit scale times 4 bits)
+    total = prod + mins[..., None]
+    # exact float64 sum (so rounding it once to fp32 is what the kernel's FMA gives) that
+    # lands on the weight
+    if not (torch.equal(total - mins[..., None], prod) and torch.equal(total.float(), w.reshape(n, k // 32, 32))):
+        return None
+    c = codes.to(torch.uint8)
+    packed = (c[..., :16] | (c[..., 16:] << 4)).contiguous()
+    return packed, scales.float().contiguous(), mins.float().contiguous()
+
+
+def _prepare_linear(w: torch.Tensor) -> PackedLinear:
+    dense = cpu._prepack(w) if torch.backends.mkldnn.is_available() else w.detach().contiguous()
+    return PackedLinear(dense, to_q4(w.detach().contiguous()))
+
+
+def linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if w.codes is None or rows > Q4_MAX_ROWS or _q4 is None:
+        if torch.backends.mkldnn.is_available():
+            return cpu._linear(x, w.dense, bias)
+        return torch.nn.functional.linear(x, w.dense, bias)
+    assert w.scales is not None and w.mins is not None
+    xc = x.reshape(rows, x.shape[-1]).contiguous()
+    n = w.codes.shape[0]
+    y = torch.empty(rows, n, dtype=x.dtype)
+    rc = _q4(xc.data_ptr(), rows, xc.shape[1], w.codes.data_ptr(), w.scales.data_ptr(), w.mins.data_ptr(),
+             _ptr(bias), y.data_ptr(), n, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"{BACKEND} q4_linear returned {rc}")
+    return y.view(*x.shape[:-1], n)
+
+
 _fn = None
+_q4 = None
 _UNAVAILABLE = ""
 if os.environ.get("AGENTSPEED_NATIVE", "1") == "0":
     _UNAVAILABLE = "disabled by AGENTSPEED_NATIVE=0"
@@ -91,3 +162,8 @@ else:
     else:
         register_kernel("paged_attention_decode", BACKEND, ("cpu",), (torch.float32,),
                         priority=20)(paged_attention_decode)
+        _q4 = load().q4_linear
+        _q4.argtypes = (_P, _I, _I, _P, _P, _P, _P, _P, _I, _I)
+        _q4.restype = _I
+        register_kernel("linear", BACKEND, ("cpu",), (torch.float32,), priority=20,
+                        prepare=_prepare_linear)(linear)

@@ -29,7 +29,7 @@ class KernelImpl:
     supports: Callable[[Traits], bool] | None
     # Optional one-time transform of a weight into the layout `fn` takes (e.g. a prepacked
     # oneDNN matrix); identity when None. Callers apply it once, at model build.
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prepare: Callable[[torch.Tensor], Any] | None = None
 
     def why_not(self, device: str, dtype: torch.dtype, traits: Traits) -> str | None:
         """None if this implementation can run here, else the reason it cannot."""
@@ -55,7 +55,7 @@ def register_kernel(
     dtypes: Iterable[torch.dtype],
     priority: int = 0,
     supports: Callable[[Traits], bool] | None = None,
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prepare: Callable[[torch.Tensor], Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register `fn` as `backend`'s implementation of `op`.
 

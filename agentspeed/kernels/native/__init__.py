@@ -26,7 +26,7 @@ from pathlib import Path
 
 from agentspeed.errors import AgentspeedError
 
-SOURCES = ("paged_decode.cpp",)
+SOURCES = ("paged_decode.cpp", "q4_linear.cpp")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ABI_VERSION = 1
 ENV_CACHE = "AGENTSPEED_CACHE_DIR"
