@@ -143,11 +143,14 @@ def test_avx2_build_matches_reference(tmp_path: Path, monkeypatch: pytest.Monkey
     q4 = lib.q4_linear
     q4.argtypes, q4.restype = cpu_native._q4.argtypes, cpu_native._I  # type: ignore[union-attr]
     monkeypatch.setattr(cpu_native, "_q4", q4)
-    w = q4_weight(40, 128)
-    p = cpu_native._prepare_linear(w)
-    for rows in (1, 5):
-        x = torch.randn(rows, 128)
-        torch.testing.assert_close(cpu_native.linear(x, p, None), x @ w.T, rtol=1e-5, atol=1e-5)
+    q8 = lib.q8_linear
+    q8.argtypes, q8.restype = cpu_native._q8.argtypes, cpu_native._I  # type: ignore[union-attr]
+    monkeypatch.setattr(cpu_native, "_q8", q8)
+    for w in (q4_weight(40, 128), q8_weight(40, 128)):
+        p = cpu_native._prepare_linear(w)
+        for rows in (1, 5):
+            x = torch.randn(rows, 128)
+            torch.testing.assert_close(cpu_native.linear(x, p, None), x @ w.T, rtol=1e-5, atol=1e-5)
     for d in (64, 128):
         q, k, v, meta = _case([5, 300, SPLIT + 9], 8, 2, d, ps=16, seed=d)
         (k8, ks), (v8, vs) = quantize_fp8(k, 2), quantize_fp8(v, 2)
@@ -182,6 +185,35 @@ def test_q4_form_is_found_only_when_exact() -> None:
     assert cpu_native.to_q4(w[:, :80]) is None  # not whole blocks
 
 
+def q8_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A weight as a GGUF Q8_0 tensor dequantizes: fp16 scale per 32, codes in [-127, 127]."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (n, k // 32, 32), generator=g).float()
+    codes[..., 0] = 127
+    scales = (torch.rand(n, k // 32, 1, generator=g) * 0.01).half().float()
+    return (scales * codes).reshape(n, k)
+
+
+def test_q8_form_is_found_only_when_exact() -> None:
+    w = q8_weight(70, 64)
+    assert cpu_native.to_q4(w) is None
+    codes, scales = cpu_native.to_q8(w)  # type: ignore[misc]
+    torch.testing.assert_close(codes.float().view(70, 2, 32) * scales[..., None], w.view(70, 2, 32), rtol=0, atol=0)
+    off = w.clone()
+    off[69, 3] = torch.nextafter(off[69, 3], torch.tensor(1.0))
+    assert cpu_native.to_q8(off) is None and cpu_native.to_q8(torch.randn(70, 64)) is None
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_q8_linear_matches_fp32(rows: int) -> None:
+    w, b = q8_weight(150, 256, seed=rows), torch.randn(150)
+    p = cpu_native._prepare_linear(w)
+    assert p.codes is None and p.codes8 is not None
+    x = torch.randn(rows, 256)
+    torch.testing.assert_close(cpu_native.linear(x, p, b), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 40])
 @pytest.mark.parametrize("bias", [True, False])
@@ -201,7 +233,7 @@ def test_q4_linear_matches_fp32(rows: int, bias: bool) -> None:
 @needs_native
 def test_smollm2_gguf_linears_take_the_q4_path(smollm2_path: Path) -> None:
     """Every Q4_1 linear of the default model must be recognised (else decode silently
-    streams fp32 weights); the Q8_0 embedding / LM head is not 4-bit and stays dense."""
+    streams fp32 weights), and the Q8_0 embedding used as the LM head as 8-bit."""
     from agentspeed.config import EngineConfig
     from agentspeed.execution.model_runner import ModelRunner
 
@@ -209,4 +241,5 @@ def test_smollm2_gguf_linears_take_the_q4_path(smollm2_path: Path) -> None:
     packed = [m._w for m in runner.model.modules() if isinstance(getattr(m, "_w", None), cpu_native.PackedLinear)]
     q4 = [p for p in packed if p.codes is not None]
     assert len(q4) == 30 * 4  # fused qkv, o, fused gate/up, down in each of 30 layers
-    assert len(packed) - len(q4) == 1  # the tied LM head
+    q8 = [p for p in packed if p.codes8 is not None]
+    assert len(q8) == 1 and len(packed) == 121  # the tied LM head (Q8_0 embedding)

@@ -2,7 +2,8 @@
 
 linear: for decode-sized batches (at most Q4_MAX_ROWS rows), weights that are exactly 4-bit
 codes times a per-32 scale plus a minimum (what a GGUF Q4_1 tensor dequantizes to) are read
-in that form: 0.75 bytes per weight instead of 4. `prepare` checks the representation bit
+in that form: 0.75 bytes per weight instead of 4; likewise 8-bit codes times a per-32 scale
+(GGUF Q8_0, e.g. SmolLM2's embedding used as its LM head), 1.125 bytes per weight. `prepare` checks the representation bit
 for bit and keeps the fp32 weight (prepacked for oneDNN) for larger batches and for weights
 that are not exactly representable, so results are the fp32 product up to summation order.
 
@@ -86,15 +87,18 @@ Q4_MAX_ROWS = 8
 
 class PackedLinear:
     """A prepared linear weight: the dense fp32 form (as the `cpu` backend takes it) and, when
-    the weight is exactly representable, its 4-bit blocks."""
+    the weight is exactly representable, its 4-bit blocks (codes, scales, mins) or its 8-bit
+    blocks (codes8, scales)."""
 
-    __slots__ = ("codes", "dense", "mins", "scales")
+    __slots__ = ("codes", "codes8", "dense", "mins", "scales")
 
-    def __init__(self, dense: torch.Tensor, q4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+    def __init__(self, dense: torch.Tensor, q4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                 q8: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.dense = dense
         self.codes: torch.Tensor | None = None if q4 is None else q4[0]
-        self.scales: torch.Tensor | None = None if q4 is None else q4[1]
         self.mins: torch.Tensor | None = None if q4 is None else q4[2]
+        self.codes8: torch.Tensor | None = None if q8 is None else q8[0]
+        self.scales: torch.Tensor | None = q4[1] if q4 is not None else None if q8 is None else q8[1]
 
 
 def to_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -122,23 +126,51 @@ def to_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | 
     return packed, scales.float().contiguous(), mins.float().contiguous()
 
 
+def to_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes [N, K] int8, scales [N, K/32]) with scale * code == w exactly (an fp16 scale
+    times an 8-bit code is exact in fp32), or None."""
+    if w.dim() != 2 or w.dtype != torch.float32 or w.shape[1] % 32:
+        return None
+    n, k = w.shape
+    if n > 64 and to_q8(w[:64]) is None:
+        return None
+    blocks = w.detach().reshape(n, k // 32, 32)
+    # GGUF's Q8_0 quantizer: scale = absmax / 127 stored as fp16
+    scales = (blocks.abs().amax(-1) / 127).to(torch.float16).float()
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = (blocks / safe[..., None]).round().clamp(-127, 127)
+    if not torch.equal(codes * scales[..., None], blocks):
+        return None
+    return codes.to(torch.int8).reshape(n, k).contiguous(), scales.contiguous()
+
+
 def _prepare_linear(w: torch.Tensor) -> PackedLinear:
     dense = cpu._prepack(w) if torch.backends.mkldnn.is_available() else w.detach().contiguous()
-    return PackedLinear(dense, to_q4(w.detach().contiguous()))
+    wc = w.detach().contiguous()
+    q4 = to_q4(wc)
+    return PackedLinear(dense, q4, None if q4 is not None else to_q8(wc))
 
 
 def linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if w.codes is None or rows > Q4_MAX_ROWS or _q4 is None:
+    if (w.codes is None and w.codes8 is None) or rows > Q4_MAX_ROWS or _q4 is None or _q8 is None:
         if torch.backends.mkldnn.is_available():
             return cpu._linear(x, w.dense, bias)
         return torch.nn.functional.linear(x, w.dense, bias)
-    assert w.scales is not None and w.mins is not None
+    assert w.scales is not None
     xc = x.reshape(rows, x.shape[-1]).contiguous()
-    n = w.codes.shape[0]
-    y = torch.empty(rows, n, dtype=x.dtype)
-    rc = _q4(xc.data_ptr(), rows, xc.shape[1], w.codes.data_ptr(), w.scales.data_ptr(), w.mins.data_ptr(),
-             _ptr(bias), y.data_ptr(), n, torch.get_num_threads())
+    if w.codes is not None:
+        assert w.mins is not None
+        n = w.codes.shape[0]
+        y = torch.empty(rows, n, dtype=x.dtype)
+        rc = _q4(xc.data_ptr(), rows, xc.shape[1], w.codes.data_ptr(), w.scales.data_ptr(), w.mins.data_ptr(),
+                 _ptr(bias), y.data_ptr(), n, torch.get_num_threads())
+    else:
+        assert w.codes8 is not None
+        n = w.codes8.shape[0]
+        y = torch.empty(rows, n, dtype=x.dtype)
+        rc = _q8(xc.data_ptr(), rows, xc.shape[1], w.codes8.data_ptr(), w.scales.data_ptr(),
+                 _ptr(bias), y.data_ptr(), n, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"{BACKEND} q4_linear returned {rc}")
     return y.view(*x.shape[:-1], n)
@@ -146,6 +178,7 @@ def linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None) -> torch
 
 _fn = None
 _q4 = None
+_q8 = None
 _UNAVAILABLE = ""
 if os.environ.get("AGENTSPEED_NATIVE", "1") == "0":
     _UNAVAILABLE = "disabled by AGENTSPEED_NATIVE=0"
@@ -165,5 +198,8 @@ else:
         _q4 = load().q4_linear
         _q4.argtypes = (_P, _I, _I, _P, _P, _P, _P, _P, _I, _I)
         _q4.restype = _I
+        _q8 = load().q8_linear
+        _q8.argtypes = (_P, _I, _I, _P, _P, _P, _P, _I, _I)
+        _q8.restype = _I
         register_kernel("linear", BACKEND, ("cpu",), (torch.float32,), priority=20,
                         prepare=_prepare_linear)(linear)

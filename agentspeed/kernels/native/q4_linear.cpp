@@ -7,7 +7,8 @@
 // dequantized from exactly this), so the product is the fp32 one up to summation order.
 //
 // Layout: codes [N, K/32, 16] bytes, byte j of a block = code[j] | code[j + 16] << 4;
-// scales, mins [N, K/32]. Output rows are split across OpenMP threads.
+// scales, mins [N, K/32]. Output rows are split across OpenMP threads. q8_linear below does
+// the same for 8-bit codes with a scale only (GGUF Q8_0).
 
 #include <cstdint>
 #include <cstring>
@@ -87,6 +88,46 @@ void q4_rows(const float* x, int K, const uint8_t* codes, const float* scales,
             y[static_cast<int64_t>(r) * N + n] = hsum(acc[r]) + (bias ? bias[n] : 0.0f);
     }
 }
+
+// The same for 8-bit codes (GGUF Q8_0): W = scale * code, codes int8 [N, K/32, 32].
+template <int R>
+void q8_rows(const float* x, int K, const int8_t* codes, const float* scales, const float* bias, float* y,
+             int N, int threads) {
+    const int nb = K / 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; ++n) {
+        qvf acc[R] = {};
+        const int8_t* cn = codes + static_cast<int64_t>(n) * K;
+        for (int b = 0; b < nb; ++b) {
+            const int8_t* c = cn + b * 32;
+            const float d = scales[static_cast<int64_t>(n) * nb + b];
+            qvf w[NVB];
+#if defined(__AVX512F__)
+            for (int h = 0; h < 2; ++h)
+                w[h] = reinterpret_cast<qvf>(_mm512_cvtepi32_ps(
+                           _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16 * h))))) * d;
+#elif defined(__AVX2__)
+            for (int h = 0; h < 4; ++h)
+                w[h] = reinterpret_cast<qvf>(_mm256_cvtepi32_ps(
+                           _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * h))))) * d;
+#else
+            for (int i = 0; i < NVB; ++i)
+                for (int j = 0; j < WQ; ++j) w[i][j] = static_cast<float>(c[i * WQ + j]) * d;
+#endif
+            for (int r = 0; r < R; ++r) {
+                const float* xr = x + static_cast<int64_t>(r) * K + b * 32;
+                for (int i = 0; i < NVB; ++i) {
+                    qvf xv;
+                    std::memcpy(&xv, xr + i * WQ, sizeof(qvf));
+                    acc[r] += xv * w[i];
+                }
+            }
+        }
+        for (int r = 0; r < R; ++r)
+            y[static_cast<int64_t>(r) * N + n] = hsum(acc[r]) + (bias ? bias[n] : 0.0f);
+    }
+}
+
 }  // namespace
 
 extern "C" int q4_linear(const float* x, int R, int K, const uint8_t* codes, const float* scales,
@@ -107,4 +148,20 @@ extern "C" int q4_linear(const float* x, int R, int K, const uint8_t* codes, con
             }
             return 0;
     }
+}
+
+extern "C" int q8_linear(const float* x, int R, int K, const int8_t* codes, const float* scales,
+                         const float* bias, float* y, int N, int threads) {
+    if (R <= 0 || K % 32 != 0) return -1;
+    for (int r0 = 0; r0 < R; r0 += 8) {
+        const int n = R - r0 < 8 ? R - r0 : 8;
+        const float* xr = x + static_cast<int64_t>(r0) * K;
+        float* yr = y + static_cast<int64_t>(r0) * N;
+        switch (n) {
+#define CASE(r) case r: q8_rows<r>(xr, K, codes, scales, bias, yr, N, threads); break;
+            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+        }
+    }
+    return 0;
 }
