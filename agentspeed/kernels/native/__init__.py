@@ -27,6 +27,7 @@ from pathlib import Path
 from agentspeed.errors import AgentspeedError
 
 SOURCES = ("paged_decode.cpp", "q4_linear.cpp")
+HEADERS = ("vec.h",)  # part of the cache key, not compiled on their own
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ABI_VERSION = 1
 ENV_CACHE = "AGENTSPEED_CACHE_DIR"
@@ -75,7 +76,7 @@ def load() -> ctypes.CDLL:
     flags = [*FLAGS, *os.environ.get(ENV_FLAGS, "").split()]
     h = hashlib.sha256()
     for part in (version, " ".join(flags), _cpu_flags(), *(
-            (here / s).read_text() for s in SOURCES)):
+            (here / s).read_text() for s in (*SOURCES, *HEADERS))):
         h.update(part.encode())
     out = _cache_dir() / h.hexdigest()[:16] / "libagentspeed_native.so"
     if not out.exists():

@@ -17,6 +17,8 @@
 #include <vector>
 
 #include <omp.h>
+
+#include "vec.h"
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -146,16 +148,9 @@ void attend_span(const Args& a, int b, int kh, int t0, int t1, float* m, float* 
     }
 }
 
-// Vectorised span for head sizes 64 and 128. Vectors are W floats: 16 where the compiler
-// targets AVX-512, else 8 (AVX2). K and V rows of a block are converted into fp32 vectors
+// Vectorised span for head sizes 64 and 128 (vectors of W floats, vec.h). K and V rows of a block are converted into fp32 vectors
 // once; each query head's output accumulates in registers across the block instead of in
 // memory per token.
-#if defined(__AVX512F__)
-constexpr int W = 16;
-#else
-constexpr int W = 8;
-#endif
-typedef float vf __attribute__((vector_size(W * 4)));
 typedef uint16_t vu16 __attribute__((vector_size(W * 2)));
 typedef uint32_t vu32 __attribute__((vector_size(W * 4)));
 typedef _Float16 vh __attribute__((vector_size(W * 2)));

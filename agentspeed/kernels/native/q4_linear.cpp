@@ -14,23 +14,19 @@
 #include <cstring>
 
 #include <omp.h>
+
+#include "vec.h"
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int WQ = 16;
-#else
-constexpr int WQ = 8;
-#endif
-typedef float qvf __attribute__((vector_size(WQ * 4)));
-constexpr int NVB = 32 / WQ;  // vectors per block
+constexpr int NVB = 32 / W;  // vectors per block
 
-inline float hsum(qvf v) {
+inline float hsum(vf v) {
     float s = 0.0f;
-    for (int i = 0; i < WQ; ++i) s += v[i];
+    for (int i = 0; i < W; ++i) s += v[i];
     return s;
 }
 
@@ -41,15 +37,15 @@ void block_rows(const float* x, int K, const float* bias, float* y, int N, int t
     const int nb = K / 32;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int n = 0; n < N; ++n) {
-        qvf acc[R] = {};
+        vf acc[R] = {};
         for (int b = 0; b < nb; ++b) {
-            qvf w[NVB];
+            vf w[NVB];
             decode(n, b, w);
             for (int r = 0; r < R; ++r) {
                 const float* xr = x + static_cast<int64_t>(r) * K + b * 32;
                 for (int i = 0; i < NVB; ++i) {
-                    qvf xv;
-                    std::memcpy(&xv, xr + i * WQ, sizeof(qvf));
+                    vf xv;
+                    std::memcpy(&xv, xr + i * W, sizeof(vf));
                     acc[r] += xv * w[i];
                 }
             }
@@ -81,24 +77,24 @@ int all_rows(const float* x, int R, int K, const float* bias, float* y, int N, i
 extern "C" int q4_linear(const float* x, int R, int K, const uint8_t* codes, const float* scales,
                          const float* mins, const float* bias, float* y, int N, int threads) {
     const int nb = K / 32;
-    return all_rows(x, R, K, bias, y, N, threads, [=](int n, int b, qvf* w) {
+    return all_rows(x, R, K, bias, y, N, threads, [=](int n, int b, vf* w) {
         const int64_t blk = static_cast<int64_t>(n) * nb + b;
         const uint8_t* c = codes + blk * 16;
         const float d = scales[blk], m = mins[blk];
 #if defined(__AVX512F__)
         const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-        w[0] = reinterpret_cast<qvf>(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)))) * d + m;
-        w[1] = reinterpret_cast<qvf>(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4))) * d + m;
+        w[0] = reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)))) * d + m;
+        w[1] = reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4))) * d + m;
 #elif defined(__AVX2__)
         for (int h = 0; h < 2; ++h) {
             const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * h)));
-            w[h] = reinterpret_cast<qvf>(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)))) * d + m;
-            w[2 + h] = reinterpret_cast<qvf>(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4))) * d + m;
+            w[h] = reinterpret_cast<vf>(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)))) * d + m;
+            w[2 + h] = reinterpret_cast<vf>(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4))) * d + m;
         }
 #else
         for (int i = 0; i < NVB; ++i)
-            for (int j = 0; j < WQ; ++j) {
-                const int e = i * WQ + j;  // element of the block
+            for (int j = 0; j < W; ++j) {
+                const int e = i * W + j;  // element of the block
                 w[i][j] = static_cast<float>(e < 16 ? c[e] & 15 : c[e - 16] >> 4) * d + m;
             }
 #endif
@@ -108,21 +104,21 @@ extern "C" int q4_linear(const float* x, int R, int K, const uint8_t* codes, con
 extern "C" int q8_linear(const float* x, int R, int K, const int8_t* codes, const float* scales,
                          const float* bias, float* y, int N, int threads) {
     const int nb = K / 32;
-    return all_rows(x, R, K, bias, y, N, threads, [=](int n, int b, qvf* w) {
+    return all_rows(x, R, K, bias, y, N, threads, [=](int n, int b, vf* w) {
         const int64_t blk = static_cast<int64_t>(n) * nb + b;
         const int8_t* c = codes + blk * 32;
         const float d = scales[blk];
 #if defined(__AVX512F__)
         for (int h = 0; h < 2; ++h)
-            w[h] = reinterpret_cast<qvf>(_mm512_cvtepi32_ps(
+            w[h] = reinterpret_cast<vf>(_mm512_cvtepi32_ps(
                        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16 * h))))) * d;
 #elif defined(__AVX2__)
         for (int h = 0; h < 4; ++h)
-            w[h] = reinterpret_cast<qvf>(_mm256_cvtepi32_ps(
+            w[h] = reinterpret_cast<vf>(_mm256_cvtepi32_ps(
                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * h))))) * d;
 #else
         for (int i = 0; i < NVB; ++i)
-            for (int j = 0; j < WQ; ++j) w[i][j] = static_cast<float>(c[i * WQ + j]) * d;
+            for (int j = 0; j < W; ++j) w[i][j] = static_cast<float>(c[i * W + j]) * d;
 #endif
     });
 }
