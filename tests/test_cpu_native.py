@@ -1,7 +1,7 @@
-"""The native CPU decode kernel (kernels/native/paged_decode.cpp via kernels/cpu_native.py):
-it builds wherever a C++ compiler exists, matches the reference on every storage type,
-head size and group size it takes, refuses what it cannot take, and a failed build is
-reported, never silently swapped."""
+"""The native CPU kernels (kernels/native/*.cpp via kernels/cpu_native.py): paged decode and
+prefill attention and the block-form linears. They build wherever a C++ compiler exists,
+match the reference on every storage type, head size and group size they take, refuse what
+they cannot take, and a failed build is reported, never silently swapped."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def test_builds_where_a_compiler_exists() -> None:
     a broken build must fail here, not quietly leave decode on the torch path."""
     if not HAS_CXX:
         pytest.skip("no C++ compiler on this machine")
-    assert KernelSet("cpu", torch.float32).backends["paged_attention_decode"] == "cpu_native"
+    ks = KernelSet("cpu", torch.float32)
+    assert ks.backends["paged_attention_decode"] == "cpu_native"
+    assert ks.backends["paged_attention_prefill"] == "cpu_native"
 
 
 def _case(ctx: list[int], heads: int, kvh: int, d: int, ps: int, seed: int = 0):
@@ -98,6 +100,86 @@ def test_refuses_what_it_cannot_take() -> None:
         cpu_native.paged_attention_decode(q2, k2, v2, meta2, 0.1)
 
 
+def _prefill_case(ctx: list[int], qlens: list[int], heads: int, kvh: int, d: int, ps: int, seed: int = 0):
+    """Random K/V in shuffled pages; the last qlens[b] of sequence b's ctx[b] tokens query."""
+    g = torch.Generator().manual_seed(seed)
+    n_pages = 1 + sum(-(-c // ps) for c in ctx)
+    free = (torch.randperm(n_pages - 1, generator=g) + 1).tolist()
+    tables = [[free.pop() for _ in range(-(-c // ps))] for c in ctx]
+    k = torch.randn(n_pages, ps, kvh, d, generator=g)
+    v = torch.randn(n_pages, ps, kvh, d, generator=g)
+    q = torch.randn(sum(qlens), heads, d, generator=g) * 2
+    return q, k, v, paged_meta(tables, ctx, qlens, ps, [0] * sum(qlens))
+
+
+def _stored(k: torch.Tensor, v: torch.Tensor, dtype: str):
+    """(k, v, k_scale, v_scale) as a cache of `dtype` stores them."""
+    if dtype == "fp8":
+        (k, ks), (v, vs) = quantize_fp8(k, 2), quantize_fp8(v, 2)
+        return k, v, ks, vs
+    return k.to(getattr(torch, dtype)), v.to(getattr(torch, dtype)), None, None
+
+
+PREFILL_CASES = [
+    # (contexts, new tokens): a fresh prompt shorter than one 32-row block, fresh prompts
+    # across several blocks and key blocks, a tool output over a cached prefix, a mixed
+    # batch with a 1-token row, few rows over a long prefix (the kernel then cuts key spans
+    # and merges them; with 2 threads 1026 x 3 cuts spans of 256 keys, so the last span,
+    # [1024, 1026), has nothing the first row may see), no new tokens
+    ([5], [5]), ([300], [300]), ([1000, 40, 77], [37, 40, 1]), ([2000], [3]),
+    ([1025], [1]), ([1026], [3]), ([3000, 700], [300, 0]),
+]
+
+
+@pytest.fixture
+def two_threads():
+    """The kernel's work split depends on the thread count; the cases above assume 2."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_native
+@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (4, 4, 64), (32, 1, 64), (8, 2, 128)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "fp8"])
+@pytest.mark.usefixtures("two_threads")
+def test_prefill_matches_reference(heads: int, kvh: int, d: int, dtype: str) -> None:
+    for i, (ctx, ql) in enumerate(PREFILL_CASES):
+        q, k, v, meta = _prefill_case(ctx, ql, heads, kvh, d, ps=16, seed=i)
+        k, v, ks, vs = _stored(k, v, dtype)
+        want = reference._paged_attention(q, k, v, meta, d**-0.5, ks, vs)
+        got = cpu_native.paged_attention_prefill(q, k, v, meta, d**-0.5, ks, vs)
+        assert got.dtype == torch.float32 and got.shape == q.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"contexts {ctx}, new {ql}")
+
+
+@needs_native
+@pytest.mark.parametrize("ps", [1, 5, 16, 64])
+def test_prefill_page_sizes_and_padded_page_table(ps: int) -> None:
+    q, k, v, meta = _prefill_case([700, 33, 130], [64, 33, 9], 9, 3, 64, ps, seed=ps)
+    wide = torch.nn.functional.pad(meta.page_table, (0, 7))
+    meta = type(meta)(**{f: getattr(meta, f) for f in meta.__slots__} | {"page_table": wide})
+    want = reference._paged_attention(q, k, v, meta, 0.125)
+    torch.testing.assert_close(cpu_native.paged_attention_prefill(q, k, v, meta, 0.125), want,
+                               rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_prefill_head_sizes_without_a_tile_take_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Head size 80 has no native tile: the op must still be right (the `cpu` torch path)."""
+    q, k, v, meta = _prefill_case([300], [40], 6, 2, 80, 16)
+    calls = []
+    real = cpu_native.cpu.paged_attention_prefill
+    monkeypatch.setattr(cpu_native.cpu, "paged_attention_prefill", lambda *a: calls.append(1) or real(*a))
+    want = reference._paged_attention(q, k, v, meta, 0.1)
+    torch.testing.assert_close(cpu_native.paged_attention_prefill(q, k, v, meta, 0.1), want,
+                               rtol=1e-4, atol=1e-4)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="cannot take"):  # fp8 without scales is refused
+        cpu_native.paged_attention_prefill(q, k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), meta, 0.1)
+
+
 def test_failed_build_is_an_error_not_a_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")
@@ -140,6 +222,12 @@ def test_avx2_build_matches_reference(tmp_path: Path, monkeypatch: pytest.Monkey
     fn = lib.paged_decode_attention
     fn.argtypes, fn.restype = cpu_native._ARGTYPES, cpu_native._I
     monkeypatch.setattr(cpu_native, "_fn", fn)
+    pf = lib.paged_prefill_attention
+    pf.argtypes, pf.restype = cpu_native._PREFILL_ARGTYPES, cpu_native._I
+    monkeypatch.setattr(cpu_native, "_prefill", pf)
+    sup = lib.paged_prefill_supports
+    sup.argtypes, sup.restype = (cpu_native._I,) * 3, cpu_native._I
+    monkeypatch.setattr(cpu_native, "_prefill_supports", sup)
     q4 = lib.q4_linear
     q4.argtypes, q4.restype = cpu_native._q4.argtypes, cpu_native._I  # type: ignore[union-attr]
     monkeypatch.setattr(cpu_native, "_q4", q4)
@@ -159,6 +247,13 @@ def test_avx2_build_matches_reference(tmp_path: Path, monkeypatch: pytest.Monkey
             want = reference._paged_attention(q, kc, vc, meta, 0.1, kss, vss)
             got = cpu_native.paged_attention_decode(q, kc, vc, meta, 0.1, kss, vss)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"d={d} {kc.dtype}")
+        for ctx, ql in PREFILL_CASES:
+            q, k, v, meta = _prefill_case(ctx, ql, 8, 2, d, ps=16, seed=d)
+            for dtype in ("float32", "bfloat16", "float16", "fp8"):
+                kc, vc, kss, vss = _stored(k, v, dtype)
+                want = reference._paged_attention(q, kc, vc, meta, 0.1, kss, vss)
+                got = cpu_native.paged_attention_prefill(q, kc, vc, meta, 0.1, kss, vss)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"prefill d={d} {dtype} {ctx}")
 
 
 def q4_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -217,12 +217,14 @@ def test_every_op_has_a_reference_that_runs_everywhere() -> None:
 
 def test_selection_prefers_priority_and_override_forces_or_fails() -> None:
     ks = KernelSet("cpu", torch.float32, {"head_dim": D, "page_size": 16})
-    assert ks.backends["paged_attention_prefill"] == "cpu"
+    native = any(k.backend == "cpu_native" for k in backends_for("paged_attention_prefill"))
+    best = "cpu_native" if native else "cpu"  # priority 20 where it built, else the torch one
+    assert ks.backends["paged_attention_prefill"] == best
     forced = KernelSet("cpu", torch.float32, config=KernelConfig.parse("reference"))
     assert set(forced.backends.values()) == {"reference"}
     per_op = KernelSet("cpu", torch.float32, config=KernelConfig.parse("paged_attention_decode=reference"))
     assert per_op.backends["paged_attention_decode"] == "reference"
-    assert per_op.backends["paged_attention_prefill"] == "cpu"
+    assert per_op.backends["paged_attention_prefill"] == best
     with pytest.raises(KernelUnavailableError, match="cannot run"):
         KernelSet("cuda", torch.float32, config=KernelConfig.parse("paged_attention_decode=cpu"))
     with pytest.raises(KernelUnavailableError, match="does not implement"):

@@ -44,10 +44,31 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int
 _ARGTYPES = (_P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _I, _I, _I, _I, _I,
              ctypes.c_float, _P, _I, _I)
+_PREFILL_ARGTYPES = (_P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _P, _I, _I, _I, _I, _I,
+                     ctypes.c_float, _P, _I)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _cache_code(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, what: str) -> int:
+    """The kernels' storage code for this cache, or ValueError for what they cannot take."""
+    H, D = q.shape[1:]
+    kvh = k_cache.shape[2]
+    code = _CODES.get(k_cache.dtype)
+    if (code is None or v_cache.dtype != k_cache.dtype or q.dtype != torch.float32
+            or H % kvh or H // kvh > MAX_GROUP or D > MAX_DIM or k_cache.shape != v_cache.shape
+            or (code == 3) != (k_scale is not None and v_scale is not None)):
+        raise ValueError(f"{BACKEND} {what} cannot take q {tuple(q.shape)} {q.dtype}, cache "
+                         f"{tuple(k_cache.shape)} {k_cache.dtype} (scales: {k_scale is not None})")
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    return code
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def paged_attention_decode(
@@ -61,24 +82,48 @@ def paged_attention_decode(
 ) -> torch.Tensor:
     if _fn is None:
         raise RuntimeError(f"{BACKEND} is unavailable here: {_UNAVAILABLE}")
+    code = _cache_code(q, k_cache, v_cache, k_scale, v_scale, "decode")
     B, H, D = q.shape
-    kvh = k_cache.shape[2]
-    code = _CODES.get(k_cache.dtype)
-    if (code is None or v_cache.dtype != k_cache.dtype or q.dtype != torch.float32
-            or H % kvh or H // kvh > MAX_GROUP or D > MAX_DIM or k_cache.shape != v_cache.shape
-            or (code == 3) != (k_scale is not None and v_scale is not None)):
-        raise ValueError(f"{BACKEND} decode cannot take q {tuple(q.shape)} {q.dtype}, cache "
-                         f"{tuple(k_cache.shape)} {k_cache.dtype} (scales: {k_scale is not None})")
-    assert k_cache.is_contiguous() and v_cache.is_contiguous()
     q = q.contiguous()
-    table = meta.page_table if meta.page_table.is_contiguous() else meta.page_table.contiguous()
+    table = _contiguous(meta.page_table)
     lens = meta.seq_lens.to(torch.int32).contiguous()
     out = torch.empty_like(q)
     rc = _fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
-             code, table.data_ptr(), table.stride(0), lens.data_ptr(), B, H, kvh, D,
+             code, table.data_ptr(), table.stride(0), lens.data_ptr(), B, H, k_cache.shape[2], D,
              k_cache.shape[1], scale, out.data_ptr(), SPLIT_TOKENS, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"{BACKEND} paged_decode_attention returned {rc}")
+    return out
+
+
+def paged_attention_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head sizes the kernel has no tile for (it takes 64 and 128) run the `cpu` backend's
+    torch path, which computes the same attention."""
+    if _prefill is None or _prefill_supports is None:
+        raise RuntimeError(f"{BACKEND} is unavailable here: {_UNAVAILABLE}")
+    code = _cache_code(q, k_cache, v_cache, k_scale, v_scale, "prefill")
+    H, D = q.shape[1:]
+    if not _prefill_supports(H, k_cache.shape[2], D):
+        return cpu.paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
+    q = q.contiguous()
+    table = _contiguous(meta.page_table)
+    starts = meta.query_start_loc.to(torch.int32).contiguous()
+    lens = meta.seq_lens.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    rc = _prefill(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
+                  code, table.data_ptr(), table.stride(0), starts.data_ptr(), lens.data_ptr(),
+                  len(meta.seq_lens_cpu), H, k_cache.shape[2], D, k_cache.shape[1], scale,
+                  out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"{BACKEND} paged_prefill_attention returned {rc}")
     return out
 
 
@@ -177,12 +222,15 @@ def linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None) -> torch
 
 
 _fn = None
+_prefill = None
+_prefill_supports = None
 _q4 = None
 _q8 = None
 _UNAVAILABLE = ""
 if os.environ.get("AGENTSPEED_NATIVE", "1") == "0":
     _UNAVAILABLE = "disabled by AGENTSPEED_NATIVE=0"
-    register_unavailable("paged_attention_decode", BACKEND, _UNAVAILABLE)
+    for _op in ("paged_attention_decode", "paged_attention_prefill"):
+        register_unavailable(_op, BACKEND, _UNAVAILABLE)
 else:
     try:
         _fn = load().paged_decode_attention
@@ -191,10 +239,19 @@ else:
     except NativeBuildError as e:
         log.warning("native CPU kernels unavailable, using the torch CPU backend: %s", e)
         _UNAVAILABLE = str(e)
-        register_unavailable("paged_attention_decode", BACKEND, _UNAVAILABLE)
+        for _op in ("paged_attention_decode", "paged_attention_prefill"):
+            register_unavailable(_op, BACKEND, _UNAVAILABLE)
     else:
         register_kernel("paged_attention_decode", BACKEND, ("cpu",), (torch.float32,),
                         priority=20)(paged_attention_decode)
+        _prefill = load().paged_prefill_attention
+        _prefill.argtypes = _PREFILL_ARGTYPES
+        _prefill.restype = _I
+        _prefill_supports = load().paged_prefill_supports
+        _prefill_supports.argtypes = (_I, _I, _I)
+        _prefill_supports.restype = _I
+        register_kernel("paged_attention_prefill", BACKEND, ("cpu",), (torch.float32,),
+                        priority=20)(paged_attention_prefill)
         _q4 = load().q4_linear
         _q4.argtypes = (_P, _I, _I, _P, _P, _P, _P, _P, _I, _I)
         _q4.restype = _I
