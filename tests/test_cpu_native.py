@@ -180,6 +180,38 @@ def test_prefill_head_sizes_without_a_tile_take_the_torch_path(monkeypatch: pyte
         cpu_native.paged_attention_prefill(q, k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), meta, 0.1)
 
 
+@needs_native
+@pytest.mark.parametrize("rows,d", [(1, 8), (7, 48), (300, 1536), (40, 13)])
+def test_silu_and_mul_matches_reference(rows: int, d: int) -> None:
+    """Every row count/width takes the one-thread or threaded path and the vector tail;
+    inputs reach +-90 so exp(-|x|) underflows without overflow or NaN."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 2 * d, generator=g) * 30
+    x[0, :2] = torch.tensor([90.0, -90.0])
+    want = reference.silu_and_mul(x)
+    torch.testing.assert_close(cpu_native.silu_and_mul(x), want, rtol=1e-5, atol=1e-6)
+    wide = torch.randn(rows, 2 * d + 5, generator=g)  # a strided view, as a column slice is
+    torch.testing.assert_close(cpu_native.silu_and_mul(wide[:, : 2 * d]), reference.silu_and_mul(wide[:, : 2 * d]),
+                               rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("rows,heads,kvh,d,rot", [(5, 9, 3, 64, 64), (2000, 9, 3, 64, 64), (3, 4, 2, 128, 32),
+                                                   (6, 2, 1, 20, 12)])
+def test_rotary_embedding_matches_reference(rows: int, heads: int, kvh: int, d: int, rot: int) -> None:
+    """q and k as column slices of one fused qkv row (the layout attention passes), full and
+    partial rotary, head sizes whose half is not a multiple of the vector width."""
+    g = torch.Generator().manual_seed(rows)
+    qkv = torch.randn(rows, (heads + 2 * kvh) * d, generator=g)
+    q = qkv[:, : heads * d].view(rows, heads, d)
+    k = qkv[:, heads * d : (heads + kvh) * d].view(rows, kvh, d)
+    cos_sin = torch.randn(rows, rot, generator=g)
+    want_q, want_k = reference.rotary_embedding(q, k, cos_sin)
+    got_q, got_k = cpu_native.rotary_embedding(q, k, cos_sin)
+    torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-6)
+
+
 def test_failed_build_is_an_error_not_a_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")
@@ -228,6 +260,17 @@ def test_avx2_build_matches_reference(tmp_path: Path, monkeypatch: pytest.Monkey
     sup = lib.paged_prefill_supports
     sup.argtypes, sup.restype = (cpu_native._I,) * 3, cpu_native._I
     monkeypatch.setattr(cpu_native, "_prefill_supports", sup)
+    for name in ("silu_and_mul", "rope_neox"):
+        f = getattr(lib, name)
+        attr = "_silu" if name == "silu_and_mul" else "_rope"
+        f.argtypes, f.restype = getattr(cpu_native, attr).argtypes, cpu_native._I
+        monkeypatch.setattr(cpu_native, attr, f)
+    x = torch.randn(300, 2 * 40) * 20
+    torch.testing.assert_close(cpu_native.silu_and_mul(x), reference.silu_and_mul(x), rtol=1e-5, atol=1e-6)
+    qkv = torch.randn(700, 15 * 64)
+    q, k, cs = qkv[:, :576].view(700, 9, 64), qkv[:, 576:768].view(700, 3, 64), torch.randn(700, 64)
+    for got, want in zip(cpu_native.rotary_embedding(q, k, cs), reference.rotary_embedding(q, k, cs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     q4 = lib.q4_linear
     q4.argtypes, q4.restype = cpu_native._q4.argtypes, cpu_native._I  # type: ignore[union-attr]
     monkeypatch.setattr(cpu_native, "_q4", q4)
@@ -313,16 +356,16 @@ def test_q8_linear_matches_fp32(rows: int) -> None:
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 40])
 @pytest.mark.parametrize("bias", [True, False])
 def test_q4_linear_matches_fp32(rows: int, bias: bool) -> None:
-    w = q4_weight(200, 576, seed=rows)
-    b = torch.randn(200) if bias else None
+    w = q4_weight(201, 576, seed=rows)  # odd: the kernel does output rows in pairs
+    b = torch.randn(201) if bias else None
     p = cpu_native._prepare_linear(w)
     assert p.codes is not None
     x = torch.randn(rows, 576)
     want = torch.nn.functional.linear(x, w, b)
     torch.testing.assert_close(cpu_native.linear(x, p, b), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cpu_native.linear(x[None], p, b), want[None], rtol=1e-5, atol=1e-5)
-    dense = cpu_native._prepare_linear(torch.randn(200, 576))  # not representable: dense only
-    assert dense.codes is None and cpu_native.linear(x, dense, b).shape == (rows, 200)
+    dense = cpu_native._prepare_linear(torch.randn(201, 576))  # not representable: dense only
+    assert dense.codes is None and cpu_native.linear(x, dense, b).shape == (rows, 201)
 
 
 @needs_native
