@@ -11,6 +11,7 @@
 // and the spans of one (sequence, KV head) are merged by log-sum-exp at the end. Built with
 // -ffast-math for the vectorised exp; no infinities are used (initial max is -1e30).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -27,7 +28,6 @@
 namespace {
 
 constexpr int BLOCK = 64;   // tokens scored together before the softmax update (64: 7% faster than 32)
-constexpr int PF = 1;  // blocks ahead that the K/V rows are prefetched
 constexpr int MAX_GROUP = 32;
 constexpr int MAX_DIM = 256;
 constexpr int MAX_HEADS = 64;  // vectorised path: every head of a sequence in one item
@@ -183,6 +183,15 @@ inline v8f hsum8(const v8f* d) {
 #endif
 }
 
+// Prefetch BYTES at offset off of the rows slot[j0..j1) (each `stride` bytes) of a cache.
+template <int BYTES>
+inline void prefetch_rows(const void* cache, const int64_t* slot, int64_t stride, int64_t off, int j0, int j1) {
+    for (int j = j0; j < j1; ++j) {
+        const char* p = static_cast<const char*>(cache) + slot[j] * stride + off;
+        for (int c = 0; c < BYTES; c += 64) __builtin_prefetch(p + c);
+    }
+}
+
 template <int DT, int NV>
 void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, float* accf) {
     // All KV heads per item: a token's K (then V) row is read whole and in order, instead of
@@ -205,7 +214,7 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
     }
     vf kv[BLOCK][NV];
     float s[MAX_GROUP][BLOCK];
-    int64_t slot[BLOCK];
+    int64_t slot[BLOCK], nslot[BLOCK];
     for (int start = t0; start < t1; start += BLOCK) {
         const int n = start + BLOCK <= t1 ? BLOCK : t1 - start;
         for (int j = 0; j < n; ++j) {
@@ -214,18 +223,14 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
         }
         for (int j = n; j < ((n + 7) & ~7); ++j)  // pad the last group of 8 with zero rows
             for (int i = 0; i < NV; ++i) kv[j][i] = vf{};
-        // Software prefetch of the next block's K/V rows: the stream jumps between pages, and
-        // profiles showed the row loads stalling on memory with only the hardware prefetcher.
-        const int nn = start + (PF + 1) * BLOCK <= t1 ? BLOCK : t1 - start - PF * BLOCK;
+        // The next block's rows are prefetched while this one computes, a few at a time
+        // inside the score and value loops (one KV head's slice of 8 tokens, then of 2):
+        // issued all at once at the top of the block they filled the core's miss buffers
+        // and stalled it until most had landed (measured 11% slower in fp32, 23% in fp16).
+        const int nn = start + BLOCK < t1 ? std::min(BLOCK, t1 - start - BLOCK) : 0;
         for (int j = 0; j < nn; ++j) {
-            const int t = start + PF * BLOCK + j;
-            const int64_t sl = static_cast<int64_t>(pages[t / a.page_size]) * a.page_size + t % a.page_size;
-            const char* kp = static_cast<const char*>(a.k_cache) + sl * row * ELEM;
-            const char* vp = static_cast<const char*>(a.v_cache) + sl * row * ELEM;
-            for (int64_t c = 0; c < row * ELEM; c += 64) {
-                __builtin_prefetch(kp + c);
-                __builtin_prefetch(vp + c);
-            }
+            const int t = start + BLOCK + j;
+            nslot[j] = static_cast<int64_t>(pages[t / a.page_size]) * a.page_size + t % a.page_size;
         }
         for (int kh = 0; kh < a.KVH; ++kh) {
             for (int j = 0; j < n; ++j)
@@ -233,6 +238,7 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
             for (int g = 0; g < G; ++g) {
                 const vf* qh = qs[kh * G + g];
                 for (int j0 = 0; j0 < n; j0 += 8) {
+                    if (g == 0) prefetch_rows<D * ELEM>(a.k_cache, nslot, row * ELEM, kh * D * ELEM, j0, std::min(j0 + 8, nn));
                     v8f d[8];
                     for (int j = 0; j < 8; ++j) {
                         vf t = qh[0] * kv[j0 + j][0];
@@ -265,12 +271,22 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
             for (int j = 0; j < n; ++j)
                 for (int i = 0; i < NV; ++i) kv[j][i] = loadw<DT>(a.v_cache, slot[j] * row + kh * D + i * W);
             for (int g = 0; g < G; ++g) {
-                vf r[NV];
+                // Two accumulator sets (even and odd tokens): one set is a chain of dependent
+                // FMAs per token, bound by FMA latency rather than throughput.
+                vf r[NV], r2[NV] = {};
                 vf* ah = acc[kh * G + g];
                 for (int i = 0; i < NV; ++i) r[i] = ah[i];
-                for (int j = 0; j < n; ++j)
+                int j = 0;
+                for (; j + 2 <= n; j += 2) {
+                    if (g == 0) prefetch_rows<D * ELEM>(a.v_cache, nslot, row * ELEM, kh * D * ELEM, j, std::min(j + 2, nn));
+                    for (int i = 0; i < NV; ++i) {
+                        r[i] += s[g][j] * kv[j][i];
+                        r2[i] += s[g][j + 1] * kv[j + 1][i];
+                    }
+                }
+                if (j < n)
                     for (int i = 0; i < NV; ++i) r[i] += s[g][j] * kv[j][i];
-                for (int i = 0; i < NV; ++i) ah[i] = r[i];
+                for (int i = 0; i < NV; ++i) ah[i] = r[i] + r2[i];
             }
         }
     }
