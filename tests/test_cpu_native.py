@@ -212,6 +212,19 @@ def test_rotary_embedding_matches_reference(rows: int, heads: int, kvh: int, d: 
     torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-6)
 
 
+@needs_native
+@pytest.mark.parametrize("rows", [1, 9, 2000])
+def test_rms_norm_matches_reference(rows: int) -> None:
+    """Hidden states (one row stride; 2,000 rows takes the threaded path) and per-head q of
+    a fused qkv row, as qk-norm models pass it (rows at two strides: taken via a copy)."""
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 576, generator=g) * 3, torch.randn(576, generator=g)
+    torch.testing.assert_close(cpu_native.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+    qkv = torch.randn(rows, 15 * 64, generator=g)
+    q, wq = qkv[:, :576].view(rows, 9, 64), torch.randn(64, generator=g)
+    torch.testing.assert_close(cpu_native.rms_norm(q, wq, 1e-6), reference.rms_norm(q, wq, 1e-6), rtol=1e-5, atol=1e-5)
+
+
 def test_failed_build_is_an_error_not_a_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")
@@ -260,13 +273,15 @@ def test_avx2_build_matches_reference(tmp_path: Path, monkeypatch: pytest.Monkey
     sup = lib.paged_prefill_supports
     sup.argtypes, sup.restype = (cpu_native._I,) * 3, cpu_native._I
     monkeypatch.setattr(cpu_native, "_prefill_supports", sup)
-    for name in ("silu_and_mul", "rope_neox"):
+    for name, attr in (("silu_and_mul", "_silu"), ("rope_neox", "_rope"), ("rms_norm", "_rms")):
         f = getattr(lib, name)
-        attr = "_silu" if name == "silu_and_mul" else "_rope"
         f.argtypes, f.restype = getattr(cpu_native, attr).argtypes, cpu_native._I
         monkeypatch.setattr(cpu_native, attr, f)
     x = torch.randn(300, 2 * 40) * 20
     torch.testing.assert_close(cpu_native.silu_and_mul(x), reference.silu_and_mul(x), rtol=1e-5, atol=1e-6)
+    w = torch.randn(2 * 40 - 3)
+    torch.testing.assert_close(cpu_native.rms_norm(x[:, 3:], w, 1e-5), reference.rms_norm(x[:, 3:], w, 1e-5),
+                               rtol=1e-5, atol=1e-5)
     qkv = torch.randn(700, 15 * 64)
     q, k, cs = qkv[:, :576].view(700, 9, 64), qkv[:, 576:768].view(700, 3, 64), torch.randn(700, 64)
     for got, want in zip(cpu_native.rotary_embedding(q, k, cs), reference.rotary_embedding(q, k, cs)):

@@ -1,4 +1,4 @@
-"""fp8 (e4m3, one float32 scale per token) and bfloat16 KV caches: per-element error bounded by e4m3's
+"""fp8 (e4m3, one float32 scale per token), bfloat16 and float16 KV caches: per-element error bounded by e4m3's
 precision, attention kernels agree with the reference on the quantized cache, and whole
 models (MHA and MLA, and the real SmolLM2) stay close to the full-precision cache while
 storing KV in a quarter of fp32's bytes."""
@@ -124,11 +124,13 @@ def test_fp8_cache_stays_close_to_full_precision(tmp_path: Path, case: str) -> N
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bf16_cache_stays_very_close(tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_16bit_cache_stays_very_close(tmp_path: Path, case: str, kv_dtype: str) -> None:
     kind, overrides, _ = CASES[case]
-    worst, agree = _compare(make_tiny(kind, tmp_path, **overrides), PROMPTS, kv_dtype="bfloat16")
-    # Measured: worst 0.011-0.021 std, agreement 99-100%.
-    assert worst < 0.1, worst
+    worst, agree = _compare(make_tiny(kind, tmp_path, **overrides), PROMPTS, kv_dtype=kv_dtype)
+    # Measured: bfloat16 worst 0.011-0.021 std, agreement 99-100%; float16 (3 more mantissa
+    # bits): worst 0.0016-0.0017 std, agreement 100%.
+    assert worst < (0.1 if kv_dtype == "bfloat16" else 0.02), worst
     assert agree >= 0.95, agree
 
 
@@ -148,4 +150,8 @@ def test_fp8_cache_on_smollm2_keeps_greedy_text(smollm2_path: Path) -> None:
     # bfloat16 (measured: 0.06 std, 100%)
     worst, agree = _compare(smollm2_path, prompts, page_size=16, kv_dtype="bfloat16")
     assert worst < 0.2, worst
+    assert agree >= 0.95, agree
+    # float16, llama.cpp's default KV type (measured: 0.006 std, 100%)
+    worst, agree = _compare(smollm2_path, prompts, page_size=16, kv_dtype="float16")
+    assert worst < 0.05, worst
     assert agree >= 0.95, agree

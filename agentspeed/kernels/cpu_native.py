@@ -18,7 +18,7 @@ query group into 32-row tiles held transposed, rows along the vector lanes, so s
 values are register-tiled outer products at GEMM speed (~350 GFLOP/s here against ~150 for
 torch's flash kernel; `benchmarks/bench_prefill_attention.py`).
 
-silu_and_mul and rotary_embedding are one pass each over their rows (torch's versions are
+silu_and_mul, rotary_embedding and rms_norm are one pass each over their rows (torch's versions are
 several ops with temporaries, and its silu of a strided half is slow: 7.4 ms at 2,000 rows).
 
 Registered (above the `cpu` backend) only when the library builds here; otherwise the reason
@@ -148,6 +148,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    assert _rms is not None
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)  # a view for rows at one stride (hidden states), else a copy
+    if x2.stride(-1) != 1 or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return cpu.rms_norm(x, weight, eps)
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    rc = _rms(x2.data_ptr(), x2.stride(0), x2.shape[0], n, w.data_ptr(), eps, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"{BACKEND} rms_norm returned {rc}")
+    return out
+
+
 def _heads(x: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] with unit element and D head strides (a column slice of qkv is)."""
     return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
@@ -265,7 +279,8 @@ def linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None) -> torch
 
 
 # Ops this backend registers where the library builds (and records as unavailable where not).
-NATIVE_OPS = ("paged_attention_decode", "paged_attention_prefill", "linear", "silu_and_mul", "rotary_embedding")
+NATIVE_OPS = ("paged_attention_decode", "paged_attention_prefill", "linear", "silu_and_mul", "rotary_embedding",
+              "rms_norm")
 _fn = None
 _prefill = None
 _prefill_supports = None
@@ -273,6 +288,7 @@ _q4 = None
 _q8 = None
 _silu = None
 _rope = None
+_rms = None
 _UNAVAILABLE = ""
 if os.environ.get("AGENTSPEED_NATIVE", "1") == "0":
     _UNAVAILABLE = "disabled by AGENTSPEED_NATIVE=0"
@@ -315,3 +331,7 @@ else:
         _rope.argtypes = (_P, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_int64, _I, _I, _I, _I, _P, _P, _I)
         _rope.restype = _I
         register_kernel("rotary_embedding", BACKEND, ("cpu",), (torch.float32,), priority=20)(rotary_embedding)
+        _rms = load().rms_norm
+        _rms.argtypes = (_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_float, _P, _I)
+        _rms.restype = _I
+        register_kernel("rms_norm", BACKEND, ("cpu",), (torch.float32,), priority=20)(rms_norm)

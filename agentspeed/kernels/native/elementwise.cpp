@@ -1,5 +1,6 @@
 // Element-wise ops of a transformer block, each one pass over its rows:
 //   silu_and_mul: out[t, i] = silu(x[t, i]) * x[t, d + i]
+//   rms_norm:     out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight
 //   rope_neox:    NeoX rotary embedding of q and k rows (the first `rot` dims of each head;
 //                 the rest copied), reading strided views (q and k are column slices of the
 //                 fused qkv output) and writing contiguous outputs.
@@ -54,6 +55,32 @@ int silu_and_mul(const float* x, int64_t x_stride, int64_t T, int64_t d, float* 
         int64_t i = 0;
         for (; i + W <= d; i += W) st(o + i, vsilu(ld(a + i)) * ld(b + i));
         for (; i < d; ++i) o[i] = silu1(a[i]) * b[i];
+    }
+    return 0;
+}
+
+// x [T, n] with row stride x_stride; weight [n]; out [T, n] contiguous.
+int rms_norm(const float* x, int64_t x_stride, int64_t T, int64_t n, const float* weight, float eps,
+             float* out, int threads) {
+    if (T < 0 || n <= 0 || x_stride < n) return -1;
+    const int nt = T * n >= PARALLEL_ELEMS ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t t = 0; t < T; ++t) {
+        const float* a = x + t * x_stride;
+        float* o = out + t * n;
+        vf acc = vf{};
+        int64_t i = 0;
+        for (; i + W <= n; i += W) {
+            const vf v = ld(a + i);
+            acc += v * v;
+        }
+        float ss = 0.0f;
+        for (int j = 0; j < W; ++j) ss += acc[j];
+        for (; i < n; ++i) ss += a[i] * a[i];
+        const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+        i = 0;
+        for (; i + W <= n; i += W) st(o + i, ld(a + i) * r * ld(weight + i));
+        for (; i < n; ++i) o[i] = a[i] * r * weight[i];
     }
     return 0;
 }
