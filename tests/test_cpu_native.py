@@ -37,16 +37,21 @@ def test_builds_where_a_compiler_exists() -> None:
     assert ks.backends["paged_attention_prefill"] == "cpu_native"
 
 
-def _case(ctx: list[int], heads: int, kvh: int, d: int, ps: int, seed: int = 0):
-    """Random K/V in shuffled pages: (q, k_cache, v_cache, meta)."""
+def _prefill_case(ctx: list[int], qlens: list[int], heads: int, kvh: int, d: int, ps: int, seed: int = 0):
+    """Random K/V in shuffled pages; the last qlens[b] of sequence b's ctx[b] tokens query."""
     g = torch.Generator().manual_seed(seed)
     n_pages = 1 + sum(-(-c // ps) for c in ctx)
     free = (torch.randperm(n_pages - 1, generator=g) + 1).tolist()
     tables = [[free.pop() for _ in range(-(-c // ps))] for c in ctx]
     k = torch.randn(n_pages, ps, kvh, d, generator=g)
     v = torch.randn(n_pages, ps, kvh, d, generator=g)
-    q = torch.randn(len(ctx), heads, d, generator=g) * 2  # sharper softmax than unit scale
-    return q, k, v, paged_meta(tables, ctx, [1] * len(ctx), ps, [0] * len(ctx))
+    q = torch.randn(sum(qlens), heads, d, generator=g) * 2
+    return q, k, v, paged_meta(tables, ctx, qlens, ps, [0] * sum(qlens))
+
+
+def _case(ctx: list[int], heads: int, kvh: int, d: int, ps: int, seed: int = 0):
+    """Random K/V in shuffled pages, one query token per sequence: (q, k_cache, v_cache, meta)."""
+    return _prefill_case(ctx, [1] * len(ctx), heads, kvh, d, ps, seed)
 
 
 SPLIT = cpu_native.SPLIT_TOKENS
@@ -77,15 +82,17 @@ def test_matches_reference(heads: int, kvh: int, d: int, dtype: str) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("ps", [1, 5, 16])
-def test_page_sizes_and_padded_page_table(ps: int) -> None:
+@pytest.mark.parametrize("ps", [1, 5, 16, 64])
+@pytest.mark.parametrize("op", ["decode", "prefill"])
+def test_page_sizes_and_padded_page_table(ps: int, op: str) -> None:
     """Page boundaries inside spans and blocks; a page table wider than any sequence needs."""
-    q, k, v, meta = _case([700, 33, 1030], 9, 3, 64, ps, seed=ps)
+    qlens = [1, 1, 1] if op == "decode" else [64, 33, 9]
+    q, k, v, meta = _prefill_case([700, 33, 1030], qlens, 9, 3, 64, ps, seed=ps)
     wide = torch.nn.functional.pad(meta.page_table, (0, 7))
     meta = type(meta)(**{f: getattr(meta, f) for f in meta.__slots__} | {"page_table": wide})
     want = reference._paged_attention(q, k, v, meta, 0.125)
-    torch.testing.assert_close(cpu_native.paged_attention_decode(q, k, v, meta, 0.125), want,
-                               rtol=1e-4, atol=1e-4)
+    fn = cpu_native.paged_attention_decode if op == "decode" else cpu_native.paged_attention_prefill
+    torch.testing.assert_close(fn(q, k, v, meta, 0.125), want, rtol=1e-4, atol=1e-4)
 
 
 @needs_native
@@ -98,18 +105,6 @@ def test_refuses_what_it_cannot_take() -> None:
     q2, k2, v2, meta2 = _case([10], 66, 2, 64, 4)  # group of 33 > the kernel's 32
     with pytest.raises(ValueError, match="cannot take"):
         cpu_native.paged_attention_decode(q2, k2, v2, meta2, 0.1)
-
-
-def _prefill_case(ctx: list[int], qlens: list[int], heads: int, kvh: int, d: int, ps: int, seed: int = 0):
-    """Random K/V in shuffled pages; the last qlens[b] of sequence b's ctx[b] tokens query."""
-    g = torch.Generator().manual_seed(seed)
-    n_pages = 1 + sum(-(-c // ps) for c in ctx)
-    free = (torch.randperm(n_pages - 1, generator=g) + 1).tolist()
-    tables = [[free.pop() for _ in range(-(-c // ps))] for c in ctx]
-    k = torch.randn(n_pages, ps, kvh, d, generator=g)
-    v = torch.randn(n_pages, ps, kvh, d, generator=g)
-    q = torch.randn(sum(qlens), heads, d, generator=g) * 2
-    return q, k, v, paged_meta(tables, ctx, qlens, ps, [0] * sum(qlens))
 
 
 def _stored(k: torch.Tensor, v: torch.Tensor, dtype: str):
@@ -152,17 +147,6 @@ def test_prefill_matches_reference(heads: int, kvh: int, d: int, dtype: str) -> 
         got = cpu_native.paged_attention_prefill(q, k, v, meta, d**-0.5, ks, vs)
         assert got.dtype == torch.float32 and got.shape == q.shape
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"contexts {ctx}, new {ql}")
-
-
-@needs_native
-@pytest.mark.parametrize("ps", [1, 5, 16, 64])
-def test_prefill_page_sizes_and_padded_page_table(ps: int) -> None:
-    q, k, v, meta = _prefill_case([700, 33, 130], [64, 33, 9], 9, 3, 64, ps, seed=ps)
-    wide = torch.nn.functional.pad(meta.page_table, (0, 7))
-    meta = type(meta)(**{f: getattr(meta, f) for f in meta.__slots__} | {"page_table": wide})
-    want = reference._paged_attention(q, k, v, meta, 0.125)
-    torch.testing.assert_close(cpu_native.paged_attention_prefill(q, k, v, meta, 0.125), want,
-                               rtol=1e-4, atol=1e-4)
 
 
 @needs_native
