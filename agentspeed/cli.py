@@ -60,6 +60,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="plan step N+1 while step N runs (default on GPUs; on 2-core CPUs it was slower)")
     ov.add_argument("--no-overlap", dest="overlap", action="store_const", const=False,
                     help="plan each step only after the previous one finished (default on CPU)")
+    g.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
+                   help="speculative decoding by n-gram prompt lookup: draft up to K tokens (1-7) per "
+                        "decode step from earlier text of the same request and verify them in that step; "
+                        "greedy requests without penalties or logprobs only, same tokens as without "
+                        "(default 0: off)")
+    g.add_argument("--ngram-max", type=int, default=3,
+                   help="drafts follow the latest earlier occurrence of the last N tokens, N from this "
+                        "down to --ngram-min (default 3)")
+    g.add_argument("--ngram-min", type=int, default=1, help="shortest n-gram to look up (default 1)")
     g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
@@ -165,6 +174,9 @@ def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
             max_num_seqs=args.max_num_seqs,
             enable_prefix_caching=not args.no_prefix_caching,
             overlap=args.overlap,
+            num_speculative_tokens=args.num_speculative_tokens,
+            ngram_max=args.ngram_max,
+            ngram_min=args.ngram_min,
         )
         if args.raw:
             [out] = llm.generate(args.prompt, params)
@@ -201,7 +213,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         with open(template) as f:
             template = f.read()
     opts = SchedulingOptions(args.max_num_batched_tokens, args.max_num_seqs, not args.no_prefix_caching,
-                             args.overlap)
+                             args.overlap, args.num_speculative_tokens, args.ngram_max, args.ngram_min)
 
     async def run() -> None:
         engine = await AsyncLLM.start(engine_config(args), opts, served_model_name=args.served_model_name,

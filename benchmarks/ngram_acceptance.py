@@ -1,7 +1,8 @@
-"""Offline estimate for n-gram (prompt-lookup) speculative decoding, which agentspeed does not
-implement yet: how many tokens one verification step would yield if each step drafted the k
-tokens that followed the latest earlier occurrence of the last 3 (else 2, else 1) tokens, and
-greedy verification accepted the drafts that match.
+"""Offline estimate for n-gram (prompt-lookup) speculative decoding with the engine's own
+drafter (agentspeed/control/ngram.py, `serve --num-speculative-tokens K`): how many tokens one
+verification step yields if each step drafts the k tokens that followed the latest earlier
+occurrence of the last 3 (else 2, else 1) tokens, and greedy verification accepts the drafts
+that match.
 
 Two sources of answers:
   real agent answers (default): the recorded assistant messages of the agent_traj sessions,
@@ -22,39 +23,16 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from agentspeed.control.ngram import NgramDrafter
+
 DRAFTS = (1, 3, 5)
 MAX_N = 3
 
 
-class History:
-    """Tokens so far, with the latest earlier start of each n-gram (n <= MAX_N) that has a
-    continuation."""
-
-    def __init__(self, tokens: list[int]) -> None:
-        self.tokens: list[int] = []
-        self.index: dict[tuple[int, ...], int] = {}
-        for t in tokens:
-            self.append(t)
-
-    def append(self, t: int) -> None:
-        i = len(self.tokens)
-        self.tokens.append(t)
-        for n in range(1, MAX_N + 1):  # n-grams ending at i - 1 now continue with t
-            if i - n >= 0:
-                self.index[tuple(self.tokens[i - n : i])] = i - n
-
-    def draft(self, k: int) -> list[int]:
-        for n in range(MAX_N, 0, -1):
-            if len(self.tokens) > n:
-                start = self.index.get(tuple(self.tokens[-n:]))
-                if start is not None:
-                    return self.tokens[start + n : start + n + k]
-        return []
-
-
 def steps_for(context: list[int], answer: list[int], k: int) -> int:
     """Verification steps to produce `answer` after `context` with k-token drafts."""
-    h = History(context)
+    tokens = list(context)
+    h = NgramDrafter(tokens, MAX_N, 1)
     i = steps = 0
     while i < len(answer):
         d = h.draft(k)
@@ -62,8 +40,7 @@ def steps_for(context: list[int], answer: list[int], k: int) -> int:
         while acc < len(d) and i + acc < len(answer) and answer[i + acc] == d[acc]:
             acc += 1
         n = min(acc + 1, len(answer) - i)
-        for t in answer[i : i + n]:
-            h.append(t)
+        tokens.extend(answer[i : i + n])
         i += n
         steps += 1
     return steps

@@ -81,6 +81,38 @@ def test_matches_reference(heads: int, kvh: int, d: int, dtype: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+# (contexts, query tokens): verifying speculative drafts. Query tokens within the last block
+# (short contexts), across a block boundary (64-token blocks: 66 keys), across a span
+# boundary (SPLIT + 2, so the last span holds only keys some rows must not see), every
+# sequence a different count, a context no longer than its queries, one past MAX_QUERY's
+# vectorised limit for 9 heads (8 tokens x 9 heads > 64: the scalar path).
+MULTI_QUERY_CASES = [
+    ([5, 13], [4, 2]), ([66, 130], [4, 4]), ([SPLIT + 2, 3 * SPLIT + 1], [4, 3]),
+    ([40, 700, 9, 1030], [1, 8, 2, 5]), ([3, 8], [3, 8]),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("heads,kvh,d", SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "fp8"])
+def test_decode_with_several_query_tokens_matches_reference(heads: int, kvh: int, d: int, dtype: str) -> None:
+    """Each query token of a sequence attends causally: token i of Q sees the context up to
+    its own position, so a draft never sees the drafts after it."""
+    for i, (ctx, ql) in enumerate(MULTI_QUERY_CASES):
+        q, k, v, meta = _prefill_case(ctx, ql, heads, kvh, d, ps=16, seed=i)
+        k, v, ks, vs = _stored(k, v, dtype)
+        want = reference._paged_attention(q, k, v, meta, d**-0.5, ks, vs)
+        got = cpu_native.paged_attention_decode(q, k, v, meta, d**-0.5, ks, vs)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"contexts {ctx}, queries {ql}")
+
+
+@needs_native
+def test_decode_refuses_more_query_tokens_than_it_takes() -> None:
+    q, k, v, meta = _prefill_case([20], [9], 9, 3, 64, 16)
+    with pytest.raises(RuntimeError, match="returned -2"):
+        cpu_native.paged_attention_decode(q, k, v, meta, 0.1)
+
+
 @needs_native
 @pytest.mark.parametrize("ps", [1, 5, 16, 64])
 @pytest.mark.parametrize("op", ["decode", "prefill"])
@@ -289,13 +321,15 @@ def test_avx2_build_matches_reference(tmp_path: Path, monkeypatch: pytest.Monkey
             want = reference._paged_attention(q, kc, vc, meta, 0.1, kss, vss)
             got = cpu_native.paged_attention_decode(q, kc, vc, meta, 0.1, kss, vss)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"d={d} {kc.dtype}")
-        for ctx, ql in PREFILL_CASES:
-            q, k, v, meta = _prefill_case(ctx, ql, 8, 2, d, ps=16, seed=d)
-            for dtype in ("float32", "bfloat16", "float16", "fp8"):
-                kc, vc, kss, vss = _stored(k, v, dtype)
-                want = reference._paged_attention(q, kc, vc, meta, 0.1, kss, vss)
-                got = cpu_native.paged_attention_prefill(q, kc, vc, meta, 0.1, kss, vss)
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"prefill d={d} {dtype} {ctx}")
+        for op, cases in (("prefill", PREFILL_CASES), ("decode", MULTI_QUERY_CASES)):
+            fn = getattr(cpu_native, f"paged_attention_{op}")
+            for ctx, ql in cases:
+                q, k, v, meta = _prefill_case(ctx, ql, 8, 2, d, ps=16, seed=d)
+                for dtype in ("float32", "bfloat16", "float16", "fp8"):
+                    kc, vc, kss, vss = _stored(k, v, dtype)
+                    want = reference._paged_attention(q, kc, vc, meta, 0.1, kss, vss)
+                    got = fn(q, kc, vc, meta, 0.1, kss, vss)
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{op} d={d} {dtype} {ctx} {ql}")
 
 
 def q4_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -281,13 +281,14 @@ def test_sampling_semantics() -> None:
 
 
 def test_decode_split_of_a_mixed_batch_matches_one_prefill_call() -> None:
-    """The attention layer runs a mixed batch's leading single-token sequences through the
-    decode op and the rest through prefill; that must equal one prefill call on the batch."""
-    ctx, qlens = [1500, 40, 700, 64], [1, 1, 30, 64]
+    """The attention layer runs a mixed batch's leading decode-like sequences (a decode, one
+    verifying 3 drafts) through the decode op and the rest through prefill; that must equal
+    one prefill call on the batch."""
+    ctx, qlens = [1500, 40, 700, 64], [1, 4, 30, 64]
     q, kc, vc, meta, _, _ = make_paged(ctx, qlens, 16, shared_prefix=32)
     assert meta.decode_split is None and meta.with_decode_split().decode_split is not None
     nd, dmeta, pmeta = meta.with_decode_split().decode_split  # type: ignore[misc]
-    assert nd == 2 and dmeta.query_lens_cpu == (1, 1) and pmeta.query_lens_cpu == (30, 64)
+    assert nd == 5 and dmeta.query_lens_cpu == (1, 4) and pmeta.query_lens_cpu == (30, 64)
     assert pmeta.query_start_loc.tolist() == [0, 30, 94] and pmeta.slot_mapping.shape[0] == 94
     whole = select_kernel("paged_attention_prefill", "cpu", torch.float32, force="reference").fn(q, kc, vc, meta, 0.1)
     dec = select_kernel("paged_attention_decode", "cpu", torch.float32).fn(q[:nd], kc, vc, dmeta, 0.1)

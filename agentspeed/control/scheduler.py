@@ -8,6 +8,12 @@
 Overlap, depth 1: next_plan() may be called once while the previous plan is still executing.
 Decode inputs then refer to tokens not yet known (LAST_SAMPLED), and pages given back while
 a planned step has not been advanced are fenced until it is.
+
+Speculative decoding (num_speculative_tokens > 0): a decode of a request with spec.speculate
+and no token in flight carries up to that many n-gram drafts (control/ngram.py). Its KV is
+computed for all of them; advance() keeps what verification accepted and rolls the rest
+back (num_computed, num_confirmed), so the rejected positions are simply rewritten by the
+next step. Pages for drafts come only from free memory: drafting never preempts.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 from agentspeed.control import fsm
 from agentspeed.control.errors import InvariantViolation
 from agentspeed.control.fsm import FinishReason, RequestState
+from agentspeed.control.ngram import NgramDrafter
 from agentspeed.control.page_pool import BlockTable, PagePool, PageState
 from agentspeed.control.plan import (
     LAST_SAMPLED,
@@ -30,7 +37,7 @@ from agentspeed.control.plan import (
     StepResult,
 )
 from agentspeed.control.prefix_cache import extend_hashes
-from agentspeed.errors import AgentspeedError
+from agentspeed.errors import AgentspeedError, ConfigError
 
 
 class RequestRejected(AgentspeedError):
@@ -45,6 +52,16 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_model_len: int = 8192
     enable_prefix_caching: bool = True
+    num_speculative_tokens: int = 0  # drafts per decode step (0: no speculative decoding)
+    ngram_max: int = 3  # drafts follow the latest earlier match of the last ngram_max..ngram_min tokens
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num_speculative_tokens <= 7:
+            # 1 + 7 query tokens is the most a decode kernel takes (kernels.api.MAX_DECODE_QUERY)
+            raise ConfigError(f"num_speculative_tokens must be in [0, 7], got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
 
 
 _RUNNING = (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding)
@@ -65,6 +82,8 @@ class _Request:
     num_published: int = 0  # leading pages checked for publication
     num_cached_tokens: int = -1  # prefix-cache hit at first admission (-1: not admitted yet)
     hashes: list[int] = field(default_factory=list)
+    drafts: int = 0  # drafted tokens in flight (their KV is scheduled, they are not tokens)
+    drafter: NgramDrafter | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -90,6 +109,8 @@ class Scheduler:
         self._released: list[str] = []
         self._preempted_now: set[str] = set()
         self.num_preemptions = 0
+        self.num_draft_tokens = 0  # drafts verified (advanced), since start
+        self.num_accepted_tokens = 0  # of those, accepted
 
     # ---- public interface ---------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> None:
@@ -145,6 +166,7 @@ class Scheduler:
         # 1. Running decodes (and their pages), preempting when memory runs out. This loop
         # runs once per running request per step: it is kept free of needless calls.
         ps = self.cfg.page_size
+        k = self.cfg.num_speculative_tokens
         for r in list(self._running):
             s = r.state
             if not isinstance(s, _DECODABLE) or budget < 1 or r.rid in scheduled:
@@ -154,6 +176,13 @@ class Scheduler:
                 continue
             if r.num_computed >= len(s.blocks.pages) * ps and not self._reserve(r, r.num_computed + 1, scheduled):
                 continue
+            if k and r.pending == 0 and r.spec.speculate:
+                draft = self._draft(r, min(k, budget - 1))
+                if draft:
+                    chunks.append(self._draft_chunk(r, s.blocks, draft))
+                    scheduled.add(r.rid)
+                    budget -= 1 + len(draft)
+                    continue
             chunks.append(self._decode_chunk(r, s.blocks, r.tokens[-1] if r.pending == 0 else LAST_SAMPLED))
             scheduled.add(r.rid)
             budget -= 1
@@ -198,8 +227,20 @@ class Scheduler:
             running = isinstance(s, _RUNNING)
             if not running and isinstance(s, fsm.Finished):
                 continue
+            toks: tuple[int, ...] = ()
+            rejected = 0
+            if c.num_draft:
+                toks = (result.sampled[c.request_id], *result.accepted.get(c.request_id, ()))
+                if not 1 <= len(toks) <= c.num_draft + 1:
+                    raise InvariantViolation(f"step {plan.step_id}: {len(toks)} tokens for {c.num_draft} drafts")
+                rejected = c.num_draft + 1 - len(toks)
+                r.drafts = 0
+                self.num_draft_tokens += c.num_draft
+                self.num_accepted_tokens += c.num_draft - rejected
+                if running:  # (a preempted request's counters were reset already)
+                    r.num_computed -= rejected
             if running:
-                end = c.start + len(c.token_ids)
+                end = c.start + len(c.token_ids) - rejected
                 if end > r.num_confirmed:
                     r.num_confirmed = end
             if not c.sample:
@@ -207,23 +248,28 @@ class Scheduler:
                     self._publish(r)
                 continue
             # A token sampled before a preemption is still a valid continuation: keep it.
-            tok = result.sampled[c.request_id]
             r.pending -= 1
-            r.tokens.append(tok)
-            r.num_outputs += 1
             if isinstance(s, fsm.PrefillDone):
                 r.state = fsm.start_decode(s)
+            if not c.num_draft:
+                toks = (result.sampled[c.request_id],)
+            reason = None
+            for i, tok in enumerate(toks):
+                r.tokens.append(tok)
+                r.num_outputs += 1
+                if tok in r.spec.stop_token_ids or r.num_outputs >= r.spec.max_tokens or len(r.tokens) >= max_len:
+                    reason = self._stop_reason(r, tok)
+                    if reason is not None:
+                        toks = toks[: i + 1]
+                        break
             # Publish before a finish gives the pages back: the next turn re-sends them.
             if running and min(r.num_confirmed, len(r.tokens)) // ps > r.num_published:
                 self._publish(r)
-            reason = None
-            if tok in r.spec.stop_token_ids or r.num_outputs >= r.spec.max_tokens or len(r.tokens) >= max_len:
-                reason = self._stop_reason(r, tok)
-                if reason is not None:
-                    self._finish(r, reason)
-                    requests.pop(r.rid, None)
+            if reason is not None:
+                self._finish(r, reason)
+                requests.pop(r.rid, None)
             n_cached = r.num_cached_tokens
-            updates.append(RequestUpdate(r.rid, (tok,), reason, n_cached if n_cached > 0 else 0))
+            updates.append(RequestUpdate(r.rid, toks, reason, n_cached if n_cached > 0 else 0))
         self.pool.clear_fence(plan.step_id)
         return updates
 
@@ -273,6 +319,40 @@ class Scheduler:
         r.num_computed = start + 1
         r.pending += 1
         return ScheduledChunk(r.rid, (tok,), start, pages, True)
+
+    def _draft(self, r: _Request, k: int) -> list[int]:
+        """Up to k drafts for r's next decode, bounded by its max_tokens and the context length
+        (every drafted position must be one the request could reach) and by free pages."""
+        k = min(k, r.spec.max_tokens - r.num_outputs - 1, self.cfg.max_model_len - len(r.tokens) - 1)
+        if k <= 0:
+            return []
+        if r.drafter is None:
+            r.drafter = NgramDrafter(r.tokens, self.cfg.ngram_max, self.cfg.ngram_min)
+        draft = r.drafter.draft(k)
+        if draft:
+            bt = r.blocks
+            assert bt is not None
+            need = self._pages_for(r.num_computed + 1 + len(draft)) - len(bt.pages)
+            if need > 0:
+                if self.pool.can_allocate(need):
+                    self.pool.allocate(bt, need)
+                else:  # only what the pages it has can hold
+                    del draft[max(0, len(bt.pages) * self.cfg.page_size - r.num_computed - 1) :]
+        return draft
+
+    def _draft_chunk(self, r: _Request, blocks: BlockTable, draft: list[int]) -> ScheduledChunk:
+        """A decode of r's last token followed by drafts (r has no token in flight)."""
+        start = r.num_computed
+        n = 1 + len(draft)
+        pages = blocks.frozen()
+        ps = self.cfg.page_size
+        for p in range(start // ps, (start + n - 1) // ps + 1):
+            if self.pool.state[pages[p]] != PageState.OWNED:
+                raise InvariantViolation(f"chunk would write published page {pages[p]}")
+        r.num_computed = start + n
+        r.pending += 1
+        r.drafts = len(draft)
+        return ScheduledChunk(r.rid, (r.tokens[-1], *draft), start, pages, True, len(draft))
 
     def _reserve(self, r: _Request, n_tokens: int, scheduled: set[str]) -> bool:
         """Make r's pages cover n_tokens, preempting the running request that frees the most
@@ -410,8 +490,10 @@ class Scheduler:
                 raise InvariantViolation(f"running request {r.rid} without pages")
             if len(bt.pages) * ps < r.num_computed:
                 raise InvariantViolation(f"request {r.rid}: pages do not cover its KV")
-            if not r.num_confirmed <= r.num_computed <= r.num_tokens:
+            if not r.num_confirmed <= r.num_computed <= r.num_tokens + r.drafts:
                 raise InvariantViolation(f"request {r.rid}: token counters out of order")
+            if r.drafts and not r.pending:
+                raise InvariantViolation(f"request {r.rid}: drafts in flight without a step")
             if r.pending > len(self._unadvanced):
                 raise InvariantViolation(f"request {r.rid}: more samples in flight than steps")
         for rid, r in self._requests.items():

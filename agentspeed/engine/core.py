@@ -15,6 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from agentspeed.control.plan import ExecutionPlan, RequestSpec, RequestUpdate, StepResult
 from agentspeed.control.scheduler import Scheduler, SchedulerConfig
 from agentspeed.sampling_params import SamplingParams
@@ -35,6 +37,23 @@ class SchedulingOptions:
     # CPU (planning competes with the forward's threads for the same cores: measured 10%
     # slower, see docs/benchmarks.md).
     overlap: bool | None = None
+    # Speculative decoding by n-gram prompt lookup: drafts per decode step (0: off), for
+    # greedy requests without penalties or logprobs (verification compares argmaxes).
+    num_speculative_tokens: int = 0
+    ngram_max: int = 3
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        # Checked here too (SchedulerConfig checks again): the server fails at start, not in
+        # the engine process.
+        SchedulerConfig(1, 1, num_speculative_tokens=self.num_speculative_tokens,
+                        ngram_max=self.ngram_max, ngram_min=self.ngram_min)
+
+
+def speculation_exact(params: SamplingParams) -> bool:
+    """Greedy verification keeps outputs identical to plain decoding only for argmax sampling
+    whose per-token outputs (penalty histories, logprobs) do not depend on one step's rows."""
+    return params.greedy and not params.has_penalties and params.logprobs is None
 
 
 class EngineCore:
@@ -69,6 +88,9 @@ class EngineCore:
                 max_num_seqs=opts.max_num_seqs,
                 max_model_len=runner.max_model_len,
                 enable_prefix_caching=opts.enable_prefix_caching,
+                num_speculative_tokens=opts.num_speculative_tokens,
+                ngram_max=opts.ngram_max,
+                ngram_min=opts.ngram_min,
             )
         )
         # Steps always execute on this one thread, overlap or not: every OS thread that
@@ -82,6 +104,8 @@ class EngineCore:
 
     def add_request(self, spec: RequestSpec, params: SamplingParams) -> None:
         """Raises RequestRejected if the request can never be served."""
+        if self.opts.num_speculative_tokens and speculation_exact(params):
+            spec = msgspec.structs.replace(spec, speculate=True)
         self.scheduler.submit(spec)
         self.runner.add_request(spec.request_id, params, spec.prompt_token_ids)
 

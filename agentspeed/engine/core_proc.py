@@ -98,6 +98,7 @@ class _Core:
         return EngineStats(
             num_running=s.num_running, num_waiting=s.num_waiting, kv_pages_used=s.pool.num_in_use(),
             kv_pages_total=s.pool.num_usable, num_preemptions=s.num_preemptions, steps=self.engine.steps,
+            num_draft_tokens=s.num_draft_tokens, num_accepted_tokens=s.num_accepted_tokens,
         )
 
 

@@ -60,6 +60,9 @@ class LLM:
         skip_tokenizer_init: bool = False,
         chat_template: str | None = None,
         engine_config: EngineConfig | None = None,
+        num_speculative_tokens: int = 0,
+        ngram_max: int = 3,
+        ngram_min: int = 1,
     ) -> None:
         cfg = engine_config or EngineConfig(
             model=model,
@@ -79,7 +82,8 @@ class LLM:
                 "use `agentspeed generate --tp N` for offline tensor-parallel generation"
             )
         self.engine = EngineCore.build(
-            cfg, SchedulingOptions(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap)
+            cfg, SchedulingOptions(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap,
+                                   num_speculative_tokens, ngram_max, ngram_min)
         )
         self.runner = self.engine.runner
         self.tokenizer = None if skip_tokenizer_init else Tokenizer.load(self.runner.source, chat_template)

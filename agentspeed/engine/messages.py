@@ -47,6 +47,8 @@ class EngineStats(msgspec.Struct, frozen=True, gc=False):
     kv_pages_total: int
     num_preemptions: int  # since start
     steps: int  # since start
+    num_draft_tokens: int = 0  # speculative drafts verified, since start
+    num_accepted_tokens: int = 0  # of those, accepted
 
 
 class EngineReady(msgspec.Struct, tag=True, frozen=True):

@@ -15,13 +15,14 @@ from agentspeed.kernels.api import AttentionMetadata
 class SequenceChunk:
     """One sequence's work in a step: compute `token_ids` at positions start, start+1, ...
     `pages` must cover positions [0, start + len(token_ids)). If `sample`, the logits of the
-    last token are returned (and sampled) for this sequence."""
+    last 1 + num_draft tokens are returned (the last token's alone without drafts)."""
 
     request_id: str
     token_ids: Sequence[int]
     start: int
     pages: Sequence[int]
     sample: bool = True
+    num_draft: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +54,10 @@ def build_inputs(chunks: Sequence[SequenceChunk], page_size: int, device: str) -
         qstart.append(qstart[-1] + n)
         seq_lens.append(end)
         if c.sample:
-            logits_rows.append(qstart[-1] - 1)
+            if c.num_draft:
+                logits_rows.extend(range(qstart[-1] - 1 - c.num_draft, qstart[-1]))
+            else:
+                logits_rows.append(qstart[-1] - 1)
         table.append([*c.pages, *([0] * (max_pages - len(c.pages)))])
 
     def t(x: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:

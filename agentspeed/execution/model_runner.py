@@ -60,7 +60,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
-        """fp32 logits [number of chunks with sample=True, vocab], in chunk order."""
+        """fp32 logits [rows, vocab], in chunk order: one row per chunk with sample=True, 1 +
+        num_draft rows for a chunk with drafts."""
         inputs = build_inputs(chunks, self.page_size, self.device)
         ctx = ForwardContext(inputs.positions, inputs.attn, self.kv.layers, inputs.logits_indices)
         return self.model(inputs.input_ids, ctx)
@@ -75,20 +76,41 @@ class ModelRunner:
 
     def _execute(
         self, chunks: Sequence[SequenceChunk], params: Sequence[SamplingParams]
-    ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
+    ) -> tuple[list[int], list[TokenLogprobs | None] | None, dict[str, tuple[int, ...]]]:
+        """(a sampled token per sampling chunk, their logprobs, the accepted continuation of
+        each chunk with drafts: see StepResult.accepted)."""
         logits = self.forward(chunks)
-        rids = [c.request_id for c in chunks if c.sample]
+        sampling = [c for c in chunks if c.sample]
+        rids = [c.request_id for c in sampling]
         if not rids:
-            return [], None
+            return [], None, {}
+        drafts = any(c.num_draft for c in sampling)
+        firsts = logits
+        if drafts:
+            # Row 0 of a chunk with drafts is the plain decode's row (what `sampled` holds);
+            # the argmax of every row is what verification compares the drafts with.
+            rows, first = 0, []
+            for c in sampling:
+                first.append(rows)
+                rows += 1 + c.num_draft
+            firsts = logits[torch.tensor(first, device=logits.device)]
         histories = None
         if any(p.has_penalties for p in params):
             histories = [(self.prompts.get(r, ()), self.outputs.get(r, ())) for r in rids]
-        out = self.sampler.sample(logits, rids, params, histories)
-        ids = self.comm.broadcast(out.token_ids, src=0).tolist()
+        out = self.sampler.sample(firsts, rids, params, histories)
+        if not drafts:
+            ids = self.comm.broadcast(out.token_ids, src=0).tolist()
+            accepted: dict[str, tuple[int, ...]] = {}
+        else:
+            both = self.comm.broadcast(torch.cat((out.token_ids, logits.argmax(-1))), src=0).tolist()
+            ids, best = both[: len(rids)], both[len(rids) :]
+            accepted = {c.request_id: _verify(c.token_ids[len(c.token_ids) - c.num_draft :], t, best[f + 1 :])
+                        for c, t, f in zip(sampling, ids, first) if c.num_draft}
         for r, t in zip(rids, ids):
             if r in self.outputs:
                 self.outputs[r].append(t)
-        return ids, out.logprobs
+                self.outputs[r].extend(accepted.get(r, ()))
+        return ids, out.logprobs, accepted
 
     def add_request(self, request_id: str, params: SamplingParams, prompt: Sequence[int] = ()) -> None:
         self.params[request_id] = params
@@ -111,17 +133,35 @@ class ModelRunner:
                 c.start,
                 c.pages,
                 c.sample,
+                c.num_draft,
             )
             for c in plan.chunks
         ]
         sampling = [c.request_id for c in plan.chunks if c.sample]
-        ids, lps = self._execute(chunks, [self.params[r] for r in sampling]) if chunks else ([], None)
+        ids, lps, accepted = self._execute(chunks, [self.params[r] for r in sampling]) if chunks else ([], None, {})
         sampled = dict(zip(sampling, ids))
         self.last_sampled.update(sampled)
+        for r, more in accepted.items():
+            if more:
+                self.last_sampled[r] = more[-1]
         logprobs = {r: lp for r, lp in zip(sampling, lps) if lp is not None} if lps else {}
         for rid in plan.released:
             self.release(rid)
-        return StepResult(plan.step_id, sampled, logprobs)
+        return StepResult(plan.step_id, sampled, logprobs, accepted)
 
     def shutdown(self) -> None:
         self.comm.shutdown()
+
+
+def _verify(drafts: Sequence[int], first: int, best: Sequence[int]) -> tuple[int, ...]:
+    """Greedy verification: best[i] is the argmax after draft i. Draft i stands while it equals
+    the token before it (first, then each accepted argmax); returns the argmaxes after the
+    drafts that stand, so the result is exactly what plain greedy decoding would produce."""
+    out: list[int] = []
+    prev = first
+    for i, d in enumerate(drafts):
+        if d != prev:
+            break
+        prev = best[i]
+        out.append(prev)
+    return tuple(out)

@@ -13,7 +13,9 @@ Ops (each has a torch `reference` backend that runs everywhere):
                                                   writes new tokens' K/V in place
   paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None)
   paged_attention_decode(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None)
-                                                  -> [T, H, D]
+                                                  -> [T, H, D]; sequences have 1 to
+                                                  MAX_DECODE_QUERY query tokens (a decode, or
+                                                  one verifying speculative drafts), causal
   sample(logits, params) -> Tensor[int64]
 
 Multi-head latent attention (DeepSeek-V2/V3). The cache holds one row per token,
@@ -64,6 +66,10 @@ OPS = (
 
 ENV_OVERRIDE = "AGENTSPEED_KERNEL_BACKEND"
 
+# Sequences with at most this many new tokens are "decode-like": one token plus up to 7
+# speculative drafts to verify. Decode kernels read each K/V row once for all of them.
+MAX_DECODE_QUERY = 8
+
 
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
@@ -85,14 +91,15 @@ class AttentionMetadata:
     page_size: int
     pages_cpu: tuple[Sequence[int], ...] = ()  # per sequence, its pages (host copy of page_table)
 
-    # For a mixed batch that starts with single-token (decode) sequences: (number of them,
-    # their metadata, the rest's metadata), so attention can run the decode kernel on those
-    # rows; None otherwise. Built once per forward by `with_decode_split`.
+    # For a mixed batch that starts with decode-like sequences (at most MAX_DECODE_QUERY
+    # tokens): (their number of query rows, their metadata, the rest's metadata), so attention
+    # can run the decode kernel on those rows; None otherwise. Built once per forward by `with_decode_split`.
     decode_split: tuple[int, AttentionMetadata, AttentionMetadata] | None = None
 
     @property
     def is_decode(self) -> bool:
-        return max(self.query_lens_cpu) == 1
+        """Every sequence is decode-like (at most MAX_DECODE_QUERY query tokens)."""
+        return max(self.query_lens_cpu) <= MAX_DECODE_QUERY
 
     def _part(self, lo: int, hi: int) -> AttentionMetadata:
         q0 = sum(self.query_lens_cpu[:lo])
@@ -110,16 +117,17 @@ class AttentionMetadata:
 
     def with_decode_split(self) -> AttentionMetadata:
         """This metadata with `decode_split` filled in when the batch is mixed and leads with
-        single-token sequences (the scheduler puts decodes first)."""
+        decode-like sequences (the scheduler puts decodes first)."""
         nd = 0
         for n in self.query_lens_cpu:
-            if n != 1:
+            if n > MAX_DECODE_QUERY:
                 break
             nd += 1
         if nd == 0 or nd == len(self.query_lens_cpu):
             return self
         n = len(self.query_lens_cpu)
-        return dataclasses.replace(self, decode_split=(nd, self._part(0, nd), self._part(nd, n)))
+        rows = sum(self.query_lens_cpu[:nd])
+        return dataclasses.replace(self, decode_split=(rows, self._part(0, nd), self._part(nd, n)))
 
     @property
     def max_seq_len(self) -> int:

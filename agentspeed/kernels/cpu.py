@@ -211,6 +211,8 @@ def paged_attention_decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if q.shape[0] != len(meta.seq_lens_cpu):  # several query tokens: the general causal path
+        return paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     if meta.pages_cpu and meta.max_seq_len >= LONG_CONTEXT:
         return _decode_per_sequence(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     page_size = k_cache.shape[1]

@@ -50,7 +50,7 @@ MAX_GROUP, MAX_DIM = 32, 256  # the C++ kernel's stack buffers
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
-_ARGTYPES = (_P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _I, _I, _I, _I, _I,
+_ARGTYPES = (_P, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _I, _I, _I, _I, _I,
              ctypes.c_float, _P, _I, _I)
 _PREFILL_ARGTYPES = (_P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _P, _I, _I, _I, _I, _I,
                      ctypes.c_float, _P, _I)
@@ -91,12 +91,15 @@ def paged_attention_decode(
     if _fn is None:
         raise RuntimeError(f"{BACKEND} is unavailable here: {_UNAVAILABLE}")
     code = _cache_code(q, k_cache, v_cache, k_scale, v_scale, "decode")
-    B, H, D = q.shape
+    _, H, D = q.shape
+    B = len(meta.seq_lens_cpu)
     q = q.contiguous()
     table = _contiguous(meta.page_table)
     lens = meta.seq_lens.to(torch.int32).contiguous()
+    # One query token per sequence needs no offsets (the common decode step).
+    starts = None if q.shape[0] == B else meta.query_start_loc.to(torch.int32).contiguous()
     out = torch.empty_like(q)
-    rc = _fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
+    rc = _fn(q.data_ptr(), _ptr(starts), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
              code, table.data_ptr(), table.stride(0), lens.data_ptr(), B, H, k_cache.shape[2], D,
              k_cache.shape[1], scale, out.data_ptr(), SPLIT_TOKENS, torch.get_num_threads())
     if rc != 0:

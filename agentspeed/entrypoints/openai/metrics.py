@@ -47,6 +47,13 @@ class _EngineCollector(Collector):
                                 labels=labels)
         c.add_metric([self._model], s.num_preemptions)
         yield c
+        for name, doc, v in (
+            ("spec_decode_num_draft_tokens", "Speculative draft tokens verified", s.num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted", s.num_accepted_tokens),
+        ):
+            c = CounterMetricFamily(f"agentspeed:{name}", doc, labels=labels)
+            c.add_metric([self._model], v)
+            yield c
 
 
 class Metrics:

@@ -29,7 +29,7 @@ from agentspeed.errors import AgentspeedError
 SOURCES = ("elementwise.cpp", "paged_decode.cpp", "paged_prefill.cpp", "q4_linear.cpp")
 HEADERS = ("kv_load.h", "vec.h")  # part of the cache key, not compiled on their own
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 1
+ABI_VERSION = 2
 ENV_CACHE = "AGENTSPEED_CACHE_DIR"
 ENV_CXX = "CXX"
 # Extra compiler flags, e.g. "-mno-avx512f" to build (and test) the AVX2 code path on an

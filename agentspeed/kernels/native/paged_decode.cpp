@@ -1,5 +1,6 @@
-// Paged decode attention for CPUs: one query token per sequence over its paged K/V cache,
-// read in the cache's own storage type (fp32, bf16, fp16, fp8 e4m3 with per-token scales).
+// Paged decode attention for CPUs: a few query tokens per sequence (one for plain decode, a
+// handful when speculative drafts are verified) over its paged K/V cache, read in the
+// cache's own storage type (fp32, bf16, fp16, fp8 e4m3 with per-token scales).
 //
 // Why native: at long context a decode step is bound by reading K/V. The torch path
 // converts a 16-bit cache to fp32 per sequence before attending (read 2 bytes, write 4,
@@ -10,6 +11,11 @@
 // item keeps a running max / sum / weighted V per query head of the group (flash-decoding),
 // and the spans of one (sequence, KV head) are merged by log-sum-exp at the end. Built with
 // -ffast-math for the vectorised exp; no infinities are used (initial max is -1e30).
+//
+// Several query tokens: the Q tokens of a sequence become Q x G rows of each KV head's group
+// ("virtual heads", token-major), so every K/V row is still read once for all of them. Row
+// (token i of Q) sees keys t < seq_len - (Q - 1 - i): the keys it must not see are always a
+// suffix of a block, so causality is a per-row count, not a mask.
 
 #include <algorithm>
 #include <cmath>
@@ -30,7 +36,8 @@ namespace {
 constexpr int BLOCK = 64;   // tokens scored together before the softmax update (64: 7% faster than 32)
 constexpr int MAX_GROUP = 32;
 constexpr int MAX_DIM = 256;
-constexpr int MAX_HEADS = 64;  // vectorised path: every head of a sequence in one item
+constexpr int MAX_HEADS = 64;  // vectorised path: every (virtual) head of a sequence in one item
+constexpr int MAX_QUERY = 8;   // query tokens per sequence
 
 float fp8_lut[256];
 
@@ -71,7 +78,8 @@ inline void load_row(const void* base, int64_t elem, int n, float* __restrict ou
 }
 
 struct Args {
-    const float* q;  // [B, H, D]
+    const float* q;  // [T, H, D]; sequence b's rows are [qstart[b], qstart[b+1]) (one each if null)
+    const int32_t* qstart;  // [B + 1] or null
     const void* k_cache;  // [pages, page_size, KVH, D]
     const void* v_cache;
     const float* k_scale;  // [pages, page_size] or null
@@ -81,24 +89,36 @@ struct Args {
     const int32_t* seq_lens;  // [B]
     int B, H, KVH, D, page_size;
     float scale;
-    float* out;  // [B, H, D]
+    float* out;  // [T, H, D]
+
+    int first_row(int b) const { return qstart ? qstart[b] : b; }
+    int num_queries(int b) const { return qstart ? qstart[b + 1] - qstart[b] : 1; }
 };
 
-// Attend query heads [kh*G, kh*G+G) of sequence b over tokens [t0, t1) of its context.
-// Writes m[G], l[G] (running max and sum of exp) and acc[G*D] (unnormalised output).
+// Keys of block [start, start + n) that virtual row (token qi of Q) may see.
+inline int visible(int start, int n, int seq_len, int Q, int qi) {
+    const int lim = seq_len - (Q - 1 - qi) - start;
+    return lim < 0 ? 0 : lim < n ? lim : n;
+}
+
+// Attend the Q x G virtual heads of KV head kh of sequence b over tokens [t0, t1) of its
+// context. Writes m[QG], l[QG] (running max and sum of exp) and acc[QG*D] (unnormalised
+// output), virtual head v = token v / G, query head kh * G + v % G.
 template <int DT>
 void attend_span(const Args& a, int b, int kh, int t0, int t1, float* m, float* l, float* acc) {
-    const int G = a.H / a.KVH, D = a.D;
+    const int G = a.H / a.KVH, D = a.D, Q = a.num_queries(b), QG = Q * G, L = a.seq_lens[b];
     const int64_t row = static_cast<int64_t>(a.KVH) * D;  // elements per token
     const int32_t* pages = a.page_table + b * a.pt_stride;
-    float qs[MAX_GROUP * MAX_DIM];
-    const float* qb = a.q + (static_cast<int64_t>(b) * a.H + kh * G) * D;
-    for (int i = 0; i < G * D; ++i) qs[i] = qb[i] * a.scale;
-    for (int h = 0; h < G; ++h) { m[h] = -1e30f; l[h] = 0.0f; }
-    std::memset(acc, 0, sizeof(float) * G * D);
+    std::vector<float> qs(static_cast<size_t>(QG) * D), sv(static_cast<size_t>(QG) * BLOCK);
+    for (int v = 0; v < QG; ++v) {
+        const float* qv = a.q + (static_cast<int64_t>(a.first_row(b) + v / G) * a.H + kh * G + v % G) * D;
+        for (int i = 0; i < D; ++i) qs[v * D + i] = qv[i] * a.scale;
+    }
+    for (int h = 0; h < QG; ++h) { m[h] = -1e30f; l[h] = 0.0f; }
+    std::memset(acc, 0, sizeof(float) * QG * D);
 
     float kv[BLOCK][MAX_DIM];
-    float s[MAX_GROUP][BLOCK];
+    auto s = [&](int h) { return &sv[static_cast<size_t>(h) * BLOCK]; };
     int64_t slot[BLOCK];
     for (int start = t0; start < t1; start += BLOCK) {
         const int n = start + BLOCK <= t1 ? BLOCK : t1 - start;
@@ -107,24 +127,29 @@ void attend_span(const Args& a, int b, int kh, int t0, int t1, float* m, float* 
             slot[j] = static_cast<int64_t>(pages[t / a.page_size]) * a.page_size + t % a.page_size;
             load_row<DT>(a.k_cache, slot[j] * row + kh * D, D, kv[j]);
         }
-        for (int h = 0; h < G; ++h) {
-            const float* qh = qs + h * D;
+        for (int h = 0; h < QG; ++h) {
+            const float* qh = &qs[h * D];
+            float* sh = s(h);
             for (int j = 0; j < n; ++j) {
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
                 for (int d = 0; d < D; ++d) dot += qh[d] * kv[j][d];
-                s[h][j] = a.k_scale ? dot * a.k_scale[slot[j]] : dot;
+                sh[j] = a.k_scale ? dot * a.k_scale[slot[j]] : dot;
             }
         }
-        for (int h = 0; h < G; ++h) {
+        for (int h = 0; h < QG; ++h) {
+            float* sh = s(h);
+            const int nv = visible(start, n, L, Q, h / G);
+            for (int j = nv; j < n; ++j) sh[j] = 0.0f;
+            if (nv == 0) continue;
             float mb = m[h];
-            for (int j = 0; j < n; ++j) mb = s[h][j] > mb ? s[h][j] : mb;
+            for (int j = 0; j < nv; ++j) mb = sh[j] > mb ? sh[j] : mb;
             const float corr = std::exp(m[h] - mb);
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-            for (int j = 0; j < n; ++j) {
-                s[h][j] = std::exp(s[h][j] - mb);
-                sum += s[h][j];
+            for (int j = 0; j < nv; ++j) {
+                sh[j] = std::exp(sh[j] - mb);
+                sum += sh[j];
             }
             l[h] = l[h] * corr + sum;
             m[h] = mb;
@@ -137,8 +162,8 @@ void attend_span(const Args& a, int b, int kh, int t0, int t1, float* m, float* 
         for (int j = 0; j < n; ++j) {
             load_row<DT>(a.v_cache, slot[j] * row + kh * D, D, kv[j]);
             const float vs = a.v_scale ? a.v_scale[slot[j]] : 1.0f;
-            for (int h = 0; h < G; ++h) {
-                const float p = s[h][j] * vs;
+            for (int h = 0; h < QG; ++h) {
+                const float p = s(h)[j] * vs;
                 float* ah = acc + h * D;
 #pragma omp simd
                 for (int d = 0; d < D; ++d) ah[d] += p * kv[j][d];
@@ -198,22 +223,25 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
     // a KV head's slice per item (which left the hardware prefetcher fetching the rest).
     constexpr int D = NV * W;
     constexpr int64_t ELEM = DT == F32 ? 4 : DT == FP8_E4M3 ? 1 : 2;  // bytes per stored value
-    const int H = a.H, G = a.H / a.KVH;
+    // Virtual heads are KV-head-major here (v = kh * QG + token * G + g), so each KV head's
+    // rows are contiguous; the caller's m/l/acc use the same order.
+    const int G = a.H / a.KVH, Q = a.num_queries(b), QG = Q * G, L = a.seq_lens[b];
     const int64_t row = static_cast<int64_t>(a.KVH) * D;
     const int32_t* pages = a.page_table + b * a.pt_stride;
     vf qs[MAX_HEADS][NV];
     vf acc[MAX_HEADS][NV] = {};
-    const float* qb = a.q + static_cast<int64_t>(b) * H * D;
-    for (int h = 0; h < H; ++h) {
+    for (int v = 0; v < a.KVH * QG; ++v) {
+        const int kh = v / QG, qi = (v % QG) / G, g = v % G;
+        const float* qv = a.q + (static_cast<int64_t>(a.first_row(b) + qi) * a.H + kh * G + g) * D;
         for (int i = 0; i < NV; ++i) {
-            std::memcpy(&qs[h][i], qb + h * D + i * W, sizeof(vf));
-            qs[h][i] *= a.scale;
+            std::memcpy(&qs[v][i], qv + i * W, sizeof(vf));
+            qs[v][i] *= a.scale;
         }
-        m[h] = -1e30f;
-        l[h] = 0.0f;
+        m[v] = -1e30f;
+        l[v] = 0.0f;
     }
     vf kv[BLOCK][NV];
-    float s[MAX_GROUP][BLOCK];
+    float s[MAX_HEADS][BLOCK];
     int64_t slot[BLOCK], nslot[BLOCK];
     for (int start = t0; start < t1; start += BLOCK) {
         const int n = start + BLOCK <= t1 ? BLOCK : t1 - start;
@@ -235,8 +263,8 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
         for (int kh = 0; kh < a.KVH; ++kh) {
             for (int j = 0; j < n; ++j)
                 for (int i = 0; i < NV; ++i) kv[j][i] = loadw<DT>(a.k_cache, slot[j] * row + kh * D + i * W);
-            for (int g = 0; g < G; ++g) {
-                const vf* qh = qs[kh * G + g];
+            for (int g = 0; g < QG; ++g) {
+                const vf* qh = qs[kh * QG + g];
                 for (int j0 = 0; j0 < n; j0 += 8) {
                     if (g == 0) prefetch_rows<D * ELEM>(a.k_cache, nslot, row * ELEM, kh * D * ELEM, j0, std::min(j0 + 8, nn));
                     v8f d[8];
@@ -250,14 +278,16 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
                 }
                 if (a.k_scale)
                     for (int j = 0; j < n; ++j) s[g][j] *= a.k_scale[slot[j]] * FP8_VIA_F16;
-                const int h = kh * G + g;
+                const int h = kh * QG + g;
+                const int nv = Q == 1 ? n : visible(start, n, L, Q, g / G);
+                for (int j = nv; j < n; ++j) s[g][j] = 0.0f;
                 float mb = m[h];
 #pragma omp simd reduction(max : mb)
-                for (int j = 0; j < n; ++j) mb = s[g][j] > mb ? s[g][j] : mb;
+                for (int j = 0; j < nv; ++j) mb = s[g][j] > mb ? s[g][j] : mb;
                 const float corr = std::exp(m[h] - mb);
                 float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-                for (int j = 0; j < n; ++j) {
+                for (int j = 0; j < nv; ++j) {
                     s[g][j] = std::exp(s[g][j] - mb);
                     sum += s[g][j];
                 }
@@ -270,11 +300,11 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
             }
             for (int j = 0; j < n; ++j)
                 for (int i = 0; i < NV; ++i) kv[j][i] = loadw<DT>(a.v_cache, slot[j] * row + kh * D + i * W);
-            for (int g = 0; g < G; ++g) {
+            for (int g = 0; g < QG; ++g) {
                 // Two accumulator sets (even and odd tokens): one set is a chain of dependent
                 // FMAs per token, bound by FMA latency rather than throughput.
                 vf r[NV], r2[NV] = {};
-                vf* ah = acc[kh * G + g];
+                vf* ah = acc[kh * QG + g];
                 for (int i = 0; i < NV; ++i) r[i] = ah[i];
                 int j = 0;
                 for (; j + 2 <= n; j += 2) {
@@ -290,28 +320,32 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
             }
         }
     }
-    for (int h = 0; h < H; ++h)
+    for (int h = 0; h < a.KVH * QG; ++h)
         for (int i = 0; i < NV; ++i) std::memcpy(accf + h * D + i * W, &acc[h][i], sizeof(vf));
 }
 
-// One item: every head of sequence b over tokens [t0, t1); m, l [H], acc [H, D].
+// One item: every virtual head of sequence b over tokens [t0, t1); m, l [Q*H], acc [Q*H, D],
+// KV-head-major (v = kh * Q * G + token * G + g).
 template <int DT>
 void attend(const Args& a, int b, int t0, int t1, float* m, float* l, float* acc) {
-    if (a.H <= MAX_HEADS) {
+    if (a.H * a.num_queries(b) <= MAX_HEADS) {
         switch (a.D) {
             case 64: attend_span_vec<DT, 64 / W>(a, b, t0, t1, m, l, acc); return;
             case 128: attend_span_vec<DT, 128 / W>(a, b, t0, t1, m, l, acc); return;
             default: break;
         }
     }
-    const int G = a.H / a.KVH;
+    const int QG = a.num_queries(b) * (a.H / a.KVH);
     for (int kh = 0; kh < a.KVH; ++kh)
-        attend_span<DT>(a, b, kh, t0, t1, m + kh * G, l + kh * G, acc + kh * G * a.D);
+        attend_span<DT>(a, b, kh, t0, t1, m + kh * QG, l + kh * QG, acc + kh * QG * a.D);
 }
 
 template <int DT>
 void run(const Args& a, int split, int threads) {
-    const int H = a.H, D = a.D;
+    const int D = a.D, G = a.H / a.KVH;
+    int qmax = 1;
+    for (int b = 0; b < a.B; ++b) qmax = std::max(qmax, a.num_queries(b));
+    const int H = a.H * qmax;  // virtual heads per item (room for the most query tokens)
     std::vector<int> first(a.B + 1, 0);  // items [first[b], first[b+1]) are sequence b's spans
     for (int b = 0; b < a.B; ++b) first[b + 1] = first[b] + (a.seq_lens[b] + split - 1) / split;
     const int items = first[a.B];
@@ -325,14 +359,16 @@ void run(const Args& a, int split, int threads) {
         const size_t o = static_cast<size_t>(it) * H;
         attend<DT>(a, b, t0, t1, &m[o], &l[o], &acc[o * D]);
     }
-    // Merge each (sequence, head)'s spans by log-sum-exp.
+    // Merge each (sequence, virtual head)'s spans by log-sum-exp.
 #pragma omp parallel for num_threads(threads)
     for (int bh = 0; bh < a.B * H; ++bh) {
-        const int b = bh / H, h = bh % H;
+        const int b = bh / H, h = bh % H, Q = a.num_queries(b), QG = Q * G;
+        if (h >= a.H * Q) continue;
+        const int kh = h / QG, qi = (h % QG) / G, g = h % G;
         float mx = -1e30f;
         for (int it = first[b]; it < first[b + 1]; ++it) mx = m[it * H + h] > mx ? m[it * H + h] : mx;
         float den = 0.0f;
-        float* o = a.out + static_cast<int64_t>(bh) * D;
+        float* o = a.out + (static_cast<int64_t>(a.first_row(b) + qi) * a.H + kh * G + g) * D;
         std::memset(o, 0, sizeof(float) * D);
         for (int it = first[b]; it < first[b + 1]; ++it) {
             const size_t r = static_cast<size_t>(it) * H + h;
@@ -352,19 +388,23 @@ void run(const Args& a, int split, int threads) {
 
 extern "C" {
 
-int agentspeed_abi_version() { return 1; }
+int agentspeed_abi_version() { return 2; }
 
 // Returns 0 on success, a negative code for arguments the kernel cannot take (the Python
 // wrapper checks these first; the codes are a second line of defence, never a crash).
-int paged_decode_attention(const float* q, const void* k_cache, const void* v_cache,
-                           const float* k_scale, const float* v_scale, int dtype,
+// query_start: [B + 1] row offsets of each sequence's query tokens (at most MAX_QUERY each,
+// the last ones of its context), or null for one token per sequence.
+int paged_decode_attention(const float* q, const int32_t* query_start, const void* k_cache,
+                           const void* v_cache, const float* k_scale, const float* v_scale, int dtype,
                            const int32_t* page_table, int64_t pt_stride, const int32_t* seq_lens,
                            int B, int H, int KVH, int D, int page_size, float scale, float* out,
                            int split, int threads) {
     if (KVH <= 0 || H % KVH != 0 || H / KVH > MAX_GROUP || D > MAX_DIM || split <= 0) return -1;
-    for (int b = 0; b < B; ++b)
-        if (seq_lens[b] <= 0) return -2;
-    Args a{q, k_cache, v_cache, k_scale, v_scale, page_table, pt_stride, seq_lens,
+    for (int b = 0; b < B; ++b) {
+        const int nq = query_start ? query_start[b + 1] - query_start[b] : 1;
+        if (seq_lens[b] <= 0 || nq < 1 || nq > MAX_QUERY || nq > seq_lens[b]) return -2;
+    }
+    Args a{q, query_start, k_cache, v_cache, k_scale, v_scale, page_table, pt_stride, seq_lens,
            B, H, KVH, D, page_size, scale, out};
     switch (dtype) {
         case F32: run<F32>(a, split, threads); return 0;

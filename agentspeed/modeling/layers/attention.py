@@ -63,10 +63,10 @@ class PagedAttention(SpmdModule):
         elif meta.decode_split is not None:
             # Decode rows of a mixed step go to the decode kernel (on CPU the native one reads
             # the pages in place; the prefill path would gather each whole context).
-            nd, dmeta, pmeta = meta.decode_split
+            rows, dmeta, pmeta = meta.decode_split
             out = torch.empty_like(q)
-            out[:nd] = ks.paged_attention_decode(q[:nd], kv.k, kv.v, dmeta, self.scale, kv.k_scale, kv.v_scale)
-            out[nd:] = ks.paged_attention_prefill(q[nd:], kv.k, kv.v, pmeta, self.scale, kv.k_scale, kv.v_scale)
+            out[:rows] = ks.paged_attention_decode(q[:rows], kv.k, kv.v, dmeta, self.scale, kv.k_scale, kv.v_scale)
+            out[rows:] = ks.paged_attention_prefill(q[rows:], kv.k, kv.v, pmeta, self.scale, kv.k_scale, kv.v_scale)
         else:
             out = ks.paged_attention_prefill(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale)
         return out.reshape(T, self.q_size)
