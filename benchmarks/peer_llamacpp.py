@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def build(jobs: int) -> Path:
 
 
 class LlamaServer:
-    def __init__(self, gguf: Path, slots: int, ctx_per_slot: int, threads: int) -> None:
+    def __init__(self, gguf: Path, slots: int, ctx_per_slot: int, threads: int, extra: Sequence[str] = ()) -> None:
         from agentspeed.execution.launch import free_port
 
         self.port = free_port()
@@ -68,7 +69,7 @@ class LlamaServer:
         self.log = open(f"/tmp/llama-server-{self.port}.log", "w")  # noqa: SIM115
         cmd = [str(server_binary()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
                "--parallel", str(slots), "--cont-batching", "--ctx-size", str(slots * ctx_per_slot),
-               "--threads", str(threads), "--threads-batch", str(threads), "--cache-reuse", "256"]
+               "--threads", str(threads), "--threads-batch", str(threads), "--cache-reuse", "256", *extra]
         print("starting: " + " ".join(cmd), file=sys.stderr)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         try:
@@ -105,7 +106,7 @@ def run(a: argparse.Namespace) -> None:
     slots = max(int(c) for c in a.concurrency.split(","))
     tmp = Path(a.output).with_suffix("")
     rows: list[dict[str, object]] = []
-    peer = LlamaServer(gguf, slots, a.max_context, a.threads)
+    peer = LlamaServer(gguf, slots, a.max_context, a.threads, shlex.split(a.llama_args))
     try:
         rows += bench("llama-server", peer.url, a, Path(f"{tmp}.llamacpp.json"))
     finally:
@@ -145,6 +146,9 @@ def main() -> None:
     r.add_argument("--agentspeed-args", default="",
                    help="extra `agentspeed serve` flags, e.g. '--kv-cache-dtype bfloat16' (llama-server's "
                         "KV cache is f16 by default)")
+    r.add_argument("--llama-args", default="",
+                   help="extra llama-server flags, e.g. '--spec-type ngram-simple --spec-draft-n-max 3' "
+                        "(its own n-gram speculative decoding, against agentspeed's --num-speculative-tokens)")
     r.add_argument("--output", default="peer_results.json")
     r.add_argument("--plot", default="peer_pareto.png")
     a = ap.parse_args()
