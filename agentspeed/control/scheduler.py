@@ -179,7 +179,8 @@ class Scheduler:
             if k and r.pending == 0 and r.spec.speculate:
                 draft = self._draft(r, min(k, budget - 1))
                 if draft:
-                    chunks.append(self._draft_chunk(r, s.blocks, draft))
+                    # a decode of the last token (none in flight) followed by the drafts
+                    chunks.append(self._chunk(r, (r.tokens[-1], *draft), True, len(draft)))
                     scheduled.add(r.rid)
                     budget -= 1 + len(draft)
                     continue
@@ -294,7 +295,7 @@ class Scheduler:
         key = (-(1 << 62) if front else r.spec.priority, r.arrival, r.rid)
         bisect.insort(self._waiting, key)
 
-    def _chunk(self, r: _Request, tokens: tuple[int, ...], sample: bool) -> ScheduledChunk:
+    def _chunk(self, r: _Request, tokens: tuple[int, ...], sample: bool, num_draft: int = 0) -> ScheduledChunk:
         s = r.state
         assert isinstance(s, _RUNNING)
         start = r.num_computed
@@ -308,7 +309,8 @@ class Scheduler:
         r.num_computed += len(tokens)
         if sample:
             r.pending += 1
-        return ScheduledChunk(r.rid, tokens, start, pages, sample)
+        r.drafts = num_draft
+        return ScheduledChunk(r.rid, tokens, start, pages, sample, num_draft)
 
     def _decode_chunk(self, r: _Request, blocks: BlockTable, tok: int) -> ScheduledChunk:
         """_chunk for one token that samples: the same checks, fewer steps."""
@@ -339,20 +341,6 @@ class Scheduler:
                 else:  # only what the pages it has can hold
                     del draft[max(0, len(bt.pages) * self.cfg.page_size - r.num_computed - 1) :]
         return draft
-
-    def _draft_chunk(self, r: _Request, blocks: BlockTable, draft: list[int]) -> ScheduledChunk:
-        """A decode of r's last token followed by drafts (r has no token in flight)."""
-        start = r.num_computed
-        n = 1 + len(draft)
-        pages = blocks.frozen()
-        ps = self.cfg.page_size
-        for p in range(start // ps, (start + n - 1) // ps + 1):
-            if self.pool.state[pages[p]] != PageState.OWNED:
-                raise InvariantViolation(f"chunk would write published page {pages[p]}")
-        r.num_computed = start + n
-        r.pending += 1
-        r.drafts = len(draft)
-        return ScheduledChunk(r.rid, (r.tokens[-1], *draft), start, pages, True, len(draft))
 
     def _reserve(self, r: _Request, n_tokens: int, scheduled: set[str]) -> bool:
         """Make r's pages cover n_tokens, preempting the running request that frees the most
