@@ -57,18 +57,22 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     ov = g.add_mutually_exclusive_group()
     ov.add_argument("--overlap", dest="overlap", action="store_const", const=True, default=None,
-                    help="plan step N+1 while step N runs (default on GPUs; on 2-core CPUs it was slower)")
+                    help="plan step N+1 while step N runs (default on GPUs without speculative decoding; on "
+                         "2-core CPUs it was slower)")
     ov.add_argument("--no-overlap", dest="overlap", action="store_const", const=False,
                     help="plan each step only after the previous one finished (default on CPU)")
-    g.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
-                   help="speculative decoding by n-gram prompt lookup: draft up to K tokens (1-7) per "
-                        "decode step from earlier text of the same request and verify them in that step; "
-                        "greedy requests without penalties or logprobs only, same tokens as without "
-                        "(default 0: off)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="speculative decoding by n-gram prompt lookup: draft up to K tokens (0-7; 0: off) "
+                        "per decode step from earlier text of the same request and verify them in that "
+                        "step; greedy requests without penalties or logprobs only, same tokens as "
+                        "without (default: 3 on CPU, off on GPUs and with --overlap)")
     g.add_argument("--ngram-max", type=int, default=3,
                    help="drafts follow the latest earlier occurrence of the last N tokens, N from this "
                         "down to --ngram-min (default 3)")
     g.add_argument("--ngram-min", type=int, default=1, help="shortest n-gram to look up (default 1)")
+    g.add_argument("--no-adaptive-drafts", dest="adaptive_drafts", action="store_false",
+                   help="always draft K tokens when there is a match (default: each request drafts 0-K, "
+                        "as many as its recent acceptance pays for at the current batch size)")
     g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
@@ -177,6 +181,7 @@ def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
             num_speculative_tokens=args.num_speculative_tokens,
             ngram_max=args.ngram_max,
             ngram_min=args.ngram_min,
+            adaptive_drafts=args.adaptive_drafts,
         )
         if args.raw:
             [out] = llm.generate(args.prompt, params)
@@ -213,7 +218,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         with open(template) as f:
             template = f.read()
     opts = SchedulingOptions(args.max_num_batched_tokens, args.max_num_seqs, not args.no_prefix_caching,
-                             args.overlap, args.num_speculative_tokens, args.ngram_max, args.ngram_min)
+                             args.overlap, args.num_speculative_tokens, args.ngram_max, args.ngram_min,
+                             args.adaptive_drafts)
 
     async def run() -> None:
         engine = await AsyncLLM.start(engine_config(args), opts, served_model_name=args.served_model_name,
@@ -226,10 +232,13 @@ def _run_serve(args: argparse.Namespace) -> int:
                 "", getattr(engine.tokenizer.hf, "chat_template", None))
             state = ServerState(engine, name, Metrics(name, lambda: engine.stats), parser,
                                 args.enable_test_hooks, args.api_key)
-            kv_tokens = (engine.info.num_pages - 1) * engine.info.page_size
+            info = engine.info
+            kv_tokens = (info.num_pages - 1) * info.page_size
+            k = info.num_speculative_tokens
+            spec = f"n-gram drafts up to {k}{' adaptive' if args.adaptive_drafts else ''}" if k else "no speculation"
             print(f"agentspeed: serving {name} on http://{args.host}:{args.port}/v1 (context "
-                  f"{engine.info.max_model_len}, KV cache {kv_tokens} tokens at "
-                  f"{engine.info.kv_bytes_per_token} bytes/token, tool parser {parser})",
+                  f"{info.max_model_len}, KV cache {kv_tokens} tokens at {info.kv_bytes_per_token} "
+                  f"bytes/token, {spec}, overlap {'on' if info.overlap else 'off'}, tool parser {parser})",
                   file=sys.stderr, flush=True)
             await serve_forever(build_app(state), args.host, args.port, args.drain_timeout,
                                 args.log_level if args.log_level != "warning" else "info")

@@ -37,6 +37,18 @@ def test_builds_where_a_compiler_exists() -> None:
     assert ks.backends["paged_attention_prefill"] == "cpu_native"
 
 
+@needs_native
+def test_loading_keeps_the_process_float_state() -> None:
+    """-ffast-math at link time would pull in crtfastmath.o, which flushes subnormals to zero
+    for the whole process (torch's maths and everyone else's) when the library loads."""
+    import sys
+
+    native.load()
+    assert sys.float_info.min / 4 != 0.0
+    tiny = torch.tensor([sys.float_info.min], dtype=torch.float64)
+    assert (tiny / 4).item() != 0.0
+
+
 def _prefill_case(ctx: list[int], qlens: list[int], heads: int, kvh: int, d: int, ps: int, seed: int = 0):
     """Random K/V in shuffled pages; the last qlens[b] of sequence b's ctx[b] tokens query."""
     g = torch.Generator().manual_seed(seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from agentspeed.control.ngram import NgramDrafter
 from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, RequestSpec, StepResult
@@ -57,7 +57,7 @@ def test_drafter_examples() -> None:
 # ---- the scheduler under random interleavings ---------------------------------------------
 EOS, STOP = 0, 3
 COVERAGE = {"drafts": 0, "accepted": 0, "rejected": 0, "stopped_mid_chunk": 0, "preemptions": 0,
-            "overlapped": 0}
+            "overlapped": 0, "fixed_runs": 0, "adaptive_runs": 0, "short_drafts": 0}
 
 
 class SpeculativeMachine(RuleBasedStateMachine):
@@ -70,19 +70,25 @@ class SpeculativeMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.ps = 4
-        self.sched = Scheduler(SchedulerConfig(num_pages=14, page_size=self.ps, max_num_batched_tokens=16,
-                                               max_num_seqs=4, max_model_len=48, num_speculative_tokens=3))
         self.rng = random.Random(0)
         self.in_flight: list[ExecutionPlan] = []
         self.n = 0
         self.live: set[str] = set()
         self.full: dict[str, list[int]] = {}  # prompt + outputs, as the updates told
         self.shadow: dict[tuple[int, int], int] = {}  # (page, slot) -> token written there
-        self.prefix = [5, 6, 5, 6, 5, 6, 7, 8]
+        self.prefix = [5, 6, 3, 5, 6, 3, 5, 6]  # repeats with STOP inside: drafts that stop mid-chunk
+        self.agree: dict[str, int] = {}  # per request: the model accepts no (0), some (1), all (2) drafts
+
+    @initialize(adaptive=st.booleans())
+    def build(self, adaptive: bool) -> None:
+        self.sched = Scheduler(SchedulerConfig(num_pages=14, page_size=self.ps, max_num_batched_tokens=16,
+                                               max_num_seqs=4, max_model_len=48, num_speculative_tokens=3,
+                                               adaptive_drafts=adaptive))
+        COVERAGE["adaptive_runs" if adaptive else "fixed_runs"] += 1
 
     @rule(length=st.integers(1, 20), max_tokens=st.integers(1, 14), shared=st.booleans(),
-          speculate=st.booleans())
-    def submit(self, length: int, max_tokens: int, shared: bool, speculate: bool) -> None:
+          speculate=st.booleans(), agree=st.integers(0, 2))
+    def submit(self, length: int, max_tokens: int, shared: bool, speculate: bool, agree: int) -> None:
         rid = f"r{self.n}"
         self.n += 1
         # A small alphabet: n-gram matches (drafts) are frequent.
@@ -96,6 +102,7 @@ class SpeculativeMachine(RuleBasedStateMachine):
             return
         self.live.add(rid)
         self.full[rid] = list(prompt)
+        self.agree[rid] = agree
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -147,9 +154,11 @@ class SpeculativeMachine(RuleBasedStateMachine):
             new = lambda: EOS if accept.random() < eos_prob else accept.randrange(1, 8)  # noqa: E731
             if c.num_draft:
                 drafts = toks[real:]
-                a = accept.randrange(c.num_draft + 1)
+                agree = self.agree[c.request_id]
+                a = (0, accept.randrange(c.num_draft + 1), c.num_draft)[agree]
                 out = [*drafts[:a], new()]  # the model agrees with the first a drafts
                 COVERAGE["drafts"] += 1
+                COVERAGE["short_drafts"] += c.num_draft < 3
                 COVERAGE["accepted" if a else "rejected"] += 1
                 sampled[c.request_id], accepted[c.request_id] = out[0], tuple(out[1:])
             else:
@@ -160,7 +169,9 @@ class SpeculativeMachine(RuleBasedStateMachine):
     @rule(seed=st.integers(0, 2**16), eos_prob=st.sampled_from([0.0, 0.1, 0.4]))
     def advance(self, seed: int, eos_prob: float) -> None:
         plan = self.in_flight.pop(0)
-        result = self._execute(plan, random.Random(seed), eos_prob)
+        self._apply(self._execute(plan, random.Random(seed), eos_prob))
+
+    def _apply(self, result: StepResult) -> None:
         for u in self.sched.advance(result):
             if u.request_id not in self.full:
                 continue
@@ -186,11 +197,7 @@ class SpeculativeMachine(RuleBasedStateMachine):
                 if not p.empty:
                     self.in_flight.append(p)
             if self.in_flight:
-                plan = self.in_flight.pop(0)
-                for u in self.sched.advance(self._execute(plan, random.Random(1), 0.0)):
-                    self.full[u.request_id].extend(u.new_token_ids)
-                    if u.finish_reason is not None:
-                        self.live.discard(u.request_id)
+                self._apply(self._execute(self.in_flight.pop(0), random.Random(1), 0.0))
             self.sched.check_invariants()
         assert not self.sched.has_unfinished(), "scheduler did not drain (deadlock?)"
         COVERAGE["preemptions"] += self.sched.num_preemptions
@@ -357,3 +364,11 @@ def test_engine_gives_the_same_tokens_with_speculation(smollm2_path: Path) -> No
             assert sched.num_accepted_tokens > 20, (sched.num_draft_tokens, sched.num_accepted_tokens)
         llm.shutdown()
     assert outs[3] == outs[0]
+
+
+def test_overlap_and_speculation_are_refused_together() -> None:
+    from agentspeed.engine.core import SchedulingOptions
+
+    with pytest.raises(ConfigError, match="overlap and speculative decoding"):
+        SchedulingOptions(overlap=True, num_speculative_tokens=3)
+    SchedulingOptions(overlap=None, num_speculative_tokens=3)  # auto: off with speculation

@@ -13,7 +13,9 @@ Speculative decoding (num_speculative_tokens > 0): a decode of a request with sp
 and no token in flight carries up to that many n-gram drafts (control/ngram.py). Its KV is
 computed for all of them; advance() keeps what verification accepted and rolls the rest
 back (num_computed, num_confirmed), so the rejected positions are simply rewritten by the
-next step. Pages for drafts come only from free memory: drafting never preempts.
+next step. Pages for drafts come only from free memory: drafting never preempts. With
+adaptive_drafts each request drafts as many as its recent acceptance pays for at the current
+batch size (control/draft_policy.py), up to num_speculative_tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from agentspeed.control import fsm
+from agentspeed.control.draft_policy import DraftPolicy, DraftStats
 from agentspeed.control.errors import InvariantViolation
 from agentspeed.control.fsm import FinishReason, RequestState
 from agentspeed.control.ngram import NgramDrafter
@@ -55,6 +58,7 @@ class SchedulerConfig:
     num_speculative_tokens: int = 0  # drafts per decode step (0: no speculative decoding)
     ngram_max: int = 3  # drafts follow the latest earlier match of the last ngram_max..ngram_min tokens
     ngram_min: int = 1
+    adaptive_drafts: bool = True  # per-request draft length from its acceptance (else always the max)
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_speculative_tokens <= 7:
@@ -84,6 +88,7 @@ class _Request:
     hashes: list[int] = field(default_factory=list)
     drafts: int = 0  # drafted tokens in flight (their KV is scheduled, they are not tokens)
     drafter: NgramDrafter | None = None
+    draft_stats: DraftStats = field(default_factory=DraftStats)
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +116,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_draft_tokens = 0  # drafts verified (advanced), since start
         self.num_accepted_tokens = 0  # of those, accepted
+        k = cfg.num_speculative_tokens
+        self._draft_policy = DraftPolicy(k) if k and cfg.adaptive_drafts else None
 
     # ---- public interface ---------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> None:
@@ -167,6 +174,7 @@ class Scheduler:
         # runs once per running request per step: it is kept free of needless calls.
         ps = self.cfg.page_size
         k = self.cfg.num_speculative_tokens
+        policy, batch = self._draft_policy, len(self._running)
         for r in list(self._running):
             s = r.state
             if not isinstance(s, _DECODABLE) or budget < 1 or r.rid in scheduled:
@@ -177,7 +185,8 @@ class Scheduler:
             if r.num_computed >= len(s.blocks.pages) * ps and not self._reserve(r, r.num_computed + 1, scheduled):
                 continue
             if k and r.pending == 0 and r.spec.speculate:
-                draft = self._draft(r, min(k, budget - 1))
+                n = r.draft_stats.next_length(policy, batch) if policy is not None else k
+                draft = self._draft(r, min(n, budget - 1))
                 if draft:
                     # a decode of the last token (none in flight) followed by the drafts
                     chunks.append(self._chunk(r, (r.tokens[-1], *draft), True, len(draft)))
@@ -238,6 +247,7 @@ class Scheduler:
                 r.drafts = 0
                 self.num_draft_tokens += c.num_draft
                 self.num_accepted_tokens += c.num_draft - rejected
+                r.draft_stats.update(c.num_draft, c.num_draft - rejected)
                 if running:  # (a preempted request's counters were reset already)
                     r.num_computed -= rejected
             if running:

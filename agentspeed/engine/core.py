@@ -19,6 +19,7 @@ import msgspec
 
 from agentspeed.control.plan import ExecutionPlan, RequestSpec, RequestUpdate, StepResult
 from agentspeed.control.scheduler import Scheduler, SchedulerConfig
+from agentspeed.errors import ConfigError
 from agentspeed.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the server process imports this module without torch
@@ -28,6 +29,9 @@ if TYPE_CHECKING:  # the server process imports this module without torch
 log = logging.getLogger(__name__)
 
 
+CPU_DEFAULT_DRAFTS = 3
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulingOptions:
     max_num_batched_tokens: int = 2048
@@ -35,19 +39,28 @@ class SchedulingOptions:
     enable_prefix_caching: bool = True
     # None: on for GPUs (the forward is an async launch, planning hides behind it), off on
     # CPU (planning competes with the forward's threads for the same cores: measured 10%
-    # slower, see docs/benchmarks.md).
+    # slower, see docs/benchmarks.md), and off with speculative decoding (they do not combine).
     overlap: bool | None = None
-    # Speculative decoding by n-gram prompt lookup: drafts per decode step (0: off), for
-    # greedy requests without penalties or logprobs (verification compares argmaxes).
-    num_speculative_tokens: int = 0
+    # Speculative decoding by n-gram prompt lookup: most drafts per decode step (0: off), for
+    # greedy requests without penalties or logprobs (verification compares argmaxes). None:
+    # CPU_DEFAULT_DRAFTS on CPU unless overlap is asked for (measured faster on agent traffic
+    # there, docs/benchmarks.md), off on GPUs (not measured there; overlap is on instead).
+    num_speculative_tokens: int | None = None
     ngram_max: int = 3
     ngram_min: int = 1
+    adaptive_drafts: bool = True  # per-request draft length from its acceptance (control/draft_policy.py)
 
     def __post_init__(self) -> None:
         # Checked here too (SchedulerConfig checks again): the server fails at start, not in
         # the engine process.
-        SchedulerConfig(1, 1, num_speculative_tokens=self.num_speculative_tokens,
+        SchedulerConfig(1, 1, num_speculative_tokens=self.num_speculative_tokens or 0,
                         ngram_max=self.ngram_max, ngram_min=self.ngram_min)
+        if self.overlap and self.num_speculative_tokens:
+            # A step planned while a draft step runs cannot include that request (how many of
+            # its drafts stand is not known yet), so each request would decode every other step.
+            raise ConfigError("overlap and speculative decoding do not combine: with overlap a request "
+                              "with drafts in flight skips the next step; drop --overlap or "
+                              "--num-speculative-tokens")
 
 
 def speculation_exact(params: SamplingParams) -> bool:
@@ -77,9 +90,13 @@ class EngineCore:
     def __init__(self, runner: ModelRunner, opts: SchedulingOptions,
                  executor: ThreadPoolExecutor | None = None) -> None:
         self.runner = runner
-        if opts.overlap is None:
-            opts = dataclasses.replace(opts, overlap=runner.device != "cpu")
-        self.opts = opts
+        cpu = runner.device == "cpu"
+        k = opts.num_speculative_tokens
+        if k is None:
+            k = CPU_DEFAULT_DRAFTS if cpu and not opts.overlap else 0
+        overlap = opts.overlap if opts.overlap is not None else not cpu and not k
+        self.opts = opts = dataclasses.replace(opts, num_speculative_tokens=k, overlap=overlap)
+        self.num_speculative_tokens = k
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_pages=runner.kv.num_pages,
@@ -88,9 +105,10 @@ class EngineCore:
                 max_num_seqs=opts.max_num_seqs,
                 max_model_len=runner.max_model_len,
                 enable_prefix_caching=opts.enable_prefix_caching,
-                num_speculative_tokens=opts.num_speculative_tokens,
+                num_speculative_tokens=k,
                 ngram_max=opts.ngram_max,
                 ngram_min=opts.ngram_min,
+                adaptive_drafts=opts.adaptive_drafts,
             )
         )
         # Steps always execute on this one thread, overlap or not: every OS thread that
@@ -104,7 +122,7 @@ class EngineCore:
 
     def add_request(self, spec: RequestSpec, params: SamplingParams) -> None:
         """Raises RequestRejected if the request can never be served."""
-        if self.opts.num_speculative_tokens and speculation_exact(params):
+        if self.num_speculative_tokens and speculation_exact(params):
             spec = msgspec.structs.replace(spec, speculate=True)
         self.scheduler.submit(spec)
         self.runner.add_request(spec.request_id, params, spec.prompt_token_ids)

@@ -60,9 +60,10 @@ class LLM:
         skip_tokenizer_init: bool = False,
         chat_template: str | None = None,
         engine_config: EngineConfig | None = None,
-        num_speculative_tokens: int = 0,
+        num_speculative_tokens: int | None = None,
         ngram_max: int = 3,
         ngram_min: int = 1,
+        adaptive_drafts: bool = True,
     ) -> None:
         cfg = engine_config or EngineConfig(
             model=model,
@@ -83,7 +84,7 @@ class LLM:
             )
         self.engine = EngineCore.build(
             cfg, SchedulingOptions(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap,
-                                   num_speculative_tokens, ngram_max, ngram_min)
+                                   num_speculative_tokens, ngram_max, ngram_min, adaptive_drafts)
         )
         self.runner = self.engine.runner
         self.tokenizer = None if skip_tokenizer_init else Tokenizer.load(self.runner.source, chat_template)

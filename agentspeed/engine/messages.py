@@ -58,6 +58,8 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     num_pages: int
     eos_token_ids: list[int]
     kv_bytes_per_token: int
+    num_speculative_tokens: int = 0  # as resolved by the engine (its default depends on the device)
+    overlap: bool = False
 
 
 class EngineOutputs(msgspec.Struct, tag=True, frozen=True):

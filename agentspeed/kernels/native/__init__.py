@@ -28,7 +28,10 @@ from agentspeed.errors import AgentspeedError
 
 SOURCES = ("elementwise.cpp", "paged_decode.cpp", "paged_prefill.cpp", "q4_linear.cpp")
 HEADERS = ("kv_load.h", "vec.h")  # part of the cache key, not compiled on their own
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17")
+# Linked without -ffast-math: with it gcc links crtfastmath.o, whose constructor turns on
+# flush-to-zero for the whole process as the library loads (torch's maths included).
+LINK_FLAGS = ("-shared", "-fopenmp")
 ABI_VERSION = 2
 ENV_CACHE = "AGENTSPEED_CACHE_DIR"
 ENV_CXX = "CXX"
@@ -75,20 +78,21 @@ def load() -> ctypes.CDLL:
         raise NativeBuildError(f"C++ compiler {cxx!r} does not run: {e}") from e
     flags = [*FLAGS, *os.environ.get(ENV_FLAGS, "").split()]
     h = hashlib.sha256()
-    for part in (version, " ".join(flags), _cpu_flags(), *(
+    for part in (version, " ".join(flags), " ".join(LINK_FLAGS), _cpu_flags(), *(
             (here / s).read_text() for s in (*SOURCES, *HEADERS))):
         h.update(part.encode())
     out = _cache_dir() / h.hexdigest()[:16] / "libagentspeed_native.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [cxx, *flags, *(str(here / s) for s in SOURCES), "-o", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            os.unlink(tmp)
-            raise NativeBuildError(f"compiling native kernels failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
-        os.replace(tmp, out)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            objs = [os.path.join(tmp, Path(s).stem + ".o") for s in SOURCES]
+            cmds = [[cxx, *flags, "-c", str(here / s), "-o", o] for s, o in zip(SOURCES, objs)]
+            cmds.append([cxx, *LINK_FLAGS, *objs, "-o", os.path.join(tmp, out.name)])
+            for cmd in cmds:
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise NativeBuildError(f"building native kernels failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+            os.replace(os.path.join(tmp, out.name), out)
     try:
         lib = ctypes.CDLL(str(out))
     except OSError as e:
