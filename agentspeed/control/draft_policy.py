@@ -18,7 +18,7 @@ a few steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ALPHA_STEPS = 32  # the acceptance estimate is looked up on this grid
 FULL_COST_BATCH = 8  # batch from which a draft row costs cost_at_full
@@ -47,7 +47,7 @@ class DraftPolicy:
     k_max: int
     cost_at_one: float = 0.1
     cost_at_full: float = 0.3
-    table: tuple[tuple[int, ...], ...] = ()
+    table: tuple[tuple[int, ...], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         rows = []

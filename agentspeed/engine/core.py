@@ -96,7 +96,6 @@ class EngineCore:
             k = CPU_DEFAULT_DRAFTS if cpu and not opts.overlap else 0
         overlap = opts.overlap if opts.overlap is not None else not cpu and not k
         self.opts = opts = dataclasses.replace(opts, num_speculative_tokens=k, overlap=overlap)
-        self.num_speculative_tokens = k
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_pages=runner.kv.num_pages,
@@ -122,7 +121,7 @@ class EngineCore:
 
     def add_request(self, spec: RequestSpec, params: SamplingParams) -> None:
         """Raises RequestRejected if the request can never be served."""
-        if self.num_speculative_tokens and speculation_exact(params):
+        if self.scheduler.cfg.num_speculative_tokens and speculation_exact(params):
             spec = msgspec.structs.replace(spec, speculate=True)
         self.scheduler.submit(spec)
         self.runner.add_request(spec.request_id, params, spec.prompt_token_ids)

@@ -135,7 +135,7 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
         out.send(enc.encode(EngineReady(
             name, runner.max_model_len, runner.page_size, runner.kv.num_pages,
             list(runner.model_config.eos_token_ids), runner.kv.bytes_per_token,
-            engine.num_speculative_tokens, bool(engine.opts.overlap),
+            engine.scheduler.cfg.num_speculative_tokens, bool(engine.opts.overlap),
         )))
     except Exception as e:
         out.send(enc.encode(EngineFailed(f"engine startup failed: {e}")))
