@@ -240,6 +240,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                   f"{info.max_model_len}, KV cache {kv_tokens} tokens at {info.kv_bytes_per_token} "
                   f"bytes/token, {spec}, overlap {'on' if info.overlap else 'off'}, tool parser {parser})",
                   file=sys.stderr, flush=True)
+            if info.linear_note:
+                print(f"agentspeed: {info.linear_note}", file=sys.stderr, flush=True)
             await serve_forever(build_app(state), args.host, args.port, args.drain_timeout,
                                 args.log_level if args.log_level != "warning" else "info")
         finally:

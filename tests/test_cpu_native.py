@@ -391,7 +391,7 @@ def test_q8_form_is_found_only_when_exact() -> None:
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
 def test_q8_linear_matches_fp32(rows: int) -> None:
     w, b = q8_weight(150, 256, seed=rows), torch.randn(150)
-    p = cpu_native._prepare_linear(w)
+    p = cpu_native._prepare_linear_fp32(w)  # the 16-bit path past 8 rows: test_i16_gemm.py
     assert p.codes is None and p.codes8 is not None
     x = torch.randn(rows, 256)
     torch.testing.assert_close(cpu_native.linear(x, p, b), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
@@ -403,7 +403,7 @@ def test_q8_linear_matches_fp32(rows: int) -> None:
 def test_q4_linear_matches_fp32(rows: int, bias: bool) -> None:
     w = q4_weight(201, 576, seed=rows)  # odd: the kernel does output rows in pairs
     b = torch.randn(201) if bias else None
-    p = cpu_native._prepare_linear(w)
+    p = cpu_native._prepare_linear_fp32(w)  # the 16-bit path past 8 rows: test_i16_gemm.py
     assert p.codes is not None
     x = torch.randn(rows, 576)
     want = torch.nn.functional.linear(x, w, b)
@@ -426,3 +426,5 @@ def test_smollm2_gguf_linears_take_the_q4_path(smollm2_path: Path) -> None:
     assert len(q4) == 30 * 4  # fused qkv, o, fused gate/up, down in each of 30 layers
     q8 = [p for p in packed if p.codes8 is not None]
     assert len(q8) == 1 and len(packed) == 121  # the tied LM head (Q8_0 embedding)
+    # and, where the many-row integer kernel exists, all of them in its layout too
+    assert sum(p.wide is not None for p in packed) == (121 if cpu_native._i16 is not None else 0)

@@ -49,6 +49,7 @@ from agentspeed.engine.messages import (
     Shutdown,
     StepInputs,
 )
+from agentspeed.kernels import cpu_native
 
 log = logging.getLogger("agentspeed.engine")
 
@@ -136,6 +137,7 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
             name, runner.max_model_len, runner.page_size, runner.kv.num_pages,
             list(runner.model_config.eos_token_ids), runner.kv.bytes_per_token,
             engine.scheduler.cfg.num_speculative_tokens, bool(engine.opts.overlap),
+            cpu_native.wide_linears_note(runner.model),
         )))
     except Exception as e:
         out.send(enc.encode(EngineFailed(f"engine startup failed: {e}")))

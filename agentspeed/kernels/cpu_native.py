@@ -42,6 +42,7 @@ from agentspeed.kernels.registry import register_kernel, register_unavailable
 log = logging.getLogger(__name__)
 
 BACKEND = "cpu_native"
+BACKEND_FP32 = "cpu_native_fp32"
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3}
 # Tokens per work item. Smaller spans make more items for the threads to share (one
 # sequence x 3 KV heads at 8K context is 48 items at 512) at the cost of one merge each.
@@ -193,17 +194,40 @@ Q4_MAX_ROWS = 8
 class PackedLinear:
     """A prepared linear weight: the dense fp32 form (as the `cpu` backend takes it) and, when
     the weight is exactly representable, its 4-bit blocks (codes, scales, mins) or its 8-bit
-    blocks (codes8, scales)."""
+    blocks (codes8, scales); with those, where the CPU has AVX512-VNNI, the same codes as
+    16-bit integers laid out for the many-row kernel (wide: codes, scales, mins)."""
 
-    __slots__ = ("codes", "codes8", "dense", "mins", "scales")
+    __slots__ = ("codes", "codes8", "dense", "mins", "out_features", "scales", "wide")
 
-    def __init__(self, dense: torch.Tensor, q4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-                 q8: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def __init__(self, out_features: int, dense: torch.Tensor, q4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                 q8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 wide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> None:
+        self.out_features = out_features
         self.dense = dense
         self.codes: torch.Tensor | None = None if q4 is None else q4[0]
         self.mins: torch.Tensor | None = None if q4 is None else q4[2]
         self.codes8: torch.Tensor | None = None if q8 is None else q8[0]
         self.scales: torch.Tensor | None = q4[1] if q4 is not None else None if q8 is None else q8[1]
+        self.wide = wide
+
+
+def to_wide(codes: torch.Tensor, scales: torch.Tensor,
+            mins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """i16_gemm's layout of integer codes [N, K] with per-32 scales (and mins) [N, K/32]:
+    codes [N/16, K/2, 16, 2] int16, scales and mins [N/16, K/32, 16], N padded to 16 with
+    zero columns (kernels/native/i16_gemm.cpp)."""
+    n, k = codes.shape
+    n16, nb = -(-n // 16) * 16, k // 32
+    c = torch.zeros(n16, k, dtype=torch.int16)
+    c[:n] = codes
+    packed = c.reshape(n16 // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(n16, nb)
+        out[:n] = t
+        return out.reshape(n16 // 16, 16, nb).permute(0, 2, 1).contiguous()
+
+    return packed, per_block(scales), None if mins is None else per_block(mins)
 
 
 def to_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -249,15 +273,65 @@ def to_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return codes.to(torch.int8).reshape(n, k).contiguous(), scales.contiguous()
 
 
-def _prepare_linear(w: torch.Tensor) -> PackedLinear:
-    dense = cpu._prepack(w) if torch.backends.mkldnn.is_available() else w.detach().contiguous()
+def wide_linears_note(model: torch.nn.Module) -> str:
+    """A line for logs and the serve banner when some of the model's linears run past
+    Q4_MAX_ROWS rows with 16-bit activations; "" when none do (every product is fp32)."""
+    n = sum(isinstance(w, PackedLinear) and w.wide is not None for w in (getattr(m, "_w", None) for m in model.modules()))
+    if not n:
+        return ""
+    return (f"{n} linears take 16-bit activations above {Q4_MAX_ROWS} rows (exact fp32: "
+            f"--kernel-backend linear={BACKEND_FP32})")
+
+
+def _unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] from to_q4's [N, K/32, 16] nibble pairs."""
+    n = packed.shape[0]
+    return torch.cat((packed & 15, packed >> 4), dim=-1).reshape(n, -1)
+
+
+def _prepare(w: torch.Tensor, wide: bool) -> PackedLinear:
     wc = w.detach().contiguous()
     q4 = to_q4(wc)
-    return PackedLinear(dense, q4, None if q4 is not None else to_q8(wc))
+    q8 = None if q4 is not None else to_q8(wc)
+    packed = None
+    if wide and _i16 is not None:
+        if q4 is not None:
+            packed = to_wide(_unpack_q4(q4[0]), q4[1], q4[2])
+        elif q8 is not None:
+            packed = to_wide(q8[0].view(wc.shape[0], -1), q8[1], None)
+    # The dense form serves rows the integer kernels do not take; with the wide codes there
+    # are none, so it is not kept (it would be the largest copy of the weight).
+    dense = torch.empty(0) if packed is not None else (
+        cpu._prepack(w) if torch.backends.mkldnn.is_available() else wc)
+    return PackedLinear(wc.shape[0], dense, q4, q8, packed)
+
+
+def _prepare_linear(w: torch.Tensor) -> PackedLinear:
+    return _prepare(w, wide=True)
+
+
+def _prepare_linear_fp32(w: torch.Tensor) -> PackedLinear:
+    return _prepare(w, wide=False)
 
 
 def linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T + bias. At most Q4_MAX_ROWS rows on exactly-quantized weights: the fp32
+    product through the block codes. More rows: with `w.wide`, the 16-bit-activation integer
+    product (i16_gemm.cpp: relative error ~2e-5, the weights exact), else oneDNN fp32."""
     rows = x.numel() // x.shape[-1]
+    n = w.out_features
+    if rows == 0:  # a step whose chunks all stop short of their prompt's end wants no logits
+        return x.new_empty(*x.shape[:-1], n)
+    if rows > Q4_MAX_ROWS and w.wide is not None:
+        assert _i16 is not None and w.scales is not None
+        codes, scales, mins = w.wide
+        xc = x.reshape(rows, x.shape[-1]).contiguous()
+        y = torch.empty(rows, n, dtype=x.dtype)
+        rc = _i16(xc.data_ptr(), rows, xc.shape[1], codes.data_ptr(), scales.data_ptr(), _ptr(mins), _ptr(bias),
+                  y.data_ptr(), n, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"{BACKEND} i16_gemm returned {rc}")
+        return y.view(*x.shape[:-1], n)
     if (w.codes is None and w.codes8 is None) or rows > Q4_MAX_ROWS or _q4 is None or _q8 is None:
         if torch.backends.mkldnn.is_available():
             return cpu._linear(x, w.dense, bias)
@@ -266,13 +340,11 @@ def linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None) -> torch
     xc = x.reshape(rows, x.shape[-1]).contiguous()
     if w.codes is not None:
         assert w.mins is not None
-        n = w.codes.shape[0]
         y = torch.empty(rows, n, dtype=x.dtype)
         rc = _q4(xc.data_ptr(), rows, xc.shape[1], w.codes.data_ptr(), w.scales.data_ptr(), w.mins.data_ptr(),
                  _ptr(bias), y.data_ptr(), n, torch.get_num_threads())
     else:
         assert w.codes8 is not None
-        n = w.codes8.shape[0]
         y = torch.empty(rows, n, dtype=x.dtype)
         rc = _q8(xc.data_ptr(), rows, xc.shape[1], w.codes8.data_ptr(), w.scales.data_ptr(),
                  _ptr(bias), y.data_ptr(), n, torch.get_num_threads())
@@ -289,6 +361,7 @@ _prefill = None
 _prefill_supports = None
 _q4 = None
 _q8 = None
+_i16 = None
 _silu = None
 _rope = None
 _rms = None
@@ -297,6 +370,7 @@ if os.environ.get("AGENTSPEED_NATIVE", "1") == "0":
     _UNAVAILABLE = "disabled by AGENTSPEED_NATIVE=0"
     for _op in NATIVE_OPS:
         register_unavailable(_op, BACKEND, _UNAVAILABLE)
+    register_unavailable("linear", BACKEND_FP32, _UNAVAILABLE)
 else:
     try:
         _fn = load().paged_decode_attention
@@ -307,6 +381,7 @@ else:
         _UNAVAILABLE = str(e)
         for _op in NATIVE_OPS:
             register_unavailable(_op, BACKEND, _UNAVAILABLE)
+        register_unavailable("linear", BACKEND_FP32, _UNAVAILABLE)
     else:
         register_kernel("paged_attention_decode", BACKEND, ("cpu",), (torch.float32,),
                         priority=20)(paged_attention_decode)
@@ -324,8 +399,15 @@ else:
         _q8 = load().q8_linear
         _q8.argtypes = (_P, _I, _I, _P, _P, _P, _P, _I, _I)
         _q8.restype = _I
+        if load().i16_gemm_fast():
+            _i16 = load().i16_gemm
+            _i16.argtypes = (_P, _I, _I, _P, _P, _P, _P, _P, _I, _I)
+            _i16.restype = _I
         register_kernel("linear", BACKEND, ("cpu",), (torch.float32,), priority=20,
                         prepare=_prepare_linear)(linear)
+        # The fp32 product at every row count (`--kernel-backend linear=cpu_native_fp32`).
+        register_kernel("linear", BACKEND_FP32, ("cpu",), (torch.float32,), priority=15,
+                        prepare=_prepare_linear_fp32)(linear)
         _silu = load().silu_and_mul
         _silu.argtypes = (_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, _I)
         _silu.restype = _I

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from agentspeed.errors import AgentspeedError
 
-SOURCES = ("elementwise.cpp", "paged_decode.cpp", "paged_prefill.cpp", "q4_linear.cpp")
+SOURCES = ("elementwise.cpp", "i16_gemm.cpp", "paged_decode.cpp", "paged_prefill.cpp", "q4_linear.cpp")
 HEADERS = ("kv_load.h", "vec.h")  # part of the cache key, not compiled on their own
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17")
 # Linked without -ffast-math: with it gcc links crtfastmath.o, whose constructor turns on
