@@ -50,7 +50,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory the engine may use, KV cache included (default 0.9)")
     g.add_argument("--kernel-backend", default=None,
                    help="force kernel backends: 'reference', or 'op=backend,...' "
-                        "(also AGENTSPEED_KERNEL_BACKEND); fails if the backend cannot run")
+                        "(also AGENTSPEED_KERNEL_BACKEND); fails if the backend cannot run. "
+                        "'linear=cpu_native_fp32' keeps every CPU linear in fp32 (by default, on "
+                        "AVX512-VNNI CPUs, GGUF-quantized linears above 8 rows take 16-bit activations)")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")

@@ -3,7 +3,8 @@ process that builds a KernelSet (the engine core, or an offline script) times ea
 and ModelRunner.execute_plan/forward with perf_counter, writing the totals to
 /tmp/optimes.<pid>.txt every 50 steps (the engine process is killed, not exited, when a
 server stops). Linear calls are also split by batch rows (<= 8: decode-sized, the 4-bit
-path; > 8: prefill, oneDNN) with their GFLOP/s. Timers add ~1 us per call.
+path; > 8: prefill and decodes with drafts, the 16-bit integer kernel or oneDNN) with their
+GFLOP/s. Timers add ~1 us per call.
 
     PYTHONPATH=benchmarks/op_times agentspeed serve --max-num-seqs 8 --kv-cache-memory 4GiB &
     agentspeed bench --endpoint E=http://127.0.0.1:8000 ... ; cat /tmp/optimes.*.txt
