@@ -84,6 +84,23 @@ def test_within_the_rounding_bound(kernels: dict[str, ctypes._CFuncPtr], fmt: st
 
 
 @needs_native
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_give_nan_rows_not_numbers(kernels: dict[str, ctypes._CFuncPtr], fmt: str,
+                                                     bad: float) -> None:
+    n, k, rows = 40, 64, 12
+    _, (codes, scales, mins) = _weight(fmt, n, k, seed=1)
+    x = torch.randn(rows, k)
+    x[3, 40] = bad
+    for name, fn in kernels.items():
+        y = torch.zeros(rows, n)
+        assert fn(x.data_ptr(), rows, k, codes.data_ptr(), scales.data_ptr(), cpu_native._ptr(mins), None,
+                  y.data_ptr(), n, 2) == 0
+        assert bool(y[3].isnan().all()), name
+        assert bool(y[torch.arange(rows) != 3].isfinite().all()), name
+
+
+@needs_native
 def test_refuses_what_it_cannot_take(kernels: dict[str, ctypes._CFuncPtr]) -> None:
     y = torch.empty(4, 16)
     x = torch.randn(4, 48)

@@ -60,15 +60,29 @@ void quantize(const float* x, int M, int K, Quantized& out, int threads) {
     for (int r = 0; r < M; ++r)
         for (int b = 0; b < nb; ++b) {
             const float* xb = x + static_cast<int64_t>(r) * K + b * BK;
-            float amax = 0.0f, sum = 0.0f;
+            // The largest |x| as bits: an integer max also sees inf and NaN, which -ffast-math
+            // float compares may not.
+            uint32_t abits = 0;
+            float sum = 0.0f;
             for (int i = 0; i < BK; ++i) {
-                amax = std::max(amax, std::fabs(xb[i]));
+                uint32_t u;
+                std::memcpy(&u, xb + i, 4);
+                abits = std::max(abits, u & 0x7fffffffu);
                 sum += xb[i];
             }
-            const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+            float amax, scale;
+            std::memcpy(&amax, &abits, 4);
+            const bool finite = abits < 0x7f800000u;
+            const float inv = finite && abits ? 32767.0f / amax : 0.0f;
             int16_t* qb = out.q.data() + static_cast<int64_t>(r) * K + b * BK;
             for (int i = 0; i < BK; ++i) qb[i] = static_cast<int16_t>(std::nearbyint(xb[i] * inv));
-            out.s[static_cast<size_t>(r) * nb + b] = amax / 32767.0f;
+            if (finite) {
+                scale = amax / 32767.0f;
+            } else {  // a NaN scale makes the row's outputs NaN, as the fp32 product's would be
+                const uint32_t nan = 0x7fc00000u;
+                std::memcpy(&scale, &nan, 4);
+            }
+            out.s[static_cast<size_t>(r) * nb + b] = scale;
             out.sum[static_cast<size_t>(r) * nb + b] = sum;
         }
 }
