@@ -29,7 +29,7 @@ def main() -> None:
     t = next(t for t in GGUFReader(str(default_model_path())).tensors if t.name == "blk.0.ffn_up.weight")
     w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
     w = w.reshape(tuple(int(d) for d in reversed(t.shape))).repeat(a.repeat_rows, 1)
-    p = cpu_native._prepare_linear(w)
+    p = cpu_native._prepare_linear_fp32(w)  # keeps the dense fp32 form for the oneDNN side
     assert p.codes is not None, "weight not recognised as 4-bit blocks"
     print(f"command: python benchmarks/bench_q4_linear.py --repeat-rows {a.repeat_rows} --iters {a.iters}")
     print(f"weight {tuple(w.shape)}: fp32 {w.numel() * 4 / 1e6:.0f} MB, 4-bit blocks "
