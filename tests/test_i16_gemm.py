@@ -21,7 +21,7 @@ HAS_AVX512 = "avx512f" in Path("/proc/cpuinfo").read_text()
 
 def _bind(lib: ctypes.CDLL) -> ctypes._CFuncPtr:
     fn = lib.i16_gemm
-    fn.argtypes = (cpu_native._P, cpu_native._I, cpu_native._I, *(cpu_native._P,) * 5, cpu_native._I, cpu_native._I)
+    fn.argtypes = cpu_native._I16_ARGTYPES
     fn.restype = cpu_native._I
     return fn
 

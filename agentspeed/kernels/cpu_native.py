@@ -4,8 +4,11 @@ linear: for decode-sized batches (at most Q4_MAX_ROWS rows), weights that are ex
 codes times a per-32 scale plus a minimum (what a GGUF Q4_1 tensor dequantizes to) are read
 in that form: 0.75 bytes per weight instead of 4; likewise 8-bit codes times a per-32 scale
 (GGUF Q8_0, e.g. SmolLM2's embedding used as its LM head), 1.125 bytes per weight. `prepare` checks the representation bit
-for bit and keeps the fp32 weight (prepacked for oneDNN) for larger batches and for weights
-that are not exactly representable, so results are the fp32 product up to summation order.
+for bit, so these results are the fp32 product up to summation order. Larger batches on those
+weights run, where the CPU has AVX512-VNNI, the integer kernel (native/i16_gemm.cpp: the same
+codes times activations rounded per 32 to 16 bits, ~5e-5 of the output scale; 1.2-1.7x
+oneDNN, benchmarks/bench_i16_gemm.py); elsewhere, and for weights with no exact block form,
+oneDNN on the fp32 weight. Backend `cpu_native_fp32` is the same without the integer kernel.
 
 paged_attention_decode reads K/V pages in their storage type (fp32, bf16, fp16, fp8 with
 per-token scales) and converts rows in registers while streaming them, once per KV head for
@@ -53,6 +56,7 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int
 _ARGTYPES = (_P, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _I, _I, _I, _I, _I,
              ctypes.c_float, _P, _I, _I)
+_I16_ARGTYPES = (_P, _I, _I, _P, _P, _P, _P, _P, _I, _I)  # i16_gemm(x, M, K, codes, scales, mins, bias, y, N, threads)
 _PREFILL_ARGTYPES = (_P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _P, _I, _I, _I, _I, _I,
                      ctypes.c_float, _P, _I)
 
@@ -317,13 +321,14 @@ def _prepare_linear_fp32(w: torch.Tensor) -> PackedLinear:
 def linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ w.T + bias. At most Q4_MAX_ROWS rows on exactly-quantized weights: the fp32
     product through the block codes. More rows: with `w.wide`, the 16-bit-activation integer
-    product (i16_gemm.cpp: relative error ~2e-5, the weights exact), else oneDNN fp32."""
+    product (i16_gemm.cpp: the weights exact, errors ~5e-5 of the output scale), else oneDNN
+    fp32. No rows: an empty result."""
     rows = x.numel() // x.shape[-1]
     n = w.out_features
     if rows == 0:  # a step whose chunks all stop short of their prompt's end wants no logits
         return x.new_empty(*x.shape[:-1], n)
     if rows > Q4_MAX_ROWS and w.wide is not None:
-        assert _i16 is not None and w.scales is not None
+        assert _i16 is not None
         codes, scales, mins = w.wide
         xc = x.reshape(rows, x.shape[-1]).contiguous()
         y = torch.empty(rows, n, dtype=x.dtype)
@@ -401,7 +406,7 @@ else:
         _q8.restype = _I
         if load().i16_gemm_fast():
             _i16 = load().i16_gemm
-            _i16.argtypes = (_P, _I, _I, _P, _P, _P, _P, _P, _I, _I)
+            _i16.argtypes = _I16_ARGTYPES
             _i16.restype = _I
         register_kernel("linear", BACKEND, ("cpu",), (torch.float32,), priority=20,
                         prepare=_prepare_linear)(linear)
