@@ -428,3 +428,5 @@ def test_smollm2_gguf_linears_take_the_q4_path(smollm2_path: Path) -> None:
     assert len(q8) == 1 and len(packed) == 121  # the tied LM head (Q8_0 embedding)
     # and, where the many-row integer kernel exists, all of them in its layout too
     assert sum(p.wide is not None for p in packed) == (121 if cpu_native._i16 is not None else 0)
+    notes = runner.kernels.numerics_notes()  # what the serve banner prints
+    assert notes == ([f"121 linears {packed[0].numerics_note}"] if cpu_native._i16 is not None else [])

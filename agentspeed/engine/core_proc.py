@@ -49,7 +49,6 @@ from agentspeed.engine.messages import (
     Shutdown,
     StepInputs,
 )
-from agentspeed.kernels import cpu_native
 
 log = logging.getLogger("agentspeed.engine")
 
@@ -137,7 +136,7 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
             name, runner.max_model_len, runner.page_size, runner.kv.num_pages,
             list(runner.model_config.eos_token_ids), runner.kv.bytes_per_token,
             engine.scheduler.cfg.num_speculative_tokens, bool(engine.opts.overlap),
-            cpu_native.wide_linears_note(runner.model),
+            "; ".join(runner.kernels.numerics_notes()),
         )))
     except Exception as e:
         out.send(enc.encode(EngineFailed(f"engine startup failed: {e}")))

@@ -60,7 +60,7 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     kv_bytes_per_token: int
     num_speculative_tokens: int = 0  # as resolved by the engine (its default depends on the device)
     overlap: bool = False
-    linear_note: str = ""  # how many-row linears compute, where not plain fp32 (kernels/cpu_native.py)
+    linear_note: str = ""  # KernelSet.numerics_notes(): linears that are not plain fp32
 
 
 class EngineOutputs(msgspec.Struct, tag=True, frozen=True):

@@ -179,6 +179,7 @@ class KernelSet:
         self.backends: dict[str, str] = {}
         self._fns: dict[str, Callable[..., Any]] = {}
         self._prepare: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+        self._notes: dict[str, int] = {}  # numerics note of prepared weights -> how many
         for op in OPS:
             force = overrides.get(op, overrides.get("*"))
             # A blanket "*" override applies to the ops that backend implements;
@@ -204,9 +205,20 @@ class KernelSet:
         self.sample = self._fns["sample"]
 
     def linear_prepare(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight in the layout `self.linear` takes (the same tensor if no repacking)."""
+        """The weight in the layout `self.linear` takes (the same tensor if no repacking). A
+        prepared form whose products are not plain `dtype` arithmetic says so in a
+        `numerics_note` attribute, collected for `numerics_notes`."""
         prep = self._prepare["linear"]
-        return weight if prep is None else prep(weight)
+        out = weight if prep is None else prep(weight)
+        note = getattr(out, "numerics_note", None)
+        if note:
+            self._notes[note] = self._notes.get(note, 0) + 1
+        return out
+
+    def numerics_notes(self) -> list[str]:
+        """One line per kind of prepared linear that departs from plain arithmetic, with its count
+        (for logs and the serve banner); empty when none does."""
+        return [f"{n} linears {note}" for note, n in self._notes.items()]
 
     def describe(self) -> Mapping[str, str]:
         return dict(self.backends)

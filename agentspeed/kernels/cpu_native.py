@@ -214,6 +214,14 @@ class PackedLinear:
         self.scales: torch.Tensor | None = q4[1] if q4 is not None else None if q8 is None else q8[1]
         self.wide = wide
 
+    @property
+    def numerics_note(self) -> str | None:
+        """Read by KernelSet.linear_prepare: how this weight's products depart from fp32."""
+        if self.wide is None:
+            return None
+        return (f"take 16-bit activations above {Q4_MAX_ROWS} rows (exact fp32: "
+                f"--kernel-backend linear={BACKEND_FP32})")
+
 
 def to_wide(codes: torch.Tensor, scales: torch.Tensor,
             mins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -275,16 +283,6 @@ def to_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     if not torch.equal(codes * scales[..., None], blocks):
         return None
     return codes.to(torch.int8).reshape(n, k).contiguous(), scales.contiguous()
-
-
-def wide_linears_note(model: torch.nn.Module) -> str:
-    """A line for logs and the serve banner when some of the model's linears run past
-    Q4_MAX_ROWS rows with 16-bit activations; "" when none do (every product is fp32)."""
-    n = sum(isinstance(w, PackedLinear) and w.wide is not None for w in (getattr(m, "_w", None) for m in model.modules()))
-    if not n:
-        return ""
-    return (f"{n} linears take 16-bit activations above {Q4_MAX_ROWS} rows (exact fp32: "
-            f"--kernel-backend linear={BACKEND_FP32})")
 
 
 def _unpack_q4(packed: torch.Tensor) -> torch.Tensor:
