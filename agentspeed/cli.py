@@ -14,6 +14,7 @@ from agentspeed.config import (
     EngineConfig,
     KernelConfig,
     ParallelConfig,
+    SchedulingConfig,
 )
 from agentspeed.errors import AgentspeedError, ConfigError
 
@@ -84,13 +85,17 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
         seed=args.seed,
         parallel=ParallelConfig(tp=args.tp, rank=rank, master_port=port),
         cache=CacheConfig(page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_dtype=args.kv_cache_dtype),
-        kernels=KernelConfig.parse(args.kernel_backend),
+        kernels=KernelConfig.from_spec(args.kernel_backend),
+        scheduling=SchedulingConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+            enable_prefix_caching=not args.no_prefix_caching, overlap=args.overlap,
+            num_speculative_tokens=args.num_speculative_tokens, ngram_max=args.ngram_max,
+            ngram_min=args.ngram_min, adaptive_drafts=args.adaptive_drafts),
     )
 
 
@@ -174,17 +179,7 @@ def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         )
         # Every tensor-parallel rank runs this same program (SPMD); only rank 0 prints.
-        llm = LLM(
-            engine_config=engine_config(args, rank, port),
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_num_seqs=args.max_num_seqs,
-            enable_prefix_caching=not args.no_prefix_caching,
-            overlap=args.overlap,
-            num_speculative_tokens=args.num_speculative_tokens,
-            ngram_max=args.ngram_max,
-            ngram_min=args.ngram_min,
-            adaptive_drafts=args.adaptive_drafts,
-        )
+        llm = LLM(engine_config=engine_config(args, rank, port))
         if args.raw:
             [out] = llm.generate(args.prompt, params)
         else:
@@ -205,7 +200,6 @@ def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from agentspeed.engine.async_llm import AsyncLLM
-    from agentspeed.engine.core import SchedulingOptions
     from agentspeed.entrypoints.openai.api_server import build_app, serve_forever
     from agentspeed.entrypoints.openai.metrics import Metrics
     from agentspeed.entrypoints.openai.serving import ServerState
@@ -219,12 +213,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     if template is not None and os.path.isfile(template):
         with open(template) as f:
             template = f.read()
-    opts = SchedulingOptions(args.max_num_batched_tokens, args.max_num_seqs, not args.no_prefix_caching,
-                             args.overlap, args.num_speculative_tokens, args.ngram_max, args.ngram_min,
-                             args.adaptive_drafts)
+    cfg = engine_config(args)  # fails here, before any process starts, on a bad combination
 
     async def run() -> None:
-        engine = await AsyncLLM.start(engine_config(args), opts, served_model_name=args.served_model_name,
+        engine = await AsyncLLM.start(cfg, served_model_name=args.served_model_name,
                                       chat_template=template, max_queue=args.max_queue,
                                       log_level=args.log_level)
         try:

@@ -3,7 +3,8 @@ and passed down; nothing reads options from anywhere else."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 
 from agentspeed.errors import ConfigError
 
@@ -153,9 +154,17 @@ class KernelConfig:
 
     overrides: tuple[tuple[str, str], ...] = ()
 
+    ENV = "AGENTSPEED_KERNEL_BACKEND"
+
+    @staticmethod
+    def from_spec(spec: str | None) -> KernelConfig:
+        """The overrides a user asked for: `spec` (--kernel-backend, LLM(kernel_backend=)),
+        else $AGENTSPEED_KERNEL_BACKEND. The one place the environment is read."""
+        return KernelConfig.parse(spec if spec else os.environ.get(KernelConfig.ENV))
+
     @staticmethod
     def parse(spec: str | None) -> KernelConfig:
-        """Parse "backend" or "op=backend,op=backend" (CLI flag / AGENTSPEED_KERNEL_BACKEND)."""
+        """Parse "backend" or "op=backend,op=backend"."""
         if not spec:
             return KernelConfig()
         pairs: list[tuple[str, str]] = []
@@ -168,6 +177,47 @@ class KernelConfig:
         return KernelConfig(tuple(pairs))
 
 
+CPU_DEFAULT_DRAFTS = 3
+MAX_DRAFTS = 7  # 1 + 7 query tokens is the most a decode kernel takes (kernels.api.MAX_DECODE_QUERY)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingConfig:
+    """How the scheduler batches. None fields have device-dependent defaults, filled by
+    `resolve_defaults` once the engine knows its device."""
+
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_num_seqs: int = 256  # most requests in one step
+    enable_prefix_caching: bool = True
+    # None: on for GPUs (the forward is an async launch, planning hides behind it), off on
+    # CPU (planning competes with the forward's threads for the same cores: measured 10%
+    # slower, see docs/benchmarks.md), and off with speculative decoding (they do not combine).
+    overlap: bool | None = None
+    # Speculative decoding by n-gram prompt lookup: most drafts per decode step (0: off), for
+    # greedy requests without penalties or logprobs (verification compares argmaxes). None:
+    # CPU_DEFAULT_DRAFTS on CPU unless overlap is asked for (measured faster on agent traffic
+    # there, docs/benchmarks.md), off on GPUs (not measured there; overlap is on instead).
+    num_speculative_tokens: int | None = None
+    ngram_max: int = 3  # drafts follow the latest earlier match of the last ngram_max..ngram_min tokens
+    ngram_min: int = 1
+    adaptive_drafts: bool = True  # per-request draft length from its acceptance (control/draft_policy.py)
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ConfigError("max_num_batched_tokens and max_num_seqs must be at least 1")
+        k = self.num_speculative_tokens
+        if k is not None and not 0 <= k <= MAX_DRAFTS:
+            raise ConfigError(f"num_speculative_tokens must be in [0, {MAX_DRAFTS}], got {k}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if self.overlap and k:
+            # A step planned while a draft step runs cannot include that request (how many of
+            # its drafts stand is not known yet), so each request would decode every other step.
+            raise ConfigError("overlap and speculative decoding do not combine: with overlap a request "
+                              "with drafts in flight skips the next step; drop --overlap or "
+                              "--num-speculative-tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything needed to build an engine. model is a local path (HF directory or GGUF
@@ -177,8 +227,20 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None
-    max_num_seqs: int = 256
     seed: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+
+
+def resolve_defaults(cfg: EngineConfig, device: str) -> EngineConfig:
+    """The one place device-dependent defaults are decided (device: "cpu" or "cuda", as the
+    model was placed): speculation and overlap, see SchedulingConfig."""
+    s = cfg.scheduling
+    cpu = device == "cpu"
+    k = s.num_speculative_tokens
+    if k is None:
+        k = CPU_DEFAULT_DRAFTS if cpu and not s.overlap else 0
+    overlap = s.overlap if s.overlap is not None else not cpu and not k
+    return replace(cfg, device=device, scheduling=replace(s, num_speculative_tokens=k, overlap=overlap))

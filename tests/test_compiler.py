@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from agentspeed.config import CacheConfig, ModelConfig
+from agentspeed.control.plan import ScheduledChunk
 from agentspeed.errors import PlacementError
-from agentspeed.execution.inputs import SequenceChunk, build_inputs
+from agentspeed.execution.inputs import build_inputs
 from agentspeed.execution.kv_cache import KVCache
+from agentspeed.execution.request_state import RequestTable
 from agentspeed.kernels.api import KernelSet
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.compiler import (
@@ -304,7 +306,9 @@ def test_llama_forward_runs_exactly_those_collectives_in_order() -> None:
         for p in model.parameters():
             p.normal_(0, 0.05)
     kv = KVCache(TINY_CFG, CacheConfig(page_size=4, num_pages=8), 1, torch.float32, "cpu")
-    inputs = build_inputs([SequenceChunk("a", [1, 2, 3, 4, 5], 0, [1, 2])], 4, "cpu")
+    table = RequestTable("cpu")
+    chunk = ScheduledChunk("a", [1, 2, 3, 4, 5], 0, [1, 2])
+    inputs = build_inputs([chunk], [table.apply(chunk, create=True)], table, 4)
     ctx = ForwardContext(inputs.positions, inputs.attn, kv.layers, inputs.logits_indices)
     with torch.inference_mode():
         logits = model(inputs.input_ids, ctx)

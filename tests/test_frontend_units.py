@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentspeed.control.fsm import FinishReason
-from agentspeed.control.plan import RequestSpec, RequestUpdate
+from agentspeed.control.plan import RequestSpec, RequestUpdate, TokenLogprob
 from agentspeed.engine.detokenizer import IncrementalDetokenizer
 from agentspeed.engine.messages import (
     AbortRequests,
@@ -93,11 +93,12 @@ def test_llama3_json_parser() -> None:
 
 
 def test_messages_round_trip_msgpack() -> None:
-    spec = RequestSpec("r1", (1, 2, 3), 8, 0, frozenset({2}), 0, "sess", None)
-    msgs: list[EngineInput] = [AddRequest(spec, SamplingParams(temperature=0.5, stop=["x"])), AbortRequests(["r1"])]
+    spec = RequestSpec("r1", (1, 2, 3), 8, 0, frozenset({2}), 0, "sess", None,
+                       params=SamplingParams(temperature=0.5, stop=["x"]))
+    msgs: list[EngineInput] = [AddRequest(spec), AbortRequests(["r1"])]
     dec = msgspec.msgpack.Decoder(EngineInput)
     assert [dec.decode(msgspec.msgpack.encode(m)) for m in msgs] == msgs
-    out = EngineOutputs([RequestUpdate("r1", (5,), FinishReason.STOP, 16)], {"r1": (-0.5, ((5, -0.5),))},
+    out = EngineOutputs([RequestUpdate("r1", (5,), FinishReason.STOP, 16, "", (TokenLogprob(5, -0.5, ((5, -0.5),)),))],
                         EngineStats(1, 0, 3, 10, 0, 7))
     assert msgspec.msgpack.Decoder(EngineOutput).decode(msgspec.msgpack.encode(out)) == out
 

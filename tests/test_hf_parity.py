@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from agentspeed.config import CacheConfig, EngineConfig, KernelConfig
+from agentspeed.control.plan import ScheduledChunk
 from agentspeed.engine.simple_generate import generate
-from agentspeed.execution.inputs import SequenceChunk
 from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.sampling_params import SamplingParams
 
@@ -52,9 +52,9 @@ def assert_end_logits_match(
     reference's (ref_logits [n, vocab]: the logits each reference token was chosen from)."""
     full = prompt + ref_tokens
     pages = list(range(1, 1 + -(-len(full) // page_size)))
-    logits = runner.forward([SequenceChunk("x", full[:-1], 0, pages)])
+    logits = runner.forward([ScheduledChunk("x", full[:-1], 0, pages)])
     torch.testing.assert_close(logits[0], ref_logits[-1], rtol=1e-4, atol=1e-4)
-    logits = runner.forward([SequenceChunk("x", prompt, 0, pages)])
+    logits = runner.forward([ScheduledChunk("x", prompt, 0, pages)])
     torch.testing.assert_close(logits[0], ref_logits[0], rtol=1e-4, atol=1e-4)
 
 
@@ -99,7 +99,7 @@ def test_variants_match_transformers(tmp_path: Path, variant: str) -> None:
         ref_tokens, ref_logits = hf_greedy(path, prompt, 16)
         assert out.token_ids == ref_tokens
         full = prompt + ref_tokens
-        logits = runner.forward([SequenceChunk("x", full[:-1], 0, list(range(1, 1 + -(-len(full) // 7))))])
+        logits = runner.forward([ScheduledChunk("x", full[:-1], 0, list(range(1, 1 + -(-len(full) // 7))))])
         torch.testing.assert_close(logits[0], ref_logits[-1], rtol=1e-4, atol=1e-4)
 
 
@@ -107,10 +107,10 @@ def test_bfloat16_runs_close_to_float32(tiny_models: dict[str, Path]) -> None:
     path = tiny_models["llama"]
     prompt = PROMPTS[1]
     pages = list(range(1, 1 + -(-len(prompt) // 16)))
-    f32 = runner_for(path).forward([SequenceChunk("x", prompt, 0, pages)])
+    f32 = runner_for(path).forward([ScheduledChunk("x", prompt, 0, pages)])
     bf16_runner = runner_for(path, dtype="bfloat16")
     assert bf16_runner.dtype == torch.bfloat16
-    bf16 = bf16_runner.forward([SequenceChunk("x", prompt, 0, pages)])
+    bf16 = bf16_runner.forward([ScheduledChunk("x", prompt, 0, pages)])
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16, f32, rtol=0.1, atol=0.1)
     assert bf16.argmax(-1).item() == f32.argmax(-1).item()
@@ -144,7 +144,7 @@ def test_smollm2_gguf_matches_transformers(smollm2_path: Path) -> None:
         for prompt, out, (ref, ref_step_logits) in zip(prompts, ours, refs):
             assert out.token_ids == ref, name
             pages = list(range(1, 1 + -(-len(prompt) // 16)))
-            logits = runner.forward([SequenceChunk("x", prompt, 0, pages)])[0]
+            logits = runner.forward([ScheduledChunk("x", prompt, 0, pages)])[0]
             torch.testing.assert_close(logits, ref_step_logits[0], rtol=tol, atol=tol, msg=name)
         assert "Paris" in tok.decode(ours[0].token_ids)
 
@@ -162,8 +162,8 @@ def test_bf16_weight_linear_backend_stays_close(smollm2_path: Path) -> None:
     tok = Tokenizer.load(exact.source)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     pages = list(range(1, 1 + -(-len(prompt) // 16)))
-    a = exact.forward([SequenceChunk("x", prompt, 0, pages)])[0]
-    b = bf16.forward([SequenceChunk("x", prompt, 0, pages)])[0]
+    a = exact.forward([ScheduledChunk("x", prompt, 0, pages)])[0]
+    b = bf16.forward([ScheduledChunk("x", prompt, 0, pages)])[0]
     worst = ((a - b).abs().max() / a.std()).item()
     print(f"cpu_bf16 worst logit difference: {worst:.3f} std; top-5 {a.topk(5).indices.tolist()} vs {b.topk(5).indices.tolist()}")
     assert worst < 0.5

@@ -14,8 +14,8 @@ from test_hf_parity import PROMPTS, runner_for
 from test_kernels import make_paged
 
 from agentspeed.config import CacheConfig, EngineConfig, KernelConfig
+from agentspeed.control.plan import ScheduledChunk
 from agentspeed.engine.simple_generate import generate
-from agentspeed.execution.inputs import SequenceChunk
 from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.kernels import cpu, cpu_native, reference
 from agentspeed.kernels.reference import FP8, dequantize, quantize_fp8
@@ -72,9 +72,9 @@ def _teacher_forced(runner: ModelRunner, seq: list[int], n_prompt: int, page_siz
     """Logits after the prompt and after each later token of seq, fed one token per step
     (prefill, then the decode path over the paged cache): [len(seq) - n_prompt + 1, vocab]."""
     pages = list(range(1, 1 + -(-len(seq) // page_size)))
-    out = [runner.forward([SequenceChunk("x", seq[:n_prompt], 0, pages)])[0]]
+    out = [runner.forward([ScheduledChunk("x", seq[:n_prompt], 0, pages)])[0]]
     for i in range(n_prompt, len(seq)):
-        out.append(runner.forward([SequenceChunk("x", [seq[i]], i, pages)])[0])
+        out.append(runner.forward([ScheduledChunk("x", [seq[i]], i, pages)])[0])
     return torch.stack(out)
 
 

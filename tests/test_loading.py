@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from agentspeed.config import CacheConfig, EngineConfig
+from agentspeed.control.plan import ScheduledChunk
 from agentspeed.errors import ModelLoadError, UnsupportedModelError
-from agentspeed.execution.inputs import SequenceChunk
 from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.modeling.loaders.source import resolve_model
 
@@ -102,7 +102,7 @@ def test_sharded_safetensors_equal_single(tiny_models: dict[str, Path], tmp_path
     AutoModelForCausalLM.from_pretrained(tiny_models["qwen3"]).save_pretrained(sharded, max_shard_size="40KB")
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(list(sharded.glob("*.safetensors"))) > 2
-    chunk = [SequenceChunk("x", [1, 2, 3, 4, 5], 0, [1])]
+    chunk = [ScheduledChunk("x", [1, 2, 3, 4, 5], 0, [1])]
     torch.testing.assert_close(runner(sharded).forward(chunk), runner(tiny_models["qwen3"]).forward(chunk))
 
 

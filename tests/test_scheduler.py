@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from plan_mirror import PageRows
 
 from agentspeed.control import fsm
 from agentspeed.control.errors import HandleReleased, IllegalTransition
@@ -24,11 +25,11 @@ EOS = 0
 COVERAGE = {"preemptions": 0, "evictions": 0, "overlapped_plans": 0, "prefix_hits": 0}
 
 
-def written_pages(plan: ExecutionPlan, page_size: int) -> dict[int, str]:
+def written_pages(plan: ExecutionPlan, pages: list[tuple[int, ...]], page_size: int) -> dict[int, str]:
     out = {}
-    for c in plan.chunks:
+    for c, row in zip(plan.chunks, pages):
         for p in range(c.start // page_size, (c.start + len(c.token_ids) - 1) // page_size + 1):
-            out[c.pages[p]] = c.request_id
+            out[row[p]] = c.request_id
     return out
 
 
@@ -43,6 +44,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                                                max_num_seqs=4, max_model_len=40))
         self.rng = random.Random(0)
         self.in_flight: list[ExecutionPlan] = []
+        self.mirror = PageRows()
+        self.pages: dict[int, list[tuple[int, ...]]] = {}  # step id -> each chunk's page row
         self.n = 0
         self.live: set[str] = set()
         self.outputs: dict[str, list[int]] = {}
@@ -76,11 +79,13 @@ class SchedulerMachine(RuleBasedStateMachine):
     def plan(self) -> None:
         plan = self.sched.next_plan()
         if plan.empty:
+            assert not plan.released and not plan.new_requests
             return
+        pages = self.pages[plan.step_id] = self.mirror.apply(plan)
         # Never reuse a page an in-flight step touches for another request's writes.
         for old in self.in_flight:
-            touched = {p: c.request_id for c in old.chunks for p in c.pages}
-            for page, rid in written_pages(plan, self.ps).items():
+            touched = {p: c.request_id for c, row in zip(old.chunks, self.pages[old.step_id]) for p in row}
+            for page, rid in written_pages(plan, pages, self.ps).items():
                 assert touched.get(page, rid) == rid, f"page {page} reused while fenced"
         for c in plan.chunks:
             assert all(t >= 0 for t in c.token_ids) or (len(c.token_ids) == 1 and self.in_flight)
@@ -112,6 +117,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if len(self.in_flight) < 2:
                 p = self.sched.next_plan()
                 if not p.empty:
+                    self.mirror.apply(p)
                     self.in_flight.append(p)
             if self.in_flight:
                 plan = self.in_flight.pop(0)

@@ -310,3 +310,22 @@ def test_tensor_parallel_server_matches_tp1(tmp_path_factory: pytest.TempPathFac
         time.sleep(0.5)
         assert not any(os.path.exists(f"/proc/{p}") for p in engines)
     assert texts[0] == texts[1] and all(texts[0])
+
+
+def test_cache_salt_isolates_tenants_over_http(client: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "Salted prompt: list three prime numbers and explain why each is prime."}]
+    kw: dict = dict(model=MODEL, messages=msgs, max_tokens=4, temperature=0)
+    first = client.chat.completions.create(**kw, extra_body={"cache_salt": "tenant-a"})
+    assert first.usage.prompt_tokens > 16
+    same = client.chat.completions.create(**kw, extra_body={"cache_salt": "tenant-a"})
+    other = client.chat.completions.create(**kw, extra_body={"cache_salt": "tenant-b"})
+    unsalted = client.chat.completions.create(**kw)
+    assert same.usage.prompt_tokens_details.cached_tokens > 0
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    # unsalted requests share only what other unsalted ones cached (the chat template's
+    # system prefix from earlier tests), never the salted pages
+    assert unsalted.usage.prompt_tokens_details.cached_tokens < same.usage.prompt_tokens_details.cached_tokens
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**kw, extra_body={"cache_salt": ""})
+    # priority is accepted and honoured by the scheduler (ordering: tests/test_request_path.py)
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"priority": -3}).choices

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from plan_mirror import PageRows
 
 from agentspeed.control.ngram import NgramDrafter
 from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, RequestSpec, StepResult
@@ -72,6 +73,7 @@ class SpeculativeMachine(RuleBasedStateMachine):
         self.ps = 4
         self.rng = random.Random(0)
         self.in_flight: list[ExecutionPlan] = []
+        self.mirror = PageRows()
         self.n = 0
         self.live: set[str] = set()
         self.full: dict[str, list[int]] = {}  # prompt + outputs, as the updates told
@@ -130,13 +132,13 @@ class SpeculativeMachine(RuleBasedStateMachine):
         ps = self.ps
         sampled: dict[str, int] = {}
         accepted: dict[str, tuple[int, ...]] = {}
-        for c in plan.chunks:
+        for c, pages in zip(plan.chunks, self.mirror.apply(plan)):  # plans execute in order
             full = self.full[c.request_id]
             if c.request_id not in self.live:
                 # Finished or aborted while in flight: the scheduler will drop this chunk's
                 # results; what it writes to its (fenced) pages is garbage to anyone later.
                 for q in range(c.start, c.start + len(c.token_ids)):
-                    self.shadow[(c.pages[q // ps], q % ps)] = -1
+                    self.shadow[(pages[q // ps], q % ps)] = -1
                 continue
             toks = [full[c.start] if t == LAST_SAMPLED else t for t in c.token_ids]
             real = len(toks) - c.num_draft
@@ -144,11 +146,11 @@ class SpeculativeMachine(RuleBasedStateMachine):
             if c.num_draft:
                 assert c.start == len(full) - 1, "a draft chunk must start at the last known token"
             for q in range(c.start):
-                got = self.shadow.get((c.pages[q // ps], q % ps))
+                got = self.shadow.get((pages[q // ps], q % ps))
                 assert got == full[q], f"{c.request_id} reads {got} at position {q}, truth {full[q]}"
             for i, t in enumerate(toks):
                 q = c.start + i
-                self.shadow[(c.pages[q // ps], q % ps)] = t
+                self.shadow[(pages[q // ps], q % ps)] = t
             if not c.sample:
                 continue
             new = lambda: EOS if accept.random() < eos_prob else accept.randrange(1, 8)  # noqa: E731
@@ -367,8 +369,8 @@ def test_engine_gives_the_same_tokens_with_speculation(smollm2_path: Path) -> No
 
 
 def test_overlap_and_speculation_are_refused_together() -> None:
-    from agentspeed.engine.core import SchedulingOptions
+    from agentspeed.config import SchedulingConfig
 
     with pytest.raises(ConfigError, match="overlap and speculative decoding"):
-        SchedulingOptions(overlap=True, num_speculative_tokens=3)
-    SchedulingOptions(overlap=None, num_speculative_tokens=3)  # auto: off with speculation
+        SchedulingConfig(overlap=True, num_speculative_tokens=3)
+    SchedulingConfig(overlap=None, num_speculative_tokens=3)  # auto: off with speculation

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agentspeed.config import CacheConfig, EngineConfig, ParallelConfig
+from agentspeed.control.plan import ScheduledChunk
 from agentspeed.engine.simple_generate import generate
-from agentspeed.execution.inputs import SequenceChunk
 from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.sampling_params import SamplingParams
 
@@ -60,7 +60,7 @@ def compute(runner: ModelRunner) -> dict[str, torch.Tensor]:
         chunks, next_page = [], 1
         for i, s in enumerate(seqs):
             n = -(-len(s) // PAGE_SIZE)
-            chunks.append(SequenceChunk(f"r{i}", s, 0, list(range(next_page, next_page + n))))
+            chunks.append(ScheduledChunk(f"r{i}", s, 0, list(range(next_page, next_page + n))))
             next_page += n
         logits.append(runner.forward(chunks))
     return {

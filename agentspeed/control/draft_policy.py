@@ -5,7 +5,7 @@ A verification step with k drafts costs about 1 + c*k decode rows of this reques
 the step, where c, the cost of one more query row relative to a plain decode row, grows with
 the batch: at batch 1 the step is bound by reading the weights and the KV once, so extra rows
 are nearly free; at batch 8 and beyond the rows compete for compute (on this CPU, measured by
-benchmarks/bench_verify_step.py: c ~ 0.1 at batch 1, 0.22-0.38 at batch 8). With a per-token
+benchmarks/model/bench_verify_step.py: c ~ 0.1 at batch 1, 0.22-0.38 at batch 8). With a per-token
 acceptance probability a, k drafts yield 1 + a + ... + a^k tokens. The policy drafts the k
 that maximises yield per cost; k = 0 when no draft pays, i.e. a < c.
 

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from enum import IntEnum
 
 from agentspeed.control.errors import HandleReleased, InvariantViolation, OutOfPages
+from agentspeed.control.prefix_cache import PageKey
 
 
 class PageState(IntEnum):
@@ -31,12 +32,11 @@ class BlockTable:
     """An opaque handle on a request's pages, in position order. Only the pool mutates it;
     once given back, every access raises HandleReleased."""
 
-    __slots__ = ("_frozen", "_pages", "_released")
+    __slots__ = ("_pages", "_released")
 
     def __init__(self) -> None:
         self._pages: list[int] = []
         self._released = False
-        self._frozen: tuple[int, ...] | None = None
 
     @property
     def pages(self) -> list[int]:
@@ -44,12 +44,6 @@ class BlockTable:
         if self._released:
             raise HandleReleased("block table used after it was released")
         return self._pages
-
-    def frozen(self) -> tuple[int, ...]:
-        """The pages as a tuple, cached until the pool appends a page (plans carry this)."""
-        if self._frozen is None:
-            self._frozen = tuple(self.pages)
-        return self._frozen
 
     @property
     def released(self) -> bool:
@@ -67,10 +61,10 @@ class PagePool:
         self.page_size = page_size
         self.state = [PageState.FREE] * num_pages
         self.refcount = [0] * num_pages
-        self.page_hash: list[int | None] = [None] * num_pages
+        self.page_hash: list[PageKey | None] = [None] * num_pages
         self._free: list[int] = list(range(num_pages - 1, 0, -1))  # pop() gives low ids first
         self._lru: OrderedDict[int, None] = OrderedDict()  # cached pages, oldest first
-        self._index: dict[int, int] = {}  # prefix hash -> published/cached page
+        self._index: dict[PageKey, int] = {}  # prefix key -> published/cached page
         self._fences: dict[int, list[int]] = {}  # step id -> pages held for it
         self._tables: set[BlockTable] = set()  # live handles, for check_invariants
         self.state[0] = PageState.OWNED  # the null page is permanently taken
@@ -115,7 +109,6 @@ class PagePool:
             self.state[p] = PageState.OWNED
             self.refcount[p] = 1
             pages.append(p)
-        bt._frozen = None
 
     def share(self, bt: BlockTable, page: int) -> None:
         """Append a published or cached page (a prefix-cache hit) to bt."""
@@ -127,7 +120,6 @@ class PagePool:
             raise InvariantViolation(f"page {page} shared while {st.name}")
         self.refcount[page] += 1
         bt.pages.append(page)
-        bt._frozen = None
 
     def release(self, bt: BlockTable, fence: int | None = None) -> None:
         """Give back every page of bt and invalidate it. With a fence (the id of a step in
@@ -167,7 +159,7 @@ class PagePool:
         self.evictions += 1
 
     # ---- prefix index -------------------------------------------------------------------
-    def publish(self, page: int, h: int) -> bool:
+    def publish(self, page: int, h: PageKey) -> bool:
         """Make a full owned page immutable and findable under hash h. Returns False (and
         leaves the page owned) if another page already holds that hash."""
         if self.state[page] != PageState.OWNED or page == 0:
@@ -179,7 +171,7 @@ class PagePool:
         self._index[h] = page
         return True
 
-    def lookup(self, h: int) -> int | None:
+    def lookup(self, h: PageKey) -> int | None:
         return self._index.get(h)
 
     def touch(self, page: int) -> None:

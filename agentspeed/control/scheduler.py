@@ -21,10 +21,12 @@ batch size (control/draft_policy.py), up to num_speculative_tokens.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from agentspeed.config import SchedulingConfig
 from agentspeed.control import fsm
 from agentspeed.control.draft_policy import DraftPolicy, DraftStats
 from agentspeed.control.errors import InvariantViolation
@@ -34,38 +36,33 @@ from agentspeed.control.page_pool import BlockTable, PagePool, PageState
 from agentspeed.control.plan import (
     LAST_SAMPLED,
     ExecutionPlan,
+    NewRequest,
     RequestSpec,
     RequestUpdate,
     ScheduledChunk,
     StepResult,
 )
-from agentspeed.control.prefix_cache import extend_hashes
-from agentspeed.errors import AgentspeedError, ConfigError
+from agentspeed.control.prefix_cache import PageKey, extend_hashes
+from agentspeed.errors import AgentspeedError
 
 
 class RequestRejected(AgentspeedError):
     """The request can never be served (too long for the model or the KV pool)."""
 
 
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig(SchedulingConfig):
+    """The scheduling settings (config.SchedulingConfig, defaults resolved) and the sizes
+    the engine found: pages in the pool, tokens per page, the context length."""
+
     num_pages: int
     page_size: int
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
     max_model_len: int = 8192
-    enable_prefix_caching: bool = True
-    num_speculative_tokens: int = 0  # drafts per decode step (0: no speculative decoding)
-    ngram_max: int = 3  # drafts follow the latest earlier match of the last ngram_max..ngram_min tokens
-    ngram_min: int = 1
-    adaptive_drafts: bool = True  # per-request draft length from its acceptance (else always the max)
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.num_speculative_tokens <= 7:
-            # 1 + 7 query tokens is the most a decode kernel takes (kernels.api.MAX_DECODE_QUERY)
-            raise ConfigError(f"num_speculative_tokens must be in [0, 7], got {self.num_speculative_tokens}")
-        if not 1 <= self.ngram_min <= self.ngram_max:
-            raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+    @staticmethod
+    def of(s: SchedulingConfig, *, num_pages: int, page_size: int, max_model_len: int) -> SchedulerConfig:
+        fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(SchedulingConfig)}
+        return SchedulerConfig(**fields, num_pages=num_pages, page_size=page_size, max_model_len=max_model_len)
 
 
 _RUNNING = (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding)
@@ -85,10 +82,12 @@ class _Request:
     num_confirmed: int = 0  # tokens whose KV is written by advanced steps
     num_published: int = 0  # leading pages checked for publication
     num_cached_tokens: int = -1  # prefix-cache hit at first admission (-1: not admitted yet)
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[PageKey] = field(default_factory=list)
     drafts: int = 0  # drafted tokens in flight (their KV is scheduled, they are not tokens)
     drafter: NgramDrafter | None = None
     draft_stats: DraftStats = field(default_factory=DraftStats)
+    pages_sent: int = 0  # leading pages of its table the execution plane has been sent
+    announced: bool = False  # its NewRequest has been planned
 
     @property
     def num_tokens(self) -> int:
@@ -112,11 +111,12 @@ class Scheduler:
         self._unadvanced: deque[ExecutionPlan] = deque()
         self._aborted: list[RequestUpdate] = []
         self._released: list[str] = []
+        self._new: list[NewRequest] = []  # NewRequests of the plan being built
         self._preempted_now: set[str] = set()
         self.num_preemptions = 0
         self.num_draft_tokens = 0  # drafts verified (advanced), since start
         self.num_accepted_tokens = 0  # of those, accepted
-        k = cfg.num_speculative_tokens
+        self._drafts = k = cfg.num_speculative_tokens or 0  # None (unresolved) means none
         self._draft_policy = DraftPolicy(k) if k and cfg.adaptive_drafts else None
 
     # ---- public interface ---------------------------------------------------------------
@@ -173,7 +173,7 @@ class Scheduler:
         # 1. Running decodes (and their pages), preempting when memory runs out. This loop
         # runs once per running request per step: it is kept free of needless calls.
         ps = self.cfg.page_size
-        k = self.cfg.num_speculative_tokens
+        k = self._drafts
         policy, batch = self._draft_policy, len(self._running)
         for r in list(self._running):
             s = r.state
@@ -215,10 +215,12 @@ class Scheduler:
             self._running.append(r)
             budget -= self._schedule_prefill(r, budget, chunks, scheduled)
 
+        if not chunks:  # an empty plan never runs: releases wait for one that does
+            return ExecutionPlan(step_id, ())
         released, self._released = tuple(self._released), []
-        plan = ExecutionPlan(step_id, tuple(chunks), released)
-        if chunks:
-            self._unadvanced.append(plan)
+        new, self._new = tuple(self._new), []
+        plan = ExecutionPlan(step_id, tuple(chunks), released, new)
+        self._unadvanced.append(plan)
         return plan
 
     def advance(self, result: StepResult) -> list[RequestUpdate]:
@@ -264,6 +266,7 @@ class Scheduler:
                 r.state = fsm.start_decode(s)
             if not c.num_draft:
                 toks = (result.sampled[c.request_id],)
+            lp = result.logprobs.get(c.request_id)
             reason = None
             for i, tok in enumerate(toks):
                 r.tokens.append(tok)
@@ -280,7 +283,8 @@ class Scheduler:
                 self._finish(r, reason)
                 requests.pop(r.rid, None)
             n_cached = r.num_cached_tokens
-            updates.append(RequestUpdate(r.rid, toks, reason, n_cached if n_cached > 0 else 0))
+            updates.append(RequestUpdate(r.rid, toks, reason, n_cached if n_cached > 0 else 0, "",
+                                         () if lp is None else (lp,)))
         self.pool.clear_fence(plan.step_id)
         return updates
 
@@ -305,12 +309,23 @@ class Scheduler:
         key = (-(1 << 62) if front else r.spec.priority, r.arrival, r.rid)
         bisect.insort(self._waiting, key)
 
+    def _page_delta(self, r: _Request, pages: list[int]) -> tuple[int, tuple[int, ...]]:
+        """(page_offset, new_pages) of r's next chunk; announces r on its first chunk."""
+        if not r.announced:
+            r.announced = True
+            self._new.append(NewRequest(r.rid, r.spec.prompt_token_ids, r.spec.params))
+        sent = r.pages_sent
+        if sent == len(pages):
+            return sent, ()
+        r.pages_sent = len(pages)
+        return sent, tuple(pages[sent:])
+
     def _chunk(self, r: _Request, tokens: tuple[int, ...], sample: bool, num_draft: int = 0) -> ScheduledChunk:
         s = r.state
         assert isinstance(s, _RUNNING)
         start = r.num_computed
         ps = self.cfg.page_size
-        pages = s.blocks.frozen()
+        pages = s.blocks.pages
         state = self.pool.state
         # Published pages are immutable: every page this chunk writes must be owned.
         for p in range(start // ps, (start + len(tokens) - 1) // ps + 1):
@@ -320,17 +335,19 @@ class Scheduler:
         if sample:
             r.pending += 1
         r.drafts = num_draft
-        return ScheduledChunk(r.rid, tokens, start, pages, sample, num_draft)
+        offset, new = self._page_delta(r, pages)
+        return ScheduledChunk(r.rid, tokens, start, new, sample, num_draft, offset)
 
     def _decode_chunk(self, r: _Request, blocks: BlockTable, tok: int) -> ScheduledChunk:
         """_chunk for one token that samples: the same checks, fewer steps."""
         start = r.num_computed
-        pages = blocks.frozen()
+        pages = blocks.pages
         if self.pool.state[pages[start // self.cfg.page_size]] != PageState.OWNED:
             raise InvariantViolation(f"chunk would write published page {pages[start // self.cfg.page_size]}")
         r.num_computed = start + 1
         r.pending += 1
-        return ScheduledChunk(r.rid, (tok,), start, pages, True)
+        offset, new = self._page_delta(r, pages)
+        return ScheduledChunk(r.rid, (tok,), start, new, True, 0, offset)
 
     def _draft(self, r: _Request, k: int) -> list[int]:
         """Up to k drafts for r's next decode, bounded by its max_tokens and the context length
@@ -376,7 +393,7 @@ class Scheduler:
         preempted, bt = fsm.preempt(s)
         self.pool.release(bt, self._fence())
         r.state = fsm.requeue(preempted)
-        r.num_computed = r.num_confirmed = r.num_published = 0
+        r.num_computed = r.num_confirmed = r.num_published = r.pages_sent = 0
         self._running.remove(r)
         self._enqueue(r, front=True)
         self._preempted_now.add(r.rid)
@@ -466,7 +483,8 @@ class Scheduler:
                 self._waiting.remove(key)
         if reason == FinishReason.ABORT:
             self._requests.pop(r.rid, None)
-        self._released.append(r.rid)
+        if r.announced:  # else execution never heard of it
+            self._released.append(r.rid)
 
     # ---- invariants ---------------------------------------------------------------------
     def check_invariants(self) -> None:

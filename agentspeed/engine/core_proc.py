@@ -34,10 +34,8 @@ import msgspec
 import zmq
 
 from agentspeed.config import EngineConfig
-from agentspeed.control.fsm import FinishReason
 from agentspeed.control.plan import RequestUpdate
-from agentspeed.control.scheduler import RequestRejected
-from agentspeed.engine.core import EngineCore, SchedulingOptions
+from agentspeed.engine.core import EngineCore
 from agentspeed.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -67,18 +65,12 @@ class _Core:
 
     def __init__(self, engine: EngineCore) -> None:
         self.engine = engine
-        self.rejected: list[RequestUpdate] = []
 
     def apply(self, msgs: Sequence[EngineInput]) -> bool:
         """Apply inputs; False once a Shutdown was among them."""
         for m in msgs:
             if isinstance(m, AddRequest):
-                try:
-                    self.engine.add_request(m.spec, m.params)
-                except RequestRejected as e:
-                    self.rejected.append(
-                        RequestUpdate(m.spec.request_id, (), FinishReason.ERROR, 0, message=str(e))
-                    )
+                self.engine.add_request(m.spec)
             elif isinstance(m, AbortRequests):
                 for rid in m.request_ids:
                     self.engine.abort(rid)
@@ -86,12 +78,9 @@ class _Core:
                 return False
         return True
 
-    def step(self) -> tuple[list[RequestUpdate], dict[str, tuple[float, tuple[tuple[int, float], ...]]]]:
+    def step(self) -> list[RequestUpdate]:
         e = self.engine
-        updates = e.step() if e.has_work() else e.scheduler.advance_idle()
-        if self.rejected:
-            updates, self.rejected = self.rejected + updates, []
-        return updates, e.last_logprobs if updates else {}
+        return e.step() if e.has_work() else e.scheduler.advance_idle()
 
     def stats(self) -> EngineStats:
         s = self.engine.scheduler
@@ -111,13 +100,13 @@ def _spawn_workers(args: argparse.Namespace, cfg: EngineConfig, ctx: zmq.Context
         sock.bind(addr)
         socks.append(sock)
         cmd = [sys.executable, "-m", "agentspeed.engine.core_proc", "--config", args.config,
-               "--scheduling", args.scheduling, "--input", addr, "--rank", str(rank),
+               "--input", addr, "--rank", str(rank),
                "--log-level", args.log_level]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
     return procs, socks
 
 
-def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptions) -> int:
+def run_rank0(args: argparse.Namespace, cfg: EngineConfig) -> int:
     enc = msgspec.msgpack.Encoder()
     dec = msgspec.msgpack.Decoder(EngineInput)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -129,13 +118,13 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
     workers: list[subprocess.Popen[bytes]] = []
     try:
         workers, worker_socks = _spawn_workers(args, cfg, ctx)
-        engine = EngineCore.build(cfg, opts)
+        engine = EngineCore.build(cfg)
         runner = engine.runner
         name = args.served_model_name or runner.source.name
         out.send(enc.encode(EngineReady(
             name, runner.max_model_len, runner.page_size, runner.kv.num_pages,
             list(runner.model_config.eos_token_ids), runner.kv.bytes_per_token,
-            engine.scheduler.cfg.num_speculative_tokens, bool(engine.opts.overlap),
+            engine.cfg.scheduling.num_speculative_tokens or 0, bool(engine.cfg.scheduling.overlap),
             "; ".join(runner.kernels.numerics_notes()),
         )))
     except Exception as e:
@@ -151,7 +140,7 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
     try:
         running = True
         while running:
-            idle = not engine.has_work() and not core.rejected
+            idle = not engine.has_work()
             msgs: list[EngineInput] = []
             if inp.poll(_IDLE_POLL_MS if idle else 0):
                 while True:
@@ -171,9 +160,9 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
             running = core.apply(msgs)
             if not running:
                 break
-            updates, logprobs = core.step()
+            updates = core.step()
             if updates:
-                out.send(enc.encode(EngineOutputs(updates, logprobs, core.stats())))
+                out.send(enc.encode(EngineOutputs(updates, core.stats())))
     except Exception as e:
         log.error("engine step failed:\n%s", traceback.format_exc())
         out.send(enc.encode(EngineFailed(f"engine step failed: {type(e).__name__}: {e}")))
@@ -191,12 +180,12 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptio
     return rc
 
 
-def run_worker(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOptions) -> int:
+def run_worker(args: argparse.Namespace, cfg: EngineConfig) -> int:
     dec = msgspec.msgpack.Decoder(StepInputs)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.connect(args.input)
-    engine = EngineCore.build(cfg, opts)
+    engine = EngineCore.build(cfg)
     core = _Core(engine)
     try:
         while True:
@@ -214,7 +203,6 @@ def run_worker(args: argparse.Namespace, cfg: EngineConfig, opts: SchedulingOpti
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="agentspeed engine-core process (started by AsyncLLM)")
     ap.add_argument("--config", required=True, help="EngineConfig as JSON")
-    ap.add_argument("--scheduling", required=True, help="SchedulingOptions as JSON")
     ap.add_argument("--input", required=True, help="ZMQ address to pull inputs from")
     ap.add_argument("--output", default=None, help="ZMQ address to push outputs to (rank 0)")
     ap.add_argument("--rank", type=int, default=0)
@@ -227,8 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _die_with_parent()
     cfg = msgspec.json.decode(args.config.encode(), type=EngineConfig)
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, rank=args.rank))
-    opts = msgspec.json.decode(args.scheduling.encode(), type=SchedulingOptions)
-    return run_worker(args, cfg, opts) if args.rank else run_rank0(args, cfg, opts)
+    return run_worker(args, cfg) if args.rank else run_rank0(args, cfg)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,14 @@ from __future__ import annotations
 import msgspec
 
 from agentspeed.control.plan import RequestSpec, RequestUpdate
-from agentspeed.sampling_params import SamplingParams
-
-TopLogprobs = tuple[tuple[int, float], ...]
 
 
 # ---- frontend -> engine core (and engine core -> TP workers, replayed per step) ----------
 class AddRequest(msgspec.Struct, tag=True, frozen=True):
-    """spec.stop_token_ids already includes EOS unless the request ignores it."""
+    """spec.stop_token_ids already includes EOS unless the request ignores it; spec.params
+    is how it is sampled."""
 
     spec: RequestSpec
-    params: SamplingParams
 
 
 class AbortRequests(msgspec.Struct, tag=True, frozen=True):
@@ -64,11 +61,9 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
 
 
 class EngineOutputs(msgspec.Struct, tag=True, frozen=True):
-    """One step's (or one idle poll's) updates. logprobs[request_id] for requests that asked:
-    (the sampled token's logprob, top alternatives)."""
+    """One step's (or one idle poll's) updates, logprobs inside them."""
 
     updates: list[RequestUpdate]
-    logprobs: dict[str, tuple[float, TopLogprobs]]
     stats: EngineStats
 
 

@@ -4,11 +4,12 @@ from a simple free list; this is the foundation's driver, which the scheduler re
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from agentspeed.control.plan import ExecutionPlan, NewRequest, ScheduledChunk
 from agentspeed.errors import ConfigError
-from agentspeed.execution.inputs import SequenceChunk
 from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.sampling_params import SamplingParams
 
@@ -53,20 +54,29 @@ def generate(
         seqs.append(_Seq(f"gen-{i}", list(prompt), p, [free.pop() for _ in range(need)]))
     eos = set(eos_token_ids)
 
-    chunks = [SequenceChunk(s.rid, s.prompt, 0, s.pages) for s in seqs]
+    # The runner takes requests only through plans: the first registers every sequence and
+    # sends all its pages; later ones send one token per live sequence and no pages.
+    steps = itertools.count()
+    new = tuple(NewRequest(s.rid, tuple(s.prompt), s.params) for s in seqs)
+    chunks = [ScheduledChunk(s.rid, s.prompt, 0, s.pages) for s in seqs]
     live = seqs
+    released: tuple[str, ...] = ()
     while live:
-        new = runner.execute(chunks, [s.params for s in live])
-        for s, tok in zip(live, new):
+        plan = ExecutionPlan(next(steps), tuple(chunks), released, new)
+        result = runner.execute_plan(plan)
+        new, released = (), ()
+        for s in live:
+            tok = result.sampled[s.rid]
             s.output.append(tok)
             if tok in eos and not s.params.ignore_eos:
                 s.done, s.finish_reason = True, "stop"
             elif len(s.output) >= s.params.max_tokens or len(s.prompt) + len(s.output) >= runner.max_model_len:
                 s.done, s.finish_reason = True, "length"
-            if s.done:
-                runner.release(s.rid)
+        released = tuple(s.rid for s in live if s.done)
         live = [s for s in live if not s.done]
         chunks = [
-            SequenceChunk(s.rid, s.output[-1:], len(s.prompt) + len(s.output) - 1, s.pages) for s in live
+            ScheduledChunk(s.rid, s.output[-1:], len(s.prompt) + len(s.output) - 1, (), page_offset=len(s.pages))
+            for s in live
         ]
+    runner.execute_plan(ExecutionPlan(next(steps), (), released))  # runs nothing: releases the last
     return [Completion(s.output, s.finish_reason) for s in seqs]

@@ -1,5 +1,6 @@
-"""Flatten a step's sequences into model inputs: token ids, positions, slot mapping,
-page tables, and which rows need logits. No padding between sequences."""
+"""Flatten a step's chunks into model inputs: token ids, positions, slot mapping, page
+tables, and which rows need logits. No padding between sequences. Page tables come from the
+persistent RequestTable (rows gathered, not rebuilt); per-token work is tensor ops."""
 
 from __future__ import annotations
 
@@ -8,21 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from agentspeed.control.plan import ScheduledChunk
+from agentspeed.execution.request_state import RequestState, RequestTable
 from agentspeed.kernels.api import AttentionMetadata
-
-
-@dataclass(frozen=True, slots=True)
-class SequenceChunk:
-    """One sequence's work in a step: compute `token_ids` at positions start, start+1, ...
-    `pages` must cover positions [0, start + len(token_ids)). If `sample`, the logits of the
-    last 1 + num_draft tokens are returned (the last token's alone without drafts)."""
-
-    request_id: str
-    token_ids: Sequence[int]
-    start: int
-    pages: Sequence[int]
-    sample: bool = True
-    num_draft: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,44 +22,56 @@ class ModelInputs:
     logits_indices: torch.Tensor
 
 
-def build_inputs(chunks: Sequence[SequenceChunk], page_size: int, device: str) -> ModelInputs:
+def build_inputs(
+    chunks: Sequence[ScheduledChunk], states: list[RequestState], table: RequestTable, page_size: int
+) -> ModelInputs:
+    """states[i] is chunks[i]'s request, its page delta already applied (RequestTable.apply).
+    Token ids must be concrete (LAST_SAMPLED substituted)."""
     ids: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
     qstart = [0]
     seq_lens: list[int] = []
     logits_rows: list[int] = []
-    max_pages = max(len(c.pages) for c in chunks)
-    table: list[list[int]] = []
-    for c in chunks:
+    max_pages = 0
+    for c, st in zip(chunks, states):
         n = len(c.token_ids)
         end = c.start + n
-        if len(c.pages) * page_size < end:
-            raise ValueError(f"request {c.request_id}: {len(c.pages)} pages cannot hold {end} tokens")
+        if len(st.pages) * page_size < end:
+            raise ValueError(f"request {c.request_id}: {len(st.pages)} pages cannot hold {end} tokens")
         ids.extend(c.token_ids)
-        pos = range(c.start, end)
-        positions.extend(pos)
-        slots.extend(c.pages[p // page_size] * page_size + p % page_size for p in pos)
+        positions.extend(range(c.start, end))
         qstart.append(qstart[-1] + n)
         seq_lens.append(end)
+        if len(st.pages) > max_pages:
+            max_pages = len(st.pages)
         if c.sample:
             if c.num_draft:
                 logits_rows.extend(range(qstart[-1] - 1 - c.num_draft, qstart[-1]))
             else:
                 logits_rows.append(qstart[-1] - 1)
-        table.append([*c.pages, *([0] * (max_pages - len(c.pages)))])
 
-    def t(x: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(x, dtype=dtype, device=device)
-
+    dev = table.device
+    page_table = table.rows(states, max_pages)
+    pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+    qlens = tuple(len(c.token_ids) for c in chunks)
+    if len(ids) == len(chunks):  # one token per sequence: row b holds token b
+        seq_of_token = torch.arange(len(chunks), device=dev)
+    else:
+        seq_of_token = torch.repeat_interleave(
+            torch.arange(len(chunks), device=dev), torch.tensor(qlens, device=dev)
+        )
+    slots = page_table[seq_of_token, pos // page_size].to(torch.int64) * page_size + pos % page_size
     attn = AttentionMetadata(
-        slot_mapping=t(slots, torch.int64),
-        query_start_loc=t(qstart, torch.int32),
-        seq_lens=t(seq_lens, torch.int32),
-        page_table=t(table, torch.int32),
-        query_lens_cpu=tuple(len(c.token_ids) for c in chunks),
+        slot_mapping=slots,
+        query_start_loc=torch.tensor(qstart, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+        page_table=page_table,
+        query_lens_cpu=qlens,
         seq_lens_cpu=tuple(seq_lens),
         page_size=page_size,
-        pages_cpu=tuple(c.pages for c in chunks),
+        pages_cpu=tuple(st.pages for st in states),
     ).with_decode_split()
-    return ModelInputs(t(ids, torch.int64), t(positions, torch.int64), attn, t(logits_rows, torch.int64))
+    return ModelInputs(
+        torch.tensor(ids, dtype=torch.int64, device=dev), pos, attn,
+        torch.tensor(logits_rows, dtype=torch.int64, device=dev),
+    )

@@ -1,5 +1,6 @@
 """The model runner: owns the model, the KV cache tensors and the sampler on one rank, and
-turns a step's SequenceChunks into logits and sampled tokens. Every tensor-parallel rank runs
+turns each step's ExecutionPlan into logits and sampled tokens, keeping per-request state
+(execution/request_state.py) across steps. Every tensor-parallel rank runs
 the same calls with the same chunks (SPMD); sampled tokens are taken from rank 0."""
 
 from __future__ import annotations
@@ -8,17 +9,18 @@ import logging
 import os
 from collections.abc import Sequence
 
+import msgspec
 import torch
 
 from agentspeed.config import EngineConfig
-from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, StepResult
-from agentspeed.execution.inputs import SequenceChunk, build_inputs
+from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, ScheduledChunk, StepResult
+from agentspeed.execution.inputs import build_inputs
 from agentspeed.execution.kv_cache import KVCache
-from agentspeed.execution.sampler import Sampler, TokenLogprobs
+from agentspeed.execution.request_state import RequestState, RequestTable
+from agentspeed.execution.sampler import Sampler
 from agentspeed.modeling.build import build_model
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.context import ForwardContext
-from agentspeed.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -48,106 +50,80 @@ class ModelRunner:
         )
         self.kv = KVCache(
             built.config, cfg.cache, self.comm.world_size, built.dtype, built.device,
-            max_tokens_useful=self.max_model_len * cfg.max_num_seqs,
+            max_tokens_useful=self.max_model_len * cfg.scheduling.max_num_seqs,
         )
         self.sampler = Sampler(built.kernels, built.device, cfg.seed)
-        # Execution-side request state, keyed by request id: sampling settings and the last
-        # sampled token (what LAST_SAMPLED in a plan refers to).
-        self.params: dict[str, SamplingParams] = {}
-        self.prompts: dict[str, Sequence[int]] = {}
-        self.outputs: dict[str, list[int]] = {}
-        self.last_sampled: dict[str, int] = {}
+        self.requests = RequestTable(built.device)
 
     @torch.inference_mode()
-    def forward(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+    def forward(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
         """fp32 logits [rows, vocab], in chunk order: one row per chunk with sample=True, 1 +
-        num_draft rows for a chunk with drafts."""
-        inputs = build_inputs(chunks, self.page_size, self.device)
+        num_draft rows for a chunk with drafts. Samples nothing: for tests and benchmarks
+        that drive the model directly (a request id not seen before gets a bare row)."""
+        states = [self.requests.apply(c, create=True) for c in chunks]
+        return self._forward(chunks, states)
+
+    def _forward(self, chunks: Sequence[ScheduledChunk], states: list[RequestState]) -> torch.Tensor:
+        inputs = build_inputs(chunks, states, self.requests, self.page_size)
         ctx = ForwardContext(inputs.positions, inputs.attn, self.kv.layers, inputs.logits_indices)
         return self.model(inputs.input_ids, ctx)
 
     @torch.inference_mode()
-    def execute(
-        self, chunks: Sequence[SequenceChunk], params: Sequence[SamplingParams]
-    ) -> list[int]:
-        """Run one step; one sampled token per chunk with sample=True (params align with
-        those chunks), identical on every rank."""
-        return self._execute(chunks, params)[0]
+    def execute_plan(self, plan: ExecutionPlan) -> StepResult:
+        """Run one scheduler step: the only way requests reach the runner. Steps must run in
+        plan order: a LAST_SAMPLED input is the token this runner sampled for that request in
+        the previous step, and page deltas build on the previous plans'."""
+        table = self.requests
+        for rid in plan.released:  # finished before this plan was made: no chunk of it needs them
+            table.release(rid)
+        for new in plan.new_requests:
+            table.add(new)
+        chunks: list[ScheduledChunk] = []
+        states: list[RequestState] = []
+        for c in plan.chunks:
+            st = table.apply(c)
+            if LAST_SAMPLED in c.token_ids:
+                c = msgspec.structs.replace(
+                    c, token_ids=[st.last_sampled if t == LAST_SAMPLED else t for t in c.token_ids])
+            chunks.append(c)
+            states.append(st)
+        return self._sample(chunks, states, plan.step_id) if chunks else StepResult(plan.step_id)
 
-    def _execute(
-        self, chunks: Sequence[SequenceChunk], params: Sequence[SamplingParams]
-    ) -> tuple[list[int], list[TokenLogprobs | None] | None, dict[str, tuple[int, ...]]]:
-        """(a sampled token per sampling chunk, their logprobs, the accepted continuation of
-        each chunk with drafts: see StepResult.accepted)."""
-        logits = self.forward(chunks)
-        sampling = [c for c in chunks if c.sample]
-        rids = [c.request_id for c in sampling]
-        if not rids:
-            return [], None, {}
-        drafts = any(c.num_draft for c in sampling)
+    def _sample(self, chunks: list[ScheduledChunk], states: list[RequestState], step_id: int) -> StepResult:
+        logits = self._forward(chunks, states)
+        sampling = [(c, st) for c, st in zip(chunks, states) if c.sample]
+        if not sampling:
+            return StepResult(step_id)
+        drafts = any(c.num_draft for c, _ in sampling)
         firsts = logits
         if drafts:
             # Row 0 of a chunk with drafts is the plain decode's row (what `sampled` holds);
             # the argmax of every row is what verification compares the drafts with.
             rows, first = 0, []
-            for c in sampling:
+            for c, _ in sampling:
                 first.append(rows)
                 rows += 1 + c.num_draft
             firsts = logits[torch.tensor(first, device=logits.device)]
-        histories = None
-        if any(p.has_penalties for p in params):
-            histories = [(self.prompts.get(r, ()), self.outputs.get(r, ())) for r in rids]
-        out = self.sampler.sample(firsts, rids, params, histories)
+        out = self.sampler.sample(firsts, [st for _, st in sampling])
+        n = len(sampling)
         if not drafts:
             ids = self.comm.broadcast(out.token_ids, src=0).tolist()
             accepted: dict[str, tuple[int, ...]] = {}
         else:
             both = self.comm.broadcast(torch.cat((out.token_ids, logits.argmax(-1))), src=0).tolist()
-            ids, best = both[: len(rids)], both[len(rids) :]
+            ids, best = both[:n], both[n:]
             accepted = {c.request_id: _verify(c.token_ids[len(c.token_ids) - c.num_draft :], t, best[f + 1 :])
-                        for c, t, f in zip(sampling, ids, first) if c.num_draft}
-        for r, t in zip(rids, ids):
-            if r in self.outputs:
-                self.outputs[r].append(t)
-                self.outputs[r].extend(accepted.get(r, ()))
-        return ids, out.logprobs, accepted
-
-    def add_request(self, request_id: str, params: SamplingParams, prompt: Sequence[int] = ()) -> None:
-        self.params[request_id] = params
-        self.outputs[request_id] = []
-        if params.has_penalties:
-            self.prompts[request_id] = prompt
-
-    def release(self, request_id: str) -> None:
-        self.sampler.release(request_id)
-        for d in (self.params, self.prompts, self.outputs, self.last_sampled):
-            d.pop(request_id, None)  # type: ignore[attr-defined]
-
-    def execute_plan(self, plan: ExecutionPlan) -> StepResult:
-        """Run one scheduler step. Steps must run in plan order: a LAST_SAMPLED input is the
-        token this runner sampled for that request in the previous step."""
-        chunks = [
-            SequenceChunk(
-                c.request_id,
-                [self.last_sampled[c.request_id] if t == LAST_SAMPLED else t for t in c.token_ids],
-                c.start,
-                c.pages,
-                c.sample,
-                c.num_draft,
-            )
-            for c in plan.chunks
-        ]
-        sampling = [c.request_id for c in plan.chunks if c.sample]
-        ids, lps, accepted = self._execute(chunks, [self.params[r] for r in sampling]) if chunks else ([], None, {})
-        sampled = dict(zip(sampling, ids))
-        self.last_sampled.update(sampled)
-        for r, more in accepted.items():
-            if more:
-                self.last_sampled[r] = more[-1]
-        logprobs = {r: lp for r, lp in zip(sampling, lps) if lp is not None} if lps else {}
-        for rid in plan.released:
-            self.release(rid)
-        return StepResult(plan.step_id, sampled, logprobs, accepted)
+                        for (c, _), t, f in zip(sampling, ids, first) if c.num_draft}
+        sampled: dict[str, int] = {}
+        for (c, st), t in zip(sampling, ids):
+            more = accepted.get(c.request_id, ())
+            sampled[c.request_id] = t
+            st.last_sampled = more[-1] if more else t
+            if st.counts is not None:
+                st.record([t, *more])
+        lps = out.logprobs
+        logprobs = {c.request_id: lp for (c, _), lp in zip(sampling, lps) if lp is not None} if lps else {}
+        return StepResult(step_id, sampled, logprobs, accepted)
 
     def shutdown(self) -> None:
         self.comm.shutdown()

@@ -39,7 +39,6 @@ once for a model so hot paths make no per-call registry lookups.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +63,6 @@ OPS = (
     "sample",
 )
 
-ENV_OVERRIDE = "AGENTSPEED_KERNEL_BACKEND"
 
 # Sequences with at most this many new tokens are "decode-like": one token plus up to 7
 # speculative drafts to verify. Decode kernels read each K/V row once for all of them.
@@ -154,9 +152,9 @@ class SamplingTensors:
 
 
 def resolve_overrides(config: KernelConfig) -> dict[str, str]:
-    """op -> forced backend, from the config, else from the environment variable."""
-    pairs = config.overrides or KernelConfig.parse(os.environ.get(ENV_OVERRIDE)).overrides
-    return dict(pairs)
+    """op -> forced backend (the environment was read when the config was built:
+    KernelConfig.from_spec)."""
+    return dict(config.overrides)
 
 
 class KernelSet:

@@ -11,7 +11,7 @@ values with zeros to the key width for the same reason.
 per-head K/V, then MHA) costs L*H*lora*(nope+v) MACs to expand plus ~q*L*H*(qk+v) to attend;
 absorbed costs ~q*L*H*(2*lora+rope) plus q*H*lora*(nope+v) for the projections. Expanded
 wins for fresh prompts; absorbed wins for a few new tokens over a long cached prefix, which
-is what an agent's tool-result turn looks like (benchmarks/bench_mla_cpu.py measures the
+is what an agent's tool-result turn looks like (benchmarks/kernels/bench_mla_cpu.py measures the
 crossover).
 """
 

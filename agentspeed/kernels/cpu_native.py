@@ -7,19 +7,19 @@ in that form: 0.75 bytes per weight instead of 4; likewise 8-bit codes times a p
 for bit, so these results are the fp32 product up to summation order. Larger batches on those
 weights run, where the CPU has AVX512-VNNI, the integer kernel (native/i16_gemm.cpp: the same
 codes times activations rounded per 32 to 16 bits, ~5e-5 of the output scale; 1.2-1.7x
-oneDNN, benchmarks/bench_i16_gemm.py); elsewhere, and for weights with no exact block form,
+oneDNN, benchmarks/kernels/bench_i16_gemm.py); elsewhere, and for weights with no exact block form,
 oneDNN on the fp32 weight. Backend `cpu_native_fp32` is the same without the integer kernel.
 
 paged_attention_decode reads K/V pages in their storage type (fp32, bf16, fp16, fp8 with
 per-token scales) and converts rows in registers while streaming them, once per KV head for
 its whole GQA group; the torch backend converts each sequence's context to fp32 first, so
 a 16-bit cache halves memory but not time there. Measured in docs/benchmarks.md
-(`benchmarks/bench_long_decode.py`).
+(`benchmarks/model/bench_long_decode.py`).
 
 paged_attention_prefill (new tokens over their paged context, causal) folds each KV head's
 query group into 32-row tiles held transposed, rows along the vector lanes, so scores and
 values are register-tiled outer products at GEMM speed (~350 GFLOP/s here against ~150 for
-torch's flash kernel; `benchmarks/bench_prefill_attention.py`).
+torch's flash kernel; `benchmarks/kernels/bench_prefill_attention.py`).
 
 silu_and_mul, rotary_embedding and rms_norm are one pass each over their rows (torch's versions are
 several ops with temporaries, and its silu of a strided half is slow: 7.4 ms at 2,000 rows).

@@ -133,8 +133,9 @@ class _SamplingFields(_Base):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    cache_salt: str | None = None
-    priority: int = 0
+    # Only requests with the same salt share prefix-cache pages (tenants isolate their KV).
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None
+    priority: int = 0  # lower first among waiting requests (vLLM's convention)
     # Test hook (only with --enable-test-hooks): show this text instead of the sampled tokens.
     agentspeed_test_output: str | None = None
 

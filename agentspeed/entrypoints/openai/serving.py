@@ -15,13 +15,9 @@ from typing import Any
 
 from fastapi import Request
 
-from agentspeed.engine.async_llm import (
-    AsyncLLM,
-    EngineDeadError,
-    Overloaded,
-    RequestDelta,
-    TokenLogprob,
-)
+from agentspeed.control.plan import TokenLogprob
+from agentspeed.engine.async_llm import AsyncLLM, EngineDeadError, Overloaded
+from agentspeed.engine.output_processor import RequestDelta
 from agentspeed.entrypoints.openai.metrics import Metrics
 from agentspeed.entrypoints.openai.protocol import (
     APIError,
@@ -135,10 +131,12 @@ class RunStats:
 
 
 async def run_request(state: ServerState, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                      raw: Request, stats: RunStats, forced_output: str | None = None
-                      ) -> AsyncIterator[RequestDelta]:
+                      raw: Request, stats: RunStats, forced_output: str | None = None, *,
+                      cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestDelta]:
     """Yield the request's deltas; record metrics and log one line when it ends. Raises
-    APIError before the first delta for overload, a dead engine or an engine rejection."""
+    APIError before the first delta for overload, a dead engine or an engine rejection.
+    cache_salt: only requests with the same salt share prefix-cache pages. priority: lower
+    runs first among waiting requests (ties by arrival), as in vLLM."""
     t0 = time.monotonic()
     last: float | None = None
     itls: list[float] = []
@@ -149,7 +147,7 @@ async def run_request(state: ServerState, request_id: str, prompt_ids: Sequence[
         assert state.engine.tokenizer is not None
         forced = state.engine.tokenizer.encode(forced_output, add_special_tokens=False)
     try:
-        gen = state.engine.generate(request_id, prompt_ids, params, session_key(raw),
+        gen = state.engine.generate(request_id, prompt_ids, params, session_key(raw), cache_salt, priority,
                                     forced_output=forced)
         async for d in gen:
             now = time.monotonic()

@@ -54,7 +54,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                              top if req.logprobs else None)
     rid = new_id("chatcmpl")
     stats = RunStats(len(prompt))
-    gen = run_request(state, rid, prompt, params, raw, stats, req.agentspeed_test_output)
+    gen = run_request(state, rid, prompt, params, raw, stats, req.agentspeed_test_output,
+                      cache_salt=req.cache_salt, priority=req.priority)
     parser = _parser(state, req)
     if req.stream:
         first = await anext(gen)  # errors before the first token are still plain HTTP errors

@@ -11,7 +11,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from agentspeed.engine.async_llm import RequestDelta, TokenLogprob
+from agentspeed.control.plan import TokenLogprob
+from agentspeed.engine.output_processor import RequestDelta
 from agentspeed.entrypoints.openai.protocol import APIError, CompletionRequest
 from agentspeed.entrypoints.openai.serving import (
     SSE_DONE,
@@ -71,7 +72,8 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
         params = sampling_params(req, len(ids), state, req.max_tokens or 16, req.logprobs)
         stats = RunStats(len(ids))
         sub = rid if len(prompts) == 1 else f"{rid}-p{k}"
-        runs.append((k, stats, run_request(state, sub, ids, params, raw, stats, req.agentspeed_test_output)))
+        runs.append((k, stats, run_request(state, sub, ids, params, raw, stats, req.agentspeed_test_output,
+                                           cache_salt=req.cache_salt, priority=req.priority)))
     if req.stream:
         # Wait for every prompt's first delta: errors before any token are plain HTTP errors.
         try:

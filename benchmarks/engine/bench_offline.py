@@ -15,9 +15,9 @@ max_tokens = its scaled response length.
 Configurations: prefix caching on/off x overlap on/off, one LLM (model load) each, a tiny
 warm-up generate, then the timed waves. Outputs must be identical across configurations.
 
-    python benchmarks/bench_offline.py                  # 8 sessions x 8 turns (~8 min on 2 cores)
-    python benchmarks/bench_offline.py --quick          # 2 sessions x 3 turns, 512-token context (~1 min)
-    python benchmarks/bench_offline.py --json out.json
+    python benchmarks/engine/bench_offline.py                  # 8 sessions x 8 turns (~8 min on 2 cores)
+    python benchmarks/engine/bench_offline.py --quick          # 2 sessions x 3 turns, 512-token context (~1 min)
+    python benchmarks/engine/bench_offline.py --json out.json
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 from agentspeed.engine.llm import LLM
 from agentspeed.sampling_params import SamplingParams
 
-TRACE = str(Path(__file__).resolve().parents[2] / "shared/workloads/trie/agentic_coding_8k.jsonl")
+TRACE = str(Path(__file__).resolve().parents[3] / "shared/workloads/trie/agentic_coding_8k.jsonl")
 VOCAB_LO, VOCAB_HI = 100, 49000  # ordinary vocabulary of SmolLM2 (specials sit at low ids)
 PAGE = 16  # the engine's default KV page size
 ALL_CONFIGS = ["cache-on/overlap-on", "cache-on/overlap-off", "cache-off/overlap-on", "cache-off/overlap-off"]

@@ -6,7 +6,7 @@ Per layer shape of SmolLM2 (fused qkv, o, fused gate/up, down, and the Q8_0 LM h
 count: ms, GFLOP/s (2 x rows x in x out), the speed-up, and the largest error of each against
 a float64 product relative to the output's largest magnitude.
 
-    python benchmarks/bench_i16_gemm.py [--rows 16,32,64,256,2048] [--iters 20]
+    python benchmarks/kernels/bench_i16_gemm.py [--rows 16,32,64,256,2048] [--iters 20]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     if cpu_native._i16 is None:
         sys.exit("no AVX512-VNNI here (or the native kernels did not build): the default linear is oneDNN fp32")
     rows = [int(r) for r in a.rows.split(",")]
-    print(f"command: python benchmarks/bench_i16_gemm.py --rows {a.rows} --iters {a.iters}; "
+    print(f"command: python benchmarks/kernels/bench_i16_gemm.py --rows {a.rows} --iters {a.iters}; "
           f"{torch.get_num_threads()} threads; best of 3 x {a.iters}")
     print(f"{'weight':>20} {'rows':>5} {'i16 ms':>8} {'GFLOP/s':>8} {'fp32 ms':>8} {'GFLOP/s':>8} {'speed-up':>8}"
           f" {'i16 err':>8} {'fp32 err':>8}")

@@ -8,8 +8,8 @@ mask) for agentic shapes, a tool output over a long cached conversation, and a f
 Part 2, the default model: one chunk of new tokens over a cached prefix through
 `ModelRunner.forward` (whole model: linears, norms, attention), per backend.
 
-    python benchmarks/bench_prefill_attention.py            # both parts, ~1 min
-    python benchmarks/bench_prefill_attention.py --op-only
+    python benchmarks/kernels/bench_prefill_attention.py            # both parts, ~1 min
+    python benchmarks/kernels/bench_prefill_attention.py --op-only
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from test_kernels import paged_meta
 
 from agentspeed.config import CacheConfig, EngineConfig, KernelConfig
-from agentspeed.execution.inputs import SequenceChunk
+from agentspeed.control.plan import ScheduledChunk
 from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.kernels.registry import backends_for
-from agentspeed.sampling_params import SamplingParams
 
 H, KVH, D, PS = 9, 3, 64, 16
 # (context lengths, new tokens) per sequence of one call
@@ -82,12 +81,11 @@ def model_part(backends: list[str], reps: int) -> None:
             r = ModelRunner(EngineConfig(
                 cache=CacheConfig(page_size=PS, num_pages=1 + npg),
                 kernels=KernelConfig.parse(f"paged_attention_prefill={b}")))
-            r.add_request("s", SamplingParams(temperature=0, max_tokens=1))
             pages = list(range(1, 1 + npg))
             for s in range(0, prefix, 2048):  # fill the cached prefix (values do not matter)
                 n = min(2048, prefix - s)
-                r.forward([SequenceChunk("s", list(range(100, 100 + n)), s, pages)])
-            chunk = [SequenceChunk("s", list(range(300, 300 + new)), prefix, pages)]
+                r.forward([ScheduledChunk("s", list(range(100, 100 + n)), s, pages)])
+            chunk = [ScheduledChunk("s", list(range(300, 300 + new)), prefix, pages)]
             row.append(f"{b} {best_ms(lambda r=r, c=chunk: r.forward(c), reps):.0f} ms")
             del r
         print(f"model forward, {new} new tokens over {prefix} cached: " + ", ".join(row))
@@ -101,7 +99,7 @@ def main() -> None:
     torch.set_num_threads(2)
     have = [k.backend for k in backends_for("paged_attention_prefill")]
     backends = [b for b in ("cpu_native", "cpu") if b in have]
-    print("command: python benchmarks/bench_prefill_attention.py" + (" --op-only" if a.op_only else "")
+    print("command: python benchmarks/kernels/bench_prefill_attention.py" + (" --op-only" if a.op_only else "")
           + f" --reps {a.reps}; threads 2; best of reps")
     op_part(backends, a.reps)
     if not a.op_only:

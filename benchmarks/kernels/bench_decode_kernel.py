@@ -1,8 +1,8 @@
 """One layer's paged decode attention, kernel alone: every CPU backend that can run it, per
 KV storage type, in ms per call and in GB/s of K/V read (the bound at long context).
 
-    python benchmarks/bench_decode_kernel.py                       # SmolLM2 shapes, 8 x 6,000
-    python benchmarks/bench_decode_kernel.py --batch 1 --context 8000 --threads 1
+    python benchmarks/kernels/bench_decode_kernel.py                       # SmolLM2 shapes, 8 x 6,000
+    python benchmarks/kernels/bench_decode_kernel.py --batch 1 --context 8000 --threads 1
 
 The pages of each sequence are one run, as a fresh KV pool hands them out; K/V are random.
 """
@@ -49,7 +49,7 @@ def main() -> None:
         page_table=torch.arange(1, 1 + B * npg, dtype=torch.int32).view(B, npg),
         query_lens_cpu=(1,) * B, seq_lens_cpu=(L,) * B, page_size=ps,
         pages_cpu=tuple(tuple(range(1 + b * npg, 1 + (b + 1) * npg)) for b in range(B)))
-    print(f"command: python benchmarks/bench_decode_kernel.py --batch {B} --context {L} --heads {a.heads} "
+    print(f"command: python benchmarks/kernels/bench_decode_kernel.py --batch {B} --context {L} --heads {a.heads} "
           f"--kv-heads {a.kv_heads} --head-dim {a.head_dim} --page-size {ps} --dtypes {a.dtypes} "
           f"--threads {torch.get_num_threads()}")
     for name in a.dtypes.split(","):

@@ -11,8 +11,8 @@ Two sources of answers:
   --synthetic: SmolLM2's own greedy output on random-token prompts, like the trie replay's
       (the small model falls into repetition loops there, so this overstates real gains).
 
-    python benchmarks/ngram_acceptance.py [--traj-dir ../shared/workloads/agent_traj] [--max-turns 400]
-    python benchmarks/ngram_acceptance.py --synthetic
+    python benchmarks/studies/ngram_acceptance.py [--traj-dir ../shared/workloads/agent_traj] [--max-turns 400]
+    python benchmarks/studies/ngram_acceptance.py --synthetic
 """
 
 from __future__ import annotations
@@ -82,14 +82,14 @@ def synthetic_turns(n_prompts: int) -> Iterator[tuple[list[int], list[int]]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--traj-dir", default=str(Path(__file__).resolve().parents[2] / "shared/workloads/agent_traj"))
+    ap.add_argument("--traj-dir", default=str(Path(__file__).resolve().parents[3] / "shared/workloads/agent_traj"))
     ap.add_argument("--max-turns", type=int, default=400)
     ap.add_argument("--synthetic", action="store_true")
     a = ap.parse_args()
     turns = list(synthetic_turns(6) if a.synthetic else traj_turns(Path(a.traj_dir), a.max_turns))
     tokens = sum(len(ans) for _, ans in turns)
     src = "SmolLM2 greedy on random-token prompts" if a.synthetic else f"recorded answers in {a.traj_dir}"
-    print(f"command: python benchmarks/ngram_acceptance.py{' --synthetic' if a.synthetic else ''}")
+    print(f"command: python benchmarks/studies/ngram_acceptance.py{' --synthetic' if a.synthetic else ''}")
     print(f"{len(turns)} answers, {tokens} tokens ({src})")
     for k in DRAFTS:
         steps = sum(steps_for(c, ans, k) for c, ans in turns)

@@ -5,7 +5,7 @@ form and what `prefer_absorbed` picks, at DeepSeek-V3 dims with the heads one ra
 under TP=8 (16 heads, lora 512, rope 64, nope 128, v 128), fp32. Then times SDPA with values
 narrower than keys against values as wide as keys (why the backend widens them).
 
-    python benchmarks/bench_mla_cpu.py [--heads 16] [--repeat 3]
+    python benchmarks/kernels/bench_mla_cpu.py [--heads 16] [--repeat 3]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 oneDNN on the same weights' fp32 form, per row count, on a weight matrix larger than the
 caches (a GGUF Q4_1 tensor of the default model, repeated).
 
-    python benchmarks/bench_q4_linear.py [--repeat-rows 64]
+    python benchmarks/kernels/bench_q4_linear.py [--repeat-rows 64]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     w = w.reshape(tuple(int(d) for d in reversed(t.shape))).repeat(a.repeat_rows, 1)
     p = cpu_native._prepare_linear_fp32(w)  # keeps the dense fp32 form for the oneDNN side
     assert p.codes is not None, "weight not recognised as 4-bit blocks"
-    print(f"command: python benchmarks/bench_q4_linear.py --repeat-rows {a.repeat_rows} --iters {a.iters}")
+    print(f"command: python benchmarks/kernels/bench_q4_linear.py --repeat-rows {a.repeat_rows} --iters {a.iters}")
     print(f"weight {tuple(w.shape)}: fp32 {w.numel() * 4 / 1e6:.0f} MB, 4-bit blocks "
           f"{(p.codes.numel() + 8 * p.codes.shape[0] * p.codes.shape[1]) / 1e6:.0f} MB, "
           f"{torch.get_num_threads()} threads")

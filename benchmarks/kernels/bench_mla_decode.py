@@ -8,11 +8,11 @@ case is small enough (--ref-max-tokens), reports the max abs error against the r
 and the achieved bandwidth: bytes of latent cache read (every sequence's context once, plus the
 fp8 scales) / kernel time, next to the roofline --peak-tbps (H100 SXM HBM3: 3.35 TB/s).
 
-    python benchmarks/bench_mla_decode.py                          # full grid, table
-    python benchmarks/bench_mla_decode.py --output mla.json        # also JSON
-    python benchmarks/bench_mla_decode.py --heads 16 --batch 1 --context 65536 --qlen 1
-    python benchmarks/bench_mla_decode.py --check-only             # correctness only, exit 1 on a failure
-    python benchmarks/bench_mla_decode.py --block-h 64 --num-warps 8   # tuning knobs
+    python benchmarks/kernels/bench_mla_decode.py                          # full grid, table
+    python benchmarks/kernels/bench_mla_decode.py --output mla.json        # also JSON
+    python benchmarks/kernels/bench_mla_decode.py --heads 16 --batch 1 --context 65536 --qlen 1
+    python benchmarks/kernels/bench_mla_decode.py --check-only             # correctness only, exit 1 on a failure
+    python benchmarks/kernels/bench_mla_decode.py --block-h 64 --num-warps 8   # tuning knobs
 
 H=128 is DeepSeek-V3's head count on one GPU, H=16 its share per GPU under TP=8.
 """

@@ -1,7 +1,7 @@
 """Scheduler overhead: microseconds per next_plan() + advance() with N running decode
 requests and no model (the control plane alone).
 
-    python benchmarks/bench_scheduler.py [--running 1 64 256] [--steps 2000]
+    python benchmarks/engine/bench_scheduler.py [--running 1 64 256] [--steps 2000]
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ llama-server is built here from the llama.cpp sources bundled in the `llama-cpp-
 source distribution (PyPI; pinned below), with cmake, for this CPU. The Python package's own
 server is not used: it serializes requests, which would be an unfair peer.
 
-    python benchmarks/peer_llamacpp.py build                  # once: ~10 min on 2 cores
-    python benchmarks/peer_llamacpp.py run --workload ../shared/workloads/trie/agentic_coding_8k.jsonl \\
+    python benchmarks/peers/peer_llamacpp.py build                  # once: ~10 min on 2 cores
+    python benchmarks/peers/peer_llamacpp.py run --workload ../shared/workloads/trie/agentic_coding_8k.jsonl \\
         --scale 16 --concurrency 1,2,4,8 --num-sessions 8 --output peer.json --plot peer.png
 
 Both servers get the same context per session (--max-context) and the same threads (2).
@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "llamacpp"
 VERSION = "0.3.36"  # llama-cpp-python sdist that carries vendor/llama.cpp
 sys.path.insert(0, str(ROOT / "tests"))
@@ -158,7 +158,7 @@ def main() -> None:
         print(build(a.jobs))
     else:
         if not server_binary().exists():
-            sys.exit("llama-server is not built: run `python benchmarks/peer_llamacpp.py build` first")
+            sys.exit("llama-server is not built: run `python benchmarks/peers/peer_llamacpp.py build` first")
         run(a)
 
 

@@ -3,7 +3,7 @@ long context, each with Q query tokens (Q = 1: a plain decode step; Q = 1 + draf
 default model. A draft pays off when the tokens it yields per step grow faster than this
 time; the ratio to Q = 1 is the break-even tokens per step.
 
-    python benchmarks/bench_verify_step.py [--batch 8] [--context 6000] [--queries 1,2,4,6]
+    python benchmarks/model/bench_verify_step.py [--batch 8] [--context 6000] [--queries 1,2,4,6]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import statistics
 import time
 
 from agentspeed.config import CacheConfig, EngineConfig
-from agentspeed.execution.inputs import SequenceChunk
+from agentspeed.control.plan import ScheduledChunk
 from agentspeed.execution.model_runner import ModelRunner
 
 
@@ -35,10 +35,10 @@ def main() -> None:
     for i in range(a.batch):  # fill each context's KV
         toks = [rng.randrange(1000, 20000) for _ in range(a.context)]
         for s in range(0, a.context, 2048):
-            runner.forward([SequenceChunk(str(i), toks[s : s + 2048], s, pages[i])])
+            runner.forward([ScheduledChunk(str(i), toks[s : s + 2048], s, pages[i])])
 
     def step(q: int) -> float:
-        chunks = [SequenceChunk(str(i), [rng.randrange(1000, 20000) for _ in range(q)], a.context, pages[i],
+        chunks = [ScheduledChunk(str(i), [rng.randrange(1000, 20000) for _ in range(q)], a.context, pages[i],
                                 True, q - 1) for i in range(a.batch)]
         t = time.perf_counter()
         runner.forward(chunks)
@@ -49,7 +49,7 @@ def main() -> None:
     for _ in range(a.reps):  # alternate so background load hits every Q alike
         for q in qs:
             times[q].append(step(q))
-    print(f"command: python benchmarks/bench_verify_step.py --batch {a.batch} --context {a.context} "
+    print(f"command: python benchmarks/model/bench_verify_step.py --batch {a.batch} --context {a.context} "
           f"--queries {a.queries} --kv-cache-dtype {a.kv_cache_dtype}")
     base = statistics.median(times[qs[0]])
     for q in qs:

@@ -1,10 +1,10 @@
-"""Decode step time at long context on the default model through ModelRunner.execute, for
+"""Decode step time at long context on the default model through ModelRunner.execute_plan, for
 each CPU decode-attention backend: the native kernel (`cpu_native`, reads the cache in its
 storage type) and the torch backend's per-sequence page-run path (`cpu`); --with-gather
 adds the padded gather the page-run path replaced. KV stored as --kv-cache-dtype (auto = fp32).
 
-    python benchmarks/bench_long_decode.py --batch 8 --context 6000 [--kv-cache-dtype bfloat16]
-    python benchmarks/bench_long_decode.py --profile   # torch.profiler table of the decode steps
+    python benchmarks/model/bench_long_decode.py --batch 8 --context 6000 [--kv-cache-dtype bfloat16]
+    python benchmarks/model/bench_long_decode.py --profile   # torch.profiler table of the decode steps
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 import agentspeed.kernels.cpu as cpu
 from agentspeed.config import CacheConfig, EngineConfig, KernelConfig
-from agentspeed.execution.inputs import SequenceChunk
+from agentspeed.control.plan import ExecutionPlan, NewRequest, ScheduledChunk
 from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.kernels.registry import backends_for
 from agentspeed.sampling_params import SamplingParams
@@ -42,16 +42,17 @@ def main() -> None:
         r = ModelRunner(EngineConfig(
             cache=CacheConfig(page_size=ps, num_pages=1 + B * npg, kv_cache_dtype=a.kv_cache_dtype),
             kernels=KernelConfig.parse(f"paged_attention_decode={backend}")))
+        r.execute_plan(ExecutionPlan(0, (), new_requests=tuple(NewRequest(str(b), (), params[b]) for b in range(B))))
         for b in range(B):
-            r.add_request(str(b), params[b])
             for s in range(0, L, 2048):  # fill the KV (values do not matter for timing)
                 n = min(2048, L - s)
-                r.forward([SequenceChunk(str(b), list(range(100, 100 + n)), s, pages[b])])
+                r.forward([ScheduledChunk(str(b), list(range(100, 100 + n)), s, pages[b])])
 
         def steps(r: ModelRunner = r) -> float:
             t0 = time.perf_counter()
             for i in range(a.steps):
-                r.execute([SequenceChunk(str(b), [200], L + i, pages[b]) for b in range(B)], params)
+                r.execute_plan(ExecutionPlan(i + 1, tuple(
+                    ScheduledChunk(str(b), [200], L + i, page_offset=len(pages[b])) for b in range(B))))
             return (time.perf_counter() - t0) / a.steps * 1000
 
         cpu.LONG_CONTEXT = 1 << 30 if name == "cpu padded gather" else 1024
@@ -64,7 +65,7 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         results[name] = steps()
         del r
-    print(f"command: python benchmarks/bench_long_decode.py --batch {B} --context {L} --steps {a.steps} "
+    print(f"command: python benchmarks/model/bench_long_decode.py --batch {B} --context {L} --steps {a.steps} "
           f"--kv-cache-dtype {a.kv_cache_dtype}" + (" --with-gather" if a.with_gather else ""))
     print(f"batch {B} x context {L}, KV {a.kv_cache_dtype}: " + ", ".join(
         f"{name} {ms:.1f} ms/step" for name, ms in results.items()))

@@ -7,8 +7,8 @@ token it yields are excluded for both engines. Each number is the median of --re
 a warm-up; the engines alternate within each repetition so background load hits both, and
 "busy" reports how much CPU other processes used meanwhile (the box may be shared).
 
-    python benchmarks/bench_model.py            # full run, ~5 min on 2 cores
-    python benchmarks/bench_model.py --quick    # smoke run, ~30 s
+    python benchmarks/model/bench_model.py            # full run, ~5 min on 2 cores
+    python benchmarks/model/bench_model.py --quick    # smoke run, ~30 s
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from agentspeed.config import CacheConfig, EngineConfig
-from agentspeed.execution.inputs import SequenceChunk
+from agentspeed.control.plan import ExecutionPlan, NewRequest, ScheduledChunk
 from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.modeling.loaders.source import resolve_model
 from agentspeed.sampling_params import SamplingParams
@@ -79,28 +79,33 @@ class CpuMonitor:
 
 def ours_generate(runner: ModelRunner, prompts: Sequence[list[int]], n: int) -> Run:
     """Greedy, ignore_eos: one prefill step for the whole batch, then n-1 batched decode steps
-    through runner.execute, as engine/simple_generate.py drives it (input building included)."""
+    through runner.execute_plan, as engine/simple_generate.py drives it (input building included)."""
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     pages, nxt = [], 1
     for p in prompts:
         k = -(-(len(p) + n) // runner.page_size)
         pages.append(list(range(nxt, nxt + k)))
         nxt += k
-    rids, ps = [f"b{i}" for i in range(len(prompts))], [params] * len(prompts)
-    toks = runner.execute([SequenceChunk(r, p, 0, pg) for r, p, pg in zip(rids, prompts, pages)], ps)
-    outs = [[t] for t in toks]
+    rids = [f"b{i}" for i in range(len(prompts))]
+    new = tuple(NewRequest(r, tuple(p), params) for r, p in zip(rids, prompts))
+    first = ExecutionPlan(0, tuple(ScheduledChunk(r, p, 0, pg) for r, p, pg in zip(rids, prompts, pages)), (), new)
+    res = runner.execute_plan(first)
+    outs = [[res.sampled[r]] for r in rids]
     t0 = time.perf_counter()
     for step in range(n - 1):
-        chunks = [SequenceChunk(r, o[-1:], len(p) + step, pg) for r, p, pg, o in zip(rids, prompts, pages, outs)]
-        for o, t in zip(outs, runner.execute(chunks, ps)):
-            o.append(t)
+        chunks = tuple(ScheduledChunk(r, o[-1:], len(p) + step, page_offset=len(pg))
+                       for r, p, pg, o in zip(rids, prompts, pages, outs))
+        res = runner.execute_plan(ExecutionPlan(step + 1, chunks))
+        for r, o in zip(rids, outs):
+            o.append(res.sampled[r])
+    runner.execute_plan(ExecutionPlan(n, (), tuple(rids)))
     return Run(time.perf_counter() - t0, len(prompts) * (n - 1), outs)
 
 
 def ours_prefill(runner: ModelRunner, ids: list[int]) -> float:
     pages = list(range(1, 1 + -(-len(ids) // runner.page_size)))
     t0 = time.perf_counter()
-    runner.forward([SequenceChunk("prefill", ids, 0, pages)])  # last-token logits only
+    runner.forward([ScheduledChunk("prefill", ids, 0, pages)])  # last-token logits only
     return time.perf_counter() - t0
 
 

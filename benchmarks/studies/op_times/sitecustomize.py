@@ -6,7 +6,7 @@ server stops). Linear calls are also split by batch rows (<= 8: decode-sized, th
 path; > 8: prefill and decodes with drafts, the 16-bit integer kernel or oneDNN) with their
 GFLOP/s. Timers add ~1 us per call.
 
-    PYTHONPATH=benchmarks/op_times agentspeed serve --max-num-seqs 8 --kv-cache-memory 4GiB &
+    PYTHONPATH=benchmarks/studies/op_times agentspeed serve --max-num-seqs 8 --kv-cache-memory 4GiB &
     agentspeed bench --endpoint E=http://127.0.0.1:8000 ... ; cat /tmp/optimes.*.txt
 
 CPU ops run synchronously, so host time is op time; on a GPU it would measure launches.

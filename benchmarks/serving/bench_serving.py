@@ -10,7 +10,7 @@
 
 Phases run one after another (never two engines at once: 2 cores).
 
-    python benchmarks/bench_serving.py [--concurrency 1 8 32] [--tokens 64] [--reps 5]
+    python benchmarks/serving/bench_serving.py [--concurrency 1 8 32] [--tokens 64] [--reps 5]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from server_util import ServerProcess
 
 PROMPT = "Explain, step by step, how a hash map handles collisions."

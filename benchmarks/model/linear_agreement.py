@@ -4,7 +4,7 @@ the default model and real agent conversations: each session's last recorded tur
 with the chat template, its last --prompt-tokens tokens, all prompts in one batch (so
 prefill and batched decodes with drafts both take the many-row path).
 
-    python benchmarks/linear_agreement.py [--sessions 16] [--max-tokens 96] [--prompt-tokens 3000]
+    python benchmarks/model/linear_agreement.py [--sessions 16] [--max-tokens 96] [--prompt-tokens 3000]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--prompt-tokens", type=int, default=3000)
     a = ap.parse_args()
-    print(f"command: python benchmarks/linear_agreement.py --workload {a.workload} --sessions {a.sessions} "
+    print(f"command: python benchmarks/model/linear_agreement.py --workload {a.workload} --sessions {a.sessions} "
           f"--max-tokens {a.max_tokens} --prompt-tokens {a.prompt_tokens}")
     sessions = load_sessions(a.workload, scale=1, max_context=2 * a.prompt_tokens, num_sessions=a.sessions,
                              max_turns=6)
