@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from agentspeed import launch
     from agentspeed.engine.llm import LLM
-    from agentspeed.execution import launch
     from agentspeed.sampling_params import SamplingParams
 
     rank = launch.worker_rank()

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agentspeed.errors import ConfigError, ModelLoadError
-from agentspeed.modeling.loaders.source import ModelSource
+from agentspeed.model_source import ModelSource
 
 log = logging.getLogger(__name__)
 

@@ -117,6 +117,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from agentspeed.modeling.loaders.source import default_model_path
+    from agentspeed.model_source import default_model_path
 
     return default_model_path()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from agentspeed.execution.launch import free_port
+from agentspeed.launch import free_port
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:

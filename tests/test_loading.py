@@ -16,7 +16,7 @@ from agentspeed.config import CacheConfig, EngineConfig
 from agentspeed.control.plan import ScheduledChunk
 from agentspeed.errors import ModelLoadError, UnsupportedModelError
 from agentspeed.execution.model_runner import ModelRunner
-from agentspeed.modeling.loaders.source import resolve_model
+from agentspeed.model_source import resolve_model
 
 
 def runner(path: Path | str) -> ModelRunner:

@@ -150,3 +150,16 @@ def test_rejected_request_is_an_error_output_not_an_exception(tiny_models: dict[
     assert "context length" in rejected.outputs[0].text
     assert [len(o.token_ids) for o in ok.outputs] == [4, 4]
     llm.shutdown()
+
+
+def test_frontend_imports_nothing_below_the_engine_boundary() -> None:
+    """The server process (HTTP + AsyncLLM + OutputProcessor) talks to the engine only through
+    messages: it imports neither the execution plane nor the modeling layer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, agentspeed.entrypoints.openai.api_server, agentspeed.engine.async_llm\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('agentspeed.execution', 'agentspeed.modeling')))\n"
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -21,7 +21,7 @@ import torch
 import tp_worker  # tests/ is on sys.path (rootdir conftest)
 from conftest import make_tiny
 
-from agentspeed.execution.launch import PORT_ENV, RANK_ENV, free_port
+from agentspeed.launch import PORT_ENV, RANK_ENV, free_port
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 REPO = WORKER.parents[1]

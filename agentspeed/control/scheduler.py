@@ -266,7 +266,7 @@ class Scheduler:
                 r.state = fsm.start_decode(s)
             if not c.num_draft:
                 toks = (result.sampled[c.request_id],)
-            lp = result.logprobs.get(c.request_id)
+            lp = result.logprobs.get(c.request_id) if result.logprobs else None
             reason = None
             for i, tok in enumerate(toks):
                 r.tokens.append(tok)
@@ -346,6 +346,9 @@ class Scheduler:
             raise InvariantViolation(f"chunk would write published page {pages[start // self.cfg.page_size]}")
         r.num_computed = start + 1
         r.pending += 1
+        sent = r.pages_sent
+        if sent == len(pages) and r.announced:  # most decode steps: no page to send
+            return ScheduledChunk(r.rid, (tok,), start, (), True, 0, sent)
         offset, new = self._page_delta(r, pages)
         return ScheduledChunk(r.rid, (tok,), start, new, True, 0, offset)
 

@@ -41,7 +41,7 @@ from agentspeed.engine.messages import (
 )
 from agentspeed.engine.output_processor import OutputProcessor, RequestDelta
 from agentspeed.errors import AgentspeedError
-from agentspeed.execution.launch import free_port
+from agentspeed.launch import free_port
 from agentspeed.sampling_params import SamplingParams
 from agentspeed.tokenizer import Tokenizer
 
@@ -100,11 +100,13 @@ class AsyncLLM:
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         try:
             # The tokenizer loads here while the engine loads the weights there.
-            from agentspeed.modeling.loaders.source import resolve_model
+            from agentspeed.model_source import resolve_model
 
             source = resolve_model(cfg.model)
             self.tokenizer = await asyncio.to_thread(Tokenizer.load, source, chat_template)
             self.info = await self._wait_ready(startup_timeout)
+            if str(source.path) != self.info.model_path:  # one resolver (model_source.py): cannot differ
+                raise EngineStartError(f"the engine loaded {self.info.model_path}, the tokenizer {source.path}")
         except BaseException:
             await self.shutdown(drain_timeout=0)
             raise

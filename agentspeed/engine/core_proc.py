@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import msgspec
 import zmq
 
+from agentspeed import launch
 from agentspeed.config import EngineConfig
 from agentspeed.control.plan import RequestUpdate
 from agentspeed.engine.core import EngineCore
@@ -91,19 +92,22 @@ class _Core:
         )
 
 
+def _worker_input(base: str, rank: int) -> str:
+    return f"{base}-rank{rank}"
+
+
 def _spawn_workers(args: argparse.Namespace, cfg: EngineConfig, ctx: zmq.Context[zmq.Socket[bytes]]
                    ) -> tuple[list[subprocess.Popen[bytes]], list[zmq.Socket[bytes]]]:
-    procs, socks = [], []
+    """Ranks 1..tp-1 through the one TP launcher (agentspeed/launch.py): this same program,
+    told its rank by the environment; each pulls its StepInputs from its own socket."""
+    socks = []
     for rank in range(1, cfg.parallel.tp):
-        addr = f"{args.input}-rank{rank}"
         sock = ctx.socket(zmq.PUSH)
-        sock.bind(addr)
+        sock.bind(_worker_input(args.input, rank))
         socks.append(sock)
-        cmd = [sys.executable, "-m", "agentspeed.engine.core_proc", "--config", args.config,
-               "--input", addr, "--rank", str(rank),
-               "--log-level", args.log_level]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-    return procs, socks
+    argv = ["-m", "agentspeed.engine.core_proc", "--config", args.config, "--input", args.input,
+            "--log-level", args.log_level]
+    return launch.spawn_workers(cfg.parallel.tp, cfg.parallel.master_port, argv), socks
 
 
 def run_rank0(args: argparse.Namespace, cfg: EngineConfig) -> int:
@@ -122,7 +126,7 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig) -> int:
         runner = engine.runner
         name = args.served_model_name or runner.source.name
         out.send(enc.encode(EngineReady(
-            name, runner.max_model_len, runner.page_size, runner.kv.num_pages,
+            name, str(runner.source.path), runner.max_model_len, runner.page_size, runner.kv.num_pages,
             list(runner.model_config.eos_token_ids), runner.kv.bytes_per_token,
             engine.cfg.scheduling.num_speculative_tokens or 0, bool(engine.cfg.scheduling.overlap),
             "; ".join(runner.kernels.numerics_notes()),
@@ -184,7 +188,7 @@ def run_worker(args: argparse.Namespace, cfg: EngineConfig) -> int:
     dec = msgspec.msgpack.Decoder(StepInputs)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     inp = ctx.socket(zmq.PULL)
-    inp.connect(args.input)
+    inp.connect(_worker_input(args.input, cfg.parallel.rank))
     engine = EngineCore.build(cfg)
     core = _Core(engine)
     try:
@@ -205,17 +209,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="EngineConfig as JSON")
     ap.add_argument("--input", required=True, help="ZMQ address to pull inputs from")
     ap.add_argument("--output", default=None, help="ZMQ address to push outputs to (rank 0)")
-    ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--log-level", default="warning")
     args = ap.parse_args(argv)
+    rank = launch.worker_rank()
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s engine[{args.rank}] %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s engine[{rank}] %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the frontend decides
     _die_with_parent()
     cfg = msgspec.json.decode(args.config.encode(), type=EngineConfig)
-    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, rank=args.rank))
-    return run_worker(args, cfg) if args.rank else run_rank0(args, cfg)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, rank=rank))
+    return run_worker(args, cfg) if rank else run_rank0(args, cfg)
 
 
 if __name__ == "__main__":

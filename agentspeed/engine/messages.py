@@ -49,7 +49,10 @@ class EngineStats(msgspec.Struct, frozen=True, gc=False):
 
 
 class EngineReady(msgspec.Struct, tag=True, frozen=True):
+    """What the frontend needs from the engine, as the engine resolved it."""
+
     model_name: str
+    model_path: str  # the file or directory the weights were loaded from
     max_model_len: int
     page_size: int
     num_pages: int

@@ -14,10 +14,10 @@ from tqdm import tqdm
 from agentspeed.config import EngineConfig, ModelConfig
 from agentspeed.errors import ModelLoadError
 from agentspeed.kernels.api import KernelSet
+from agentspeed.model_source import ModelSource, resolve_model
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.layers.weights import LazyTensor
 from agentspeed.modeling.loaders import gguf_loader, safetensors_loader
-from agentspeed.modeling.loaders.source import ModelSource, resolve_model
 from agentspeed.modeling.models.base import CausalLM
 from agentspeed.modeling.models.registry import model_class
 

@@ -26,7 +26,7 @@ def _weights() -> dict[str, torch.Tensor]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from agentspeed.modeling.loaders.source import default_model_path
+    from agentspeed.model_source import default_model_path
 
     def load(t: object) -> torch.Tensor:
         a = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # type: ignore[attr-defined]

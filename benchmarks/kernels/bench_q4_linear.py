@@ -24,7 +24,7 @@ def main() -> None:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from agentspeed.modeling.loaders.source import default_model_path
+    from agentspeed.model_source import default_model_path
 
     t = next(t for t in GGUFReader(str(default_model_path())).tensors if t.name == "blk.0.ffn_up.weight")
     w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))

@@ -34,7 +34,7 @@ import torch
 from agentspeed.config import CacheConfig, EngineConfig
 from agentspeed.control.plan import ExecutionPlan, NewRequest, ScheduledChunk
 from agentspeed.execution.model_runner import ModelRunner
-from agentspeed.modeling.loaders.source import resolve_model
+from agentspeed.model_source import resolve_model
 from agentspeed.sampling_params import SamplingParams
 from agentspeed.tokenizer import Tokenizer
 

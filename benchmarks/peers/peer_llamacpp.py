@@ -62,7 +62,7 @@ def build(jobs: int) -> Path:
 
 class LlamaServer:
     def __init__(self, gguf: Path, slots: int, ctx_per_slot: int, threads: int, extra: Sequence[str] = ()) -> None:
-        from agentspeed.execution.launch import free_port
+        from agentspeed.launch import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -100,7 +100,7 @@ def bench(label: str, url: str, a: argparse.Namespace, out: Path) -> list[dict[s
 
 def run(a: argparse.Namespace) -> None:
     from agentspeed.bench.report import plot_pareto, print_table
-    from agentspeed.modeling.loaders.source import default_model_path
+    from agentspeed.model_source import default_model_path
 
     gguf = Path(a.model) if a.model else default_model_path()
     slots = max(int(c) for c in a.concurrency.split(","))

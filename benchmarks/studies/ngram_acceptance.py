@@ -47,7 +47,7 @@ def steps_for(context: list[int], answer: list[int], k: int) -> int:
 
 
 def traj_turns(traj_dir: Path, max_turns: int) -> Iterator[tuple[list[int], list[int]]]:
-    from agentspeed.modeling.loaders.source import resolve_model
+    from agentspeed.model_source import resolve_model
     from agentspeed.tokenizer import Tokenizer
 
     tok = Tokenizer.load(resolve_model(None))
