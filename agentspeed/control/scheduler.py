@@ -509,6 +509,8 @@ class Scheduler:
                 raise InvariantViolation(f"running request {r.rid} without pages")
             if len(bt.pages) * ps < r.num_computed:
                 raise InvariantViolation(f"request {r.rid}: pages do not cover its KV")
+            if r.pages_sent > len(bt.pages) or (r.pages_sent and not r.announced):
+                raise InvariantViolation(f"request {r.rid}: execution was sent pages it does not hold")
             if not r.num_confirmed <= r.num_computed <= r.num_tokens + r.drafts:
                 raise InvariantViolation(f"request {r.rid}: token counters out of order")
             if r.drafts and not r.pending:
