@@ -186,3 +186,10 @@ def _agent_traj(path: Path, scale: float, max_context: int, seed: int) -> Iterat
             if flat is not None:
                 convo.append(flat)
         yield s
+
+
+def last_turn_prompts(path: str | Path, tokenizer: Any, num_sessions: int, prompt_tokens: int) -> list[list[int]]:
+    """Real agent prompts for offline checks: each session's last recorded turn, rendered with
+    the chat template (tokenizer.apply_chat_template), its last prompt_tokens tokens."""
+    sessions = load_sessions(path, scale=1, max_context=2 * prompt_tokens, num_sessions=num_sessions, max_turns=6)
+    return [tokenizer.apply_chat_template(s.turns[-1].messages or [])[-prompt_tokens:] for s in sessions]

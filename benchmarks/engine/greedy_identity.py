@@ -15,7 +15,7 @@ import argparse
 import json
 import time
 
-from agentspeed.bench.workloads import load_sessions
+from agentspeed.bench.workloads import last_turn_prompts
 from agentspeed.engine.llm import LLM
 from agentspeed.sampling_params import SamplingParams
 
@@ -33,12 +33,10 @@ def main() -> None:
     print(f"command: python benchmarks/engine/greedy_identity.py --workload {a.workload} --sessions {a.sessions} "
           f"--max-tokens {a.max_tokens} --prompt-tokens {a.prompt_tokens} "
           + (f"--save {a.save}" if a.save else f"--compare {a.compare}"))
-    sessions = load_sessions(a.workload, scale=1, max_context=2 * a.prompt_tokens, num_sessions=a.sessions,
-                             max_turns=6)
     llm = LLM(kv_cache_memory=3 << 30)
     assert llm.tokenizer is not None
-    prompts = [{"prompt_token_ids": llm.tokenizer.apply_chat_template(s.turns[-1].messages or [])[-a.prompt_tokens:]}
-               for s in sessions]
+    prompts = [{"prompt_token_ids": ids}
+               for ids in last_turn_prompts(a.workload, llm.tokenizer, a.sessions, a.prompt_tokens)]
     params = [SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True,
                              frequency_penalty=0.5 if i % 3 == 1 else 0.0,
                              presence_penalty=0.3 if i % 3 == 1 else 0.0,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from agentspeed.bench.workloads import load_sessions
+from agentspeed.bench.workloads import last_turn_prompts
 from agentspeed.engine.llm import LLM
 from agentspeed.sampling_params import SamplingParams
 
@@ -28,15 +28,13 @@ def main() -> None:
     a = ap.parse_args()
     print(f"command: python benchmarks/model/linear_agreement.py --workload {a.workload} --sessions {a.sessions} "
           f"--max-tokens {a.max_tokens} --prompt-tokens {a.prompt_tokens}")
-    sessions = load_sessions(a.workload, scale=1, max_context=2 * a.prompt_tokens, num_sessions=a.sessions,
-                             max_turns=6)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
     tokens: dict[str, list[list[int]]] = {}
     for backend in (FP32, "default"):
         llm = LLM(kernel_backend=None if backend == "default" else backend, kv_cache_memory=3 << 30)
         assert llm.tokenizer is not None
-        prompts = [{"prompt_token_ids": llm.tokenizer.apply_chat_template(s.turns[-1].messages or [])
-                    [-a.prompt_tokens:]} for s in sessions]
+        prompts = [{"prompt_token_ids": ids}
+                   for ids in last_turn_prompts(a.workload, llm.tokenizer, a.sessions, a.prompt_tokens)]
         t0 = time.perf_counter()
         tokens[backend] = [list(r.outputs[0].token_ids) for r in llm.generate(prompts, params)]
         print(f"{backend}: {len(prompts)} prompts of {min(len(p['prompt_token_ids']) for p in prompts)}-"
@@ -47,7 +45,7 @@ def main() -> None:
         first = next((j for j, (x, y) in enumerate(zip(want, got)) if x != y), None)
         same += first is None
         print(f"session {i}: " + ("identical" if first is None else f"first difference at token {first}"))
-    print(f"{same}/{len(sessions)} sessions identical over {a.max_tokens} greedy tokens")
+    print(f"{same}/{len(tokens[FP32])} sessions identical over {a.max_tokens} greedy tokens")
 
 
 if __name__ == "__main__":
