@@ -52,8 +52,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel-backend", default=None,
                    help="force kernel backends: 'reference', or 'op=backend,...' "
                         "(also AGENTSPEED_KERNEL_BACKEND); fails if the backend cannot run. "
-                        "'linear=cpu_native_fp32' keeps every CPU linear in fp32 (by default, on "
-                        "AVX512-VNNI CPUs, GGUF-quantized linears above 8 rows take 16-bit activations)")
+                        "GGUF weights stay packed with the default CPU linear (cpu_native); "
+                        "'linear=cpu' dequantizes them to fp32 for oneDNN (4 bytes per weight)")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")

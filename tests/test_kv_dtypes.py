@@ -13,11 +13,11 @@ from conftest import make_tiny
 from test_hf_parity import PROMPTS, runner_for
 from test_kernels import make_paged
 
-from agentspeed.config import CacheConfig, EngineConfig, KernelConfig
+from agentspeed.config import CacheConfig, EngineConfig
 from agentspeed.control.plan import ScheduledChunk
 from agentspeed.engine.simple_generate import generate
 from agentspeed.execution.model_runner import ModelRunner
-from agentspeed.kernels import cpu, cpu_native, reference
+from agentspeed.kernels import cpu, reference
 from agentspeed.kernels.reference import FP8, dequantize, quantize_fp8
 from agentspeed.sampling_params import SamplingParams
 
@@ -82,10 +82,7 @@ def _compare(path: Path, prompts: list[list[int]], page_size: int = 5, kv_dtype:
     """An fp8 (or 16-bit) cache vs the default cache along the default cache's greedy continuations:
     (largest logit difference in units of the logits' standard deviation, share of
     positions where both pick the same greedy token)."""
-    # Linears in fp32 on both sides, so the difference is the cache's alone: the default's
-    # 16-bit activations (kernels/native/i16_gemm.cpp) move fp8's rounding boundaries, and
-    # its worst position on SmolLM2 read 1.09 std instead of 0.61.
-    kernels = KernelConfig.parse("linear=cpu_native_fp32" if cpu_native._i16 is not None else None)
+    kernels = None
     full = runner_for(path, page_size=page_size, kernels=kernels)
     fp8 = ModelRunner(EngineConfig(model=str(path), cache=CacheConfig(
         page_size=page_size, num_pages=64, kv_cache_dtype=kv_dtype), kernels=kernels))

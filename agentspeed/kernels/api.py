@@ -4,7 +4,10 @@ Ops (each has a torch `reference` backend that runs everywhere):
   linear(x, w, bias) -> Tensor                    x @ w.T + bias, with w as returned by
                                                   `KernelSet.linear_prepare(weight)` (done
                                                   once at build: a backend may repack it or
-                                                  wrap it in its own object)
+                                                  wrap it in its own object). A weight that
+                                                  came packed (kernels/ggml.GgmlLinear) stays
+                                                  packed for backends registered with
+                                                  `packed_rows`; others get it dequantized
   rms_norm(x, weight, eps) -> Tensor
   rotary_embedding(q, k, cos_sin) -> (q, k)       NeoX-style; cos_sin [T, rot]: each token's
                                                   cos|sin (gathered once per forward)
@@ -174,10 +177,13 @@ class KernelSet:
         unknown = set(overrides) - {"*", *OPS}
         if unknown:
             raise KernelUnavailableError(f"unknown kernel op(s) in override: {', '.join(sorted(unknown))}")
+        self.dtype = dtype
+        self.packed_rows: Callable[..., torch.Tensor] | None = None
         self.backends: dict[str, str] = {}
         self._fns: dict[str, Callable[..., Any]] = {}
         self._prepare: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
         self._notes: dict[str, int] = {}  # numerics note of prepared weights -> how many
+        self.widened: dict[str, list[int]] = {}  # packed type -> [weights, fp32 bytes] dequantized
         for op in OPS:
             force = overrides.get(op, overrides.get("*"))
             # A blanket "*" override applies to the ops that backend implements;
@@ -190,6 +196,9 @@ class KernelSet:
             self.backends[op] = impl.backend
             self._fns[op] = impl.fn
             self._prepare[op] = impl.prepare
+            if op == "linear":
+                # Embedding rows of packed weights, where this linear reads them packed.
+                self.packed_rows = impl.packed_rows
         self.linear = self._fns["linear"]
         self.rms_norm = self._fns["rms_norm"]
         self.rotary_embedding = self._fns["rotary_embedding"]
@@ -202,16 +211,29 @@ class KernelSet:
         self.mla_prefill = self._fns["mla_prefill"]
         self.sample = self._fns["sample"]
 
-    def linear_prepare(self, weight: torch.Tensor) -> torch.Tensor:
+    def linear_prepare(self, weight: Any) -> Any:
         """The weight in the layout `self.linear` takes (the same tensor if no repacking). A
         prepared form whose products are not plain `dtype` arithmetic says so in a
         `numerics_note` attribute, collected for `numerics_notes`."""
+        from agentspeed.kernels.ggml import GgmlLinear
+
+        if isinstance(weight, GgmlLinear) and self.packed_rows is None:
+            weight = self.widen(weight)
         prep = self._prepare["linear"]
         out = weight if prep is None else prep(weight)
         note = getattr(out, "numerics_note", None)
         if note:
             self._notes[note] = self._notes.get(note, 0) + 1
         return out
+
+    def widen(self, weight: Any) -> torch.Tensor:
+        """A packed weight (GgmlLinear) as a dense tensor of this set's dtype, counted in
+        `widened` for the load log (it costs memory and bandwidth the packed form does not)."""
+        dense = weight.dequantize().to(self.dtype)
+        entry = self.widened.setdefault(weight.describe(), [0, 0])
+        entry[0] += 1
+        entry[1] += dense.numel() * dense.element_size()
+        return dense
 
     def numerics_notes(self) -> list[str]:
         """One line per kind of prepared linear that departs from plain arithmetic, with its count

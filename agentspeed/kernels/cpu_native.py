@@ -1,14 +1,10 @@
 """`cpu_native` backend: C++ kernels (kernels/native/) for what torch ops do poorly on CPU.
 
-linear: for decode-sized batches (at most Q4_MAX_ROWS rows), weights that are exactly 4-bit
-codes times a per-32 scale plus a minimum (what a GGUF Q4_1 tensor dequantizes to) are read
-in that form: 0.75 bytes per weight instead of 4; likewise 8-bit codes times a per-32 scale
-(GGUF Q8_0, e.g. SmolLM2's embedding used as its LM head), 1.125 bytes per weight. `prepare` checks the representation bit
-for bit, so these results are the fp32 product up to summation order. Larger batches on those
-weights run, where the CPU has AVX512-VNNI, the integer kernel (native/i16_gemm.cpp: the same
-codes times activations rounded per 32 to 16 bits, ~5e-5 of the output scale; 1.2-1.7x
-oneDNN, benchmarks/kernels/bench_i16_gemm.py); elsewhere, and for weights with no exact block form,
-oneDNN on the fp32 weight. Backend `cpu_native_fp32` is the same without the integer kernel.
+linear reads GGUF weights as they are stored (kernels/ggml.py, kernels/cpu_ggml.py): every
+common ggml type (Q4_0 ... Q8_0, Q2_K ... Q6_K, F16, BF16) is decoded block by block in the
+kernel, so a decode step streams the file's bytes (0.56 per weight for Q4_K) and the
+products are fp32 products of the stored weights. Dense weights (safetensors) go to oneDNN
+as in the `cpu` backend.
 
 paged_attention_decode reads K/V pages in their storage type (fp32, bf16, fp16, fp8 with
 per-token scales) and converts rows in registers while streaming them, once per KV head for
@@ -39,13 +35,13 @@ import torch
 
 from agentspeed.kernels import cpu
 from agentspeed.kernels.api import AttentionMetadata
+from agentspeed.kernels.ggml import GgmlLinear
 from agentspeed.kernels.native import NativeBuildError, load
 from agentspeed.kernels.registry import register_kernel, register_unavailable
 
 log = logging.getLogger(__name__)
 
 BACKEND = "cpu_native"
-BACKEND_FP32 = "cpu_native_fp32"
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3}
 # Tokens per work item. Smaller spans make more items for the threads to share (one
 # sequence x 3 KV heads at 8K context is 48 items at 512) at the cost of one merge each.
@@ -56,7 +52,6 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int
 _ARGTYPES = (_P, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _I, _I, _I, _I, _I,
              ctypes.c_float, _P, _I, _I)
-_I16_ARGTYPES = (_P, _I, _I, _P, _P, _P, _P, _P, _I, _I)  # i16_gemm(x, M, K, codes, scales, mins, bias, y, N, threads)
 _PREFILL_ARGTYPES = (_P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _P, _I, _I, _I, _I, _I,
                      ctypes.c_float, _P, _I)
 
@@ -192,168 +187,21 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) ->
     return q_out, k_out
 
 
-Q4_MAX_ROWS = 8
+def _prepare_linear(w: torch.Tensor | GgmlLinear) -> torch.Tensor | GgmlLinear:
+    if isinstance(w, GgmlLinear):
+        return w  # read as stored
+    return cpu._prepack(w) if torch.backends.mkldnn.is_available() else w.detach().contiguous()
 
 
-class PackedLinear:
-    """A prepared linear weight: the dense fp32 form (as the `cpu` backend takes it) and, when
-    the weight is exactly representable, its 4-bit blocks (codes, scales, mins) or its 8-bit
-    blocks (codes8, scales); with those, where the CPU has AVX512-VNNI, the same codes as
-    16-bit integers laid out for the many-row kernel (wide: codes, scales, mins)."""
-
-    __slots__ = ("codes", "codes8", "dense", "mins", "out_features", "scales", "wide")
-
-    def __init__(self, out_features: int, dense: torch.Tensor, q4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-                 q8: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 wide: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> None:
-        self.out_features = out_features
-        self.dense = dense
-        self.codes: torch.Tensor | None = None if q4 is None else q4[0]
-        self.mins: torch.Tensor | None = None if q4 is None else q4[2]
-        self.codes8: torch.Tensor | None = None if q8 is None else q8[0]
-        self.scales: torch.Tensor | None = q4[1] if q4 is not None else None if q8 is None else q8[1]
-        self.wide = wide
-
-    @property
-    def numerics_note(self) -> str | None:
-        """Read by KernelSet.linear_prepare: how this weight's products depart from fp32."""
-        if self.wide is None:
-            return None
-        return (f"take 16-bit activations above {Q4_MAX_ROWS} rows (exact fp32: "
-                f"--kernel-backend linear={BACKEND_FP32})")
-
-
-def to_wide(codes: torch.Tensor, scales: torch.Tensor,
-            mins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """i16_gemm's layout of integer codes [N, K] with per-32 scales (and mins) [N, K/32]:
-    codes [N/16, K/2, 16, 2] int16, scales and mins [N/16, K/32, 16], N padded to 16 with
-    zero columns (kernels/native/i16_gemm.cpp)."""
-    n, k = codes.shape
-    n16, nb = -(-n // 16) * 16, k // 32
-    c = torch.zeros(n16, k, dtype=torch.int16)
-    c[:n] = codes
-    packed = c.reshape(n16 // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-
-    def per_block(t: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(n16, nb)
-        out[:n] = t
-        return out.reshape(n16 // 16, 16, nb).permute(0, 2, 1).contiguous()
-
-    return packed, per_block(scales), None if mins is None else per_block(mins)
-
-
-def to_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(codes [N, K/32, 16] uint8, scales [N, K/32], mins [N, K/32]) with
-    fma(scale, code, min) == w for every element, or None if w is not exactly that."""
-    if w.dim() != 2 or w.dtype != torch.float32 or w.shape[1] % 32:
-        return None
-    n, k = w.shape
-    if n > 64 and to_q4(w[:64]) is None:  # cheap early answer for the usual dense weight
-        return None
-    blocks = w.detach().reshape(n, k // 32, 32).double()
-    mins = blocks.amin(-1)
-    # GGUF stores the scale as fp16 and its quantizer maps the block's max to code 15.
-    scales = ((blocks.amax(-1) - mins) / 15).to(torch.float16).double()
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = ((blocks - mins[..., None]) / safe[..., None]).round().clamp(0, 15)
-    prod = scales[..., None] * codes  # exact in float64 (an 11-bit scale times 4 bits)
-    total = prod + mins[..., None]
-    # exact float64 sum (so rounding it once to fp32 is what the kernel's FMA gives) that
-    # lands on the weight
-    if not (torch.equal(total - mins[..., None], prod) and torch.equal(total.float(), w.reshape(n, k // 32, 32))):
-        return None
-    c = codes.to(torch.uint8)
-    packed = (c[..., :16] | (c[..., 16:] << 4)).contiguous()
-    return packed, scales.float().contiguous(), mins.float().contiguous()
-
-
-def to_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(codes [N, K] int8, scales [N, K/32]) with scale * code == w exactly (an fp16 scale
-    times an 8-bit code is exact in fp32), or None."""
-    if w.dim() != 2 or w.dtype != torch.float32 or w.shape[1] % 32:
-        return None
-    n, k = w.shape
-    if n > 64 and to_q8(w[:64]) is None:
-        return None
-    blocks = w.detach().reshape(n, k // 32, 32)
-    # GGUF's Q8_0 quantizer: scale = absmax / 127 stored as fp16
-    scales = (blocks.abs().amax(-1) / 127).to(torch.float16).float()
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = (blocks / safe[..., None]).round().clamp(-127, 127)
-    if not torch.equal(codes * scales[..., None], blocks):
-        return None
-    return codes.to(torch.int8).reshape(n, k).contiguous(), scales.contiguous()
-
-
-def _unpack_q4(packed: torch.Tensor) -> torch.Tensor:
-    """Codes [N, K] from to_q4's [N, K/32, 16] nibble pairs."""
-    n = packed.shape[0]
-    return torch.cat((packed & 15, packed >> 4), dim=-1).reshape(n, -1)
-
-
-def _prepare(w: torch.Tensor, wide: bool) -> PackedLinear:
-    wc = w.detach().contiguous()
-    q4 = to_q4(wc)
-    q8 = None if q4 is not None else to_q8(wc)
-    packed = None
-    if wide and _i16 is not None:
-        if q4 is not None:
-            packed = to_wide(_unpack_q4(q4[0]), q4[1], q4[2])
-        elif q8 is not None:
-            packed = to_wide(q8[0].view(wc.shape[0], -1), q8[1], None)
-    # The dense form serves rows the integer kernels do not take; with the wide codes there
-    # are none, so it is not kept (it would be the largest copy of the weight).
-    dense = torch.empty(0) if packed is not None else (
-        cpu._prepack(w) if torch.backends.mkldnn.is_available() else wc)
-    return PackedLinear(wc.shape[0], dense, q4, q8, packed)
-
-
-def _prepare_linear(w: torch.Tensor) -> PackedLinear:
-    return _prepare(w, wide=True)
-
-
-def _prepare_linear_fp32(w: torch.Tensor) -> PackedLinear:
-    return _prepare(w, wide=False)
-
-
-def linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ w.T + bias. At most Q4_MAX_ROWS rows on exactly-quantized weights: the fp32
-    product through the block codes. More rows: with `w.wide`, the 16-bit-activation integer
-    product (i16_gemm.cpp: the weights exact, errors ~5e-5 of the output scale), else oneDNN
-    fp32. No rows: an empty result."""
-    rows = x.numel() // x.shape[-1]
-    n = w.out_features
-    if rows == 0:  # a step whose chunks all stop short of their prompt's end wants no logits
-        return x.new_empty(*x.shape[:-1], n)
-    if rows > Q4_MAX_ROWS and w.wide is not None:
-        assert _i16 is not None
-        codes, scales, mins = w.wide
-        xc = x.reshape(rows, x.shape[-1]).contiguous()
-        y = torch.empty(rows, n, dtype=x.dtype)
-        rc = _i16(xc.data_ptr(), rows, xc.shape[1], codes.data_ptr(), scales.data_ptr(), _ptr(mins), _ptr(bias),
-                  y.data_ptr(), n, torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"{BACKEND} i16_gemm returned {rc}")
-        return y.view(*x.shape[:-1], n)
-    if (w.codes is None and w.codes8 is None) or rows > Q4_MAX_ROWS or _q4 is None or _q8 is None:
-        if torch.backends.mkldnn.is_available():
-            return cpu._linear(x, w.dense, bias)
-        return torch.nn.functional.linear(x, w.dense, bias)
-    assert w.scales is not None
-    xc = x.reshape(rows, x.shape[-1]).contiguous()
-    if w.codes is not None:
-        assert w.mins is not None
-        y = torch.empty(rows, n, dtype=x.dtype)
-        rc = _q4(xc.data_ptr(), rows, xc.shape[1], w.codes.data_ptr(), w.scales.data_ptr(), w.mins.data_ptr(),
-                 _ptr(bias), y.data_ptr(), n, torch.get_num_threads())
-    else:
-        assert w.codes8 is not None
-        y = torch.empty(rows, n, dtype=x.dtype)
-        rc = _q8(xc.data_ptr(), rows, xc.shape[1], w.codes8.data_ptr(), w.scales.data_ptr(),
-                 _ptr(bias), y.data_ptr(), n, torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"{BACKEND} q4_linear returned {rc}")
-    return y.view(*x.shape[:-1], n)
+def linear(x: torch.Tensor, w: torch.Tensor | GgmlLinear, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T + bias: packed ggml weights by kernels/cpu_ggml.py, dense ones by oneDNN."""
+    if isinstance(w, GgmlLinear):
+        return cpu_ggml.linear(x, w, bias)
+    if x.numel() == 0:  # a step whose chunks all stop short of their prompt's end wants no logits
+        return x.new_empty(*x.shape[:-1], w.shape[0])
+    if torch.backends.mkldnn.is_available():
+        return cpu._linear(x, w, bias)
+    return torch.nn.functional.linear(x, w, bias)
 
 
 # Ops this backend registers where the library builds (and records as unavailable where not).
@@ -362,9 +210,6 @@ NATIVE_OPS = ("paged_attention_decode", "paged_attention_prefill", "linear", "si
 _fn = None
 _prefill = None
 _prefill_supports = None
-_q4 = None
-_q8 = None
-_i16 = None
 _silu = None
 _rope = None
 _rms = None
@@ -373,7 +218,6 @@ if os.environ.get("AGENTSPEED_NATIVE", "1") == "0":
     _UNAVAILABLE = "disabled by AGENTSPEED_NATIVE=0"
     for _op in NATIVE_OPS:
         register_unavailable(_op, BACKEND, _UNAVAILABLE)
-    register_unavailable("linear", BACKEND_FP32, _UNAVAILABLE)
 else:
     try:
         _fn = load().paged_decode_attention
@@ -384,7 +228,6 @@ else:
         _UNAVAILABLE = str(e)
         for _op in NATIVE_OPS:
             register_unavailable(_op, BACKEND, _UNAVAILABLE)
-        register_unavailable("linear", BACKEND_FP32, _UNAVAILABLE)
     else:
         register_kernel("paged_attention_decode", BACKEND, ("cpu",), (torch.float32,),
                         priority=20)(paged_attention_decode)
@@ -396,21 +239,10 @@ else:
         _prefill_supports.restype = _I
         register_kernel("paged_attention_prefill", BACKEND, ("cpu",), (torch.float32,),
                         priority=20)(paged_attention_prefill)
-        _q4 = load().q4_linear
-        _q4.argtypes = (_P, _I, _I, _P, _P, _P, _P, _P, _I, _I)
-        _q4.restype = _I
-        _q8 = load().q8_linear
-        _q8.argtypes = (_P, _I, _I, _P, _P, _P, _P, _I, _I)
-        _q8.restype = _I
-        if load().i16_gemm_fast():
-            _i16 = load().i16_gemm
-            _i16.argtypes = _I16_ARGTYPES
-            _i16.restype = _I
+        from agentspeed.kernels import cpu_ggml
+
         register_kernel("linear", BACKEND, ("cpu",), (torch.float32,), priority=20,
-                        prepare=_prepare_linear)(linear)
-        # The fp32 product at every row count (`--kernel-backend linear=cpu_native_fp32`).
-        register_kernel("linear", BACKEND_FP32, ("cpu",), (torch.float32,), priority=15,
-                        prepare=_prepare_linear_fp32)(linear)
+                        prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows)(linear)
         _silu = load().silu_and_mul
         _silu.argtypes = (_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, _I)
         _silu.restype = _I

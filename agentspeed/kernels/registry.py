@@ -30,6 +30,10 @@ class KernelImpl:
     # Optional one-time transform of a weight into the layout `fn` takes (e.g. a prepacked
     # oneDNN matrix); identity when None. Callers apply it once, at model build.
     prepare: Callable[[torch.Tensor], Any] | None = None
+    # For `linear`: set by backends that read packed ggml weights (kernels/ggml.py) as they
+    # are stored; it looks up embedding rows of such a weight, (GgmlWeight, ids) -> fp32 rows.
+    # Other backends are handed those weights dequantized.
+    packed_rows: Callable[..., torch.Tensor] | None = None
 
     def why_not(self, device: str, dtype: torch.dtype, traits: Traits) -> str | None:
         """None if this implementation can run here, else the reason it cannot."""
@@ -56,6 +60,7 @@ def register_kernel(
     priority: int = 0,
     supports: Callable[[Traits], bool] | None = None,
     prepare: Callable[[torch.Tensor], Any] | None = None,
+    packed_rows: Callable[..., torch.Tensor] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register `fn` as `backend`'s implementation of `op`.
 
@@ -67,7 +72,7 @@ def register_kernel(
         if backend in impls:
             raise ValueError(f"kernel {op!r} already has a {backend!r} backend")
         impls[backend] = KernelImpl(
-            op, backend, fn, frozenset(devices), frozenset(dtypes), priority, supports, prepare
+            op, backend, fn, frozenset(devices), frozenset(dtypes), priority, supports, prepare, packed_rows
         )
         return fn
 

@@ -105,6 +105,9 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         raise ModelLoadError(f"cannot shard {source.name}: {e}") from None
     assert isinstance(model, CausalLM)
     if source.format == "gguf":
+        for qtype, n in gguf_loader.widened_types(reader).items():
+            log.warning("%d %s tensors have no native kernel: dequantized to fp32 at load (4 bytes per "
+                        "weight instead of the file's)", n, qtype)
         load_weights(model, gguf_loader.iter_gguf(reader, mcfg), len(reader.tensors))
     else:
         total = safetensors_loader.count_safetensors(source.path)
@@ -114,6 +117,9 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         prepare = getattr(m, "prepare_weights", None)
         if prepare is not None:
             prepare(kernels)
+    for kind, (n, nbytes) in kernels.widened.items():
+        log.warning("%d packed %s weights dequantized for linear backend %s: +%.0f MiB resident",
+                    n, kind, kernels.backends["linear"], nbytes / 2**20)
     log.info(
         "loaded %s (%s, %d layers) as %s on %s, tp rank %d/%d, in %.1fs; kernels: %s",
         source.name, mcfg.architecture, mcfg.num_layers, str(dtype).removeprefix("torch."),

@@ -33,14 +33,23 @@ VERSION = "0.3.36"  # llama-cpp-python sdist that carries vendor/llama.cpp
 sys.path.insert(0, str(ROOT / "tests"))
 from server_util import ServerProcess, wait_healthy  # noqa: E402
 
+TOOLS = ("llama-server", "llama-quantize")  # the peer, and the quantizer for real-shape test GGUFs
+
 
 def server_binary() -> Path:
     return CACHE / "build" / "bin" / "llama-server"
 
 
+def tool(name: str) -> Path:
+    """A built llama.cpp tool (see TOOLS), or llama.cpp's `convert_hf_to_gguf.py` script."""
+    if name.endswith(".py"):
+        return CACHE / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp" / name
+    return CACHE / "build" / "bin" / name
+
+
 def build(jobs: int) -> Path:
-    if server_binary().exists():
-        print(f"already built: {server_binary()}")
+    if all(tool(t).exists() for t in TOOLS):
+        print(f"already built: {', '.join(str(tool(t)) for t in TOOLS)}")
         return server_binary()
     CACHE.mkdir(parents=True, exist_ok=True)
     sdist = CACHE / f"llama_cpp_python-{VERSION}.tar.gz"
@@ -55,7 +64,7 @@ def build(jobs: int) -> Path:
     subprocess.run(["cmake", "-S", str(cpp), "-B", str(CACHE / "build"), "-DCMAKE_BUILD_TYPE=Release",
                     "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True)
-    subprocess.run(["cmake", "--build", str(CACHE / "build"), "--target", "llama-server", "-j", str(jobs)],
+    subprocess.run(["cmake", "--build", str(CACHE / "build"), "--target", *TOOLS, "-j", str(jobs)],
                    check=True)
     return server_binary()
 
@@ -130,7 +139,7 @@ def run(a: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build llama-server from the llama-cpp-python sdist")
+    b = sub.add_parser("build", help="build llama-server and llama-quantize from the llama-cpp-python sdist")
     b.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     r = sub.add_parser("run", help="run the same sweep against llama-server and agentspeed")
     r.add_argument("--workload", required=True)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agentspeed.kernels.api import KernelSet
+from agentspeed.kernels.ggml import GgmlLinear, GgmlWeight
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.compiler import SpmdModule
 from agentspeed.modeling.layers.weights import LazyTensor, copy_into
@@ -22,12 +23,20 @@ def _vocab_shard(vocab_size: int, comm: Communicator) -> tuple[int, int]:
     return per_rank, comm.rank * per_rank
 
 
-def _load_rows(weight: torch.Tensor, t: LazyTensor, start: int, vocab_size: int) -> None:
+def _load_rows(weight: torch.Tensor, t: LazyTensor, start: int, vocab_size: int) -> GgmlWeight | None:
+    """This rank's vocabulary rows: returned as they are if they came packed (rows past the
+    vocabulary are then implicit zeros), else copied into `weight`."""
     end = min(start + weight.shape[0], vocab_size)
+    src = t.read(slice(start, end)) if end > start else None
+    if isinstance(src, GgmlWeight):
+        if src.shape[1] != weight.shape[1]:
+            raise ValueError(f"vocab rows: checkpoint shape {src.shape} does not fit {tuple(weight.shape)}")
+        return src
     with torch.no_grad():
         weight.zero_()
-        if end > start:
-            copy_into(weight[: end - start], t.read(slice(start, end)), "vocab rows")
+        if src is not None:
+            copy_into(weight[: end - start], src, "vocab rows")
+    return None
 
 
 class VocabParallelEmbedding(SpmdModule):
@@ -40,11 +49,29 @@ class VocabParallelEmbedding(SpmdModule):
         self.per_rank, self.start = _vocab_shard(vocab_size, comm)
         self.sharded = comm.world_size > 1
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden, dtype=dtype, device=device), requires_grad=False)
+        # Packed rows (GGUF), looked up by the kernel set's packed_rows; `weight` then unused.
+        self.packed: GgmlWeight | None = None
+        self._rows: Any = None
 
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
-        _load_rows(self.weight, t, self.start, self.vocab_size)
+        self.packed = _load_rows(self.weight, t, self.start, self.vocab_size)
+
+    def prepare_weights(self, kernels: KernelSet) -> None:
+        """Keep packed rows packed where the kernel set reads them; else dequantize them once."""
+        if self.packed is None:
+            return
+        if kernels.packed_rows is not None:
+            self._rows = kernels.packed_rows
+            return
+        dense = kernels.widen(GgmlLinear(self.per_rank, ((0, self.packed),)))
+        with torch.no_grad():
+            self.weight.copy_(dense)
+        self.packed = None
 
     def forward(self, ids: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        if self._rows is not None:
+            assert self.packed is not None
+            return self._rows(self.packed, ids - self.start if self.sharded else ids)
         if not self.sharded:
             return F.embedding(ids, self.weight)
         local = ids - self.start
@@ -77,14 +104,24 @@ class ParallelLMHead(SpmdModule):
         )
         self._linear: Any = F.linear
         self._w: torch.Tensor = self.weight.data
+        # A tuple, so the embedding is not registered a second time as this module's child.
+        self._tied: tuple[VocabParallelEmbedding, ...] = () if tied_to is None else (tied_to,)
+        self.packed: GgmlWeight | None = None
 
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
-        _load_rows(self.weight, t, self.start, self.vocab_size)
+        self.packed = _load_rows(self.weight, t, self.start, self.vocab_size)
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return self._linear(x, self._w, None)
 
     def prepare_weights(self, kernels: KernelSet) -> None:
-        """Use the kernel set's linear. A repacked copy is kept beside `weight` (which a tied
-        embedding still reads), so a tied head costs one more vocab x hidden matrix."""
+        """Use the kernel set's linear. Packed rows (its own, or a tied embedding's) are shared
+        as they are where the kernel reads them packed, so a tied head costs nothing more;
+        dense ones are repacked beside `weight` (which a tied embedding still reads)."""
+        packed = self._tied[0].packed if self._tied else self.packed
+        if packed is not None:
+            self._w = kernels.linear_prepare(GgmlLinear(self.per_rank, ((0, packed),)))
+            self._linear = kernels.linear
+            self.packed = None
+            return
         self._linear, self._w = kernels.linear, kernels.linear_prepare(self.weight)

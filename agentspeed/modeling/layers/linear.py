@@ -15,18 +15,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from agentspeed.kernels.api import KernelSet
+from agentspeed.kernels.ggml import GgmlLinear, GgmlWeight
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.compiler import SpmdModule
 from agentspeed.modeling.layers.weights import LazyTensor, copy_into
 from agentspeed.modeling.placement import Partial, Replicate, Shard
 
 
+def _load_part(layer: Any, off: int, src: torch.Tensor | GgmlWeight, what: str) -> None:
+    """Rows [off, off + len(src)) of the layer's weight: packed sources are kept as they are
+    (the dense `weight` is never touched, so it costs no memory), dense ones copied in."""
+    if isinstance(src, GgmlWeight):
+        if src.shape[1] != layer.weight.shape[1] or off + src.shape[0] > layer.weight.shape[0]:
+            raise ValueError(f"{what}: checkpoint shape {src.shape} does not fit {tuple(layer.weight.shape)}")
+        layer._packed.append((off, src))
+    else:
+        copy_into(layer.weight[off: off + src.shape[0]], src, what)
+
+
 def _prepare(layer: ColumnParallelLinear | RowParallelLinear | ReplicatedLinear, kernels: KernelSet) -> None:
     """Switch the layer to the kernel set's linear with its weight in that kernel's layout.
     Once prepared, the dense `weight` is dropped when the kernel repacked it (no 2x memory)."""
-    w = kernels.linear_prepare(layer.weight)
-    layer._linear, layer._w = kernels.linear, w
-    if w is not layer.weight:
+    src: torch.Tensor | GgmlLinear = layer.weight
+    if layer._packed:
+        lin = GgmlLinear(layer.weight.shape[0], tuple(sorted(layer._packed, key=lambda p: p[0])))
+        if lin.covered:
+            src = lin
+        else:  # packed parts beside float ones (an F32 tensor in a quantized file): all dense
+            with torch.no_grad():
+                for off, part in lin.parts:
+                    layer.weight[off: off + part.shape[0]] = kernels.widen(GgmlLinear(part.shape[0], ((0, part),)))
+            src = layer.weight
+        layer._packed = []
+    prepared = kernels.linear_prepare(src)
+    layer._linear, layer._w = kernels.linear, prepared
+    if prepared is not layer.weight:
         layer.weight = None  # type: ignore[assignment]
 
 
@@ -66,14 +89,17 @@ class ColumnParallelLinear(SpmdModule):
         # Until prepare_weights(): plain F.linear on the (in-place loaded) weight.
         self._linear: Any = F.linear
         self._w: torch.Tensor = self.weight.data
+        self._packed: list[tuple[int, GgmlWeight]] = []
 
     def load(self, param: str, t: LazyTensor, part: str) -> None:
         local, start = self.parts[part]
         off = self.offsets[part]
         src = t.read(slice(start, start + local))
-        target = self.weight if param == "weight" else self.bias
-        assert target is not None, f"no {param} in this layer"
-        copy_into(target[off : off + local], src, f"{part}.{param}")
+        if param == "weight":
+            _load_part(self, off, src, f"{part}.weight")
+            return
+        assert self.bias is not None, f"no {param} in this layer"
+        copy_into(self.bias[off : off + local], src, f"{part}.{param}")
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return self._linear(x, self._w, self.bias)
@@ -135,13 +161,14 @@ class RowParallelLinear(SpmdModule):
         )
         self._linear: Any = F.linear
         self._w: torch.Tensor = self.weight.data
+        self._packed: list[tuple[int, GgmlWeight]] = []
 
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
         if param == "bias":
             if self.bias is not None:
                 copy_into(self.bias, t.read(), "bias")
             return
-        copy_into(self.weight, t.read(None, slice(self.start, self.start + self.local_in)), "weight")
+        _load_part(self, 0, t.read(None, slice(self.start, self.start + self.local_in)), "weight")
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return self._linear(x, self._w, self.bias)
@@ -163,9 +190,10 @@ class ReplicatedLinear(SpmdModule):
         self.bias = None
         self._linear: Any = F.linear
         self._w: torch.Tensor = self.weight.data
+        self._packed: list[tuple[int, GgmlWeight]] = []
 
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
-        copy_into(self.weight, t.read(), "weight")
+        _load_part(self, 0, t.read(), "weight")
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return self._linear(x, self._w, None)

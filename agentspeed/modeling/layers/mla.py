@@ -82,7 +82,7 @@ class MLAttention(SpmdModule):
         assert param == "w_kv_b", param
         per_head = self.nope + self.v_dim
         rows = slice(self.head_start * per_head, (self.head_start + self.num_heads) * per_head)
-        copy_into(self.w_kv_b, t.read(rows).view(self.num_heads, per_head, self.lora), "kv_b_proj.weight")
+        copy_into(self.w_kv_b, t.read_dense(rows).view(self.num_heads, per_head, self.lora), "kv_b_proj.weight")
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]

@@ -1,11 +1,18 @@
-"""Lazy checkpoint tensors: loaders hand out handles that read only the slice a rank needs."""
+"""Lazy checkpoint tensors: loaders hand out handles that read only the slice a rank needs.
+A GGUF loader's 2-D weights read as packed GgmlWeight views (kernels/ggml.py); layers that
+can keep them packed do, others copy them in dequantized (logged: it costs memory)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from agentspeed.kernels.ggml import GgmlWeight
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,10 +21,18 @@ class LazyTensor:
     (None = all) of a 1-D or 2-D tensor, as a torch tensor of the file's dtype."""
 
     shape: tuple[int, ...]
-    reader: Callable[[slice | None, slice | None], torch.Tensor]
+    reader: Callable[[slice | None, slice | None], torch.Tensor | GgmlWeight]
 
-    def read(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+    def read(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor | GgmlWeight:
         return self.reader(rows, cols)
+
+    def read_dense(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """`read`, dequantized if it came packed (for layers with no packed path; logged)."""
+        src = self.read(rows, cols)
+        if isinstance(src, GgmlWeight):
+            log.warning("a %s weight %s dequantized at load (this layer has no packed path)", src.name, src.shape)
+            return src.dequantize()
+        return src
 
     @staticmethod
     def of(t: torch.Tensor) -> LazyTensor:
@@ -32,7 +47,10 @@ class LazyTensor:
         return LazyTensor(tuple(t.shape), reader)
 
 
-def copy_into(param: torch.Tensor, src: torch.Tensor, what: str) -> None:
+def copy_into(param: torch.Tensor, src: torch.Tensor | GgmlWeight, what: str) -> None:
+    if isinstance(src, GgmlWeight):
+        log.warning("%s: a %s weight dequantized at load (this layer has no packed path)", what, src.name)
+        src = src.dequantize()
     if tuple(src.shape) != tuple(param.shape):
         raise ValueError(f"{what}: checkpoint shape {tuple(src.shape)} != expected {tuple(param.shape)}")
     with torch.no_grad():

@@ -1,8 +1,11 @@
 """GGUF files (llama.cpp): architecture from metadata, tensor names mapped to Hugging Face
-names, quantized tensors dequantized at load (by the `gguf` package)."""
+names. The file is memory-mapped; 2-D tensors of the types the native kernels read
+(kernels/ggml.NATIVE_TYPES) are handed out as packed views of it (GgmlWeight), never copied.
+Other types are dequantized to fp32 here, and `widened_types` names them for the load log."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,11 @@ import torch
 
 from agentspeed.config import ModelConfig, RopeScaling
 from agentspeed.errors import ModelLoadError, UnsupportedModelError
+from agentspeed.kernels.ggml import NATIVE_TYPES, GgmlWeight
 from agentspeed.modeling.layers.weights import LazyTensor
+from agentspeed.modeling.loaders.gguf_file import GgufFile
+
+log = logging.getLogger(__name__)
 
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -38,29 +45,20 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def open_gguf(path: Path) -> Any:
-    """A GGUFReader, or a one-line ModelLoadError for a corrupt or truncated file."""
-    from gguf import GGUFReader
-
+def open_gguf(path: Path) -> GgufFile:
+    """The file's header and tensor directory, or a one-line ModelLoadError for a corrupt or
+    truncated file (every tensor's extent is checked here, not mid-load)."""
     try:
-        reader = GGUFReader(str(path))
-        # Touch every tensor's extent: a truncated file fails here, not mid-load.
-        for t in reader.tensors:
-            if t.data.nbytes != t.n_bytes:
-                raise ValueError(f"tensor {t.name} is cut short")
-    except ModelLoadError:
-        raise
+        return GgufFile(path)
     except Exception as e:
         raise ModelLoadError(f"corrupt or truncated GGUF file {path}: {e}") from None
-    return reader
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+def _field(reader: GgufFile, key: str, default: Any = None) -> Any:
+    return reader.fields.get(key, default)
 
 
-def gguf_model_config(reader: Any) -> ModelConfig:
+def gguf_model_config(reader: GgufFile) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHS:
         raise UnsupportedModelError(
@@ -78,7 +76,7 @@ def gguf_model_config(reader: Any) -> ModelConfig:
     scaling = None
     if a("rope.scaling.type") == "linear":
         scaling = RopeScaling("linear", float(a("rope.scaling.factor")))
-    vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"])
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     return ModelConfig(
@@ -109,10 +107,57 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf(reader: Any, cfg: ModelConfig) -> Iterator[tuple[str, LazyTensor]]:
+def widened_types(reader: GgufFile) -> dict[str, int]:
+    """Quantized tensor types in this file without a native kernel -> how many tensors: these
+    are dequantized to fp32 at load (4 bytes per weight)."""
+    from gguf import GGMLQuantizationType
+
+    out: dict[str, int] = {}
+    for t in reader.tensors:
+        if t.tensor_type not in NATIVE_TYPES and t.tensor_type != GGMLQuantizationType.F32:
+            name = GGMLQuantizationType(t.tensor_type).name
+            out[name] = out.get(name, 0) + 1
+    return out
+
+
+def _read(t: Any, shape: tuple[int, ...], n_head: int | None,
+          rows: slice | None, cols: slice | None) -> torch.Tensor | GgmlWeight:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    if len(shape) == 2 and t.tensor_type in NATIVE_TYPES:
+        w = GgmlWeight.of(int(t.tensor_type), (shape[0], shape[1]), t.data)
+        if n_head is not None:
+            w = w.take_rows(_unpermute(torch.arange(shape[0]), n_head))
+        if rows is not None:
+            w = w.rows(*rows.indices(shape[0])[:2])
+        if cols is None:
+            return w
+        start, stop = cols.indices(shape[1])[:2]
+        if start % w.block == 0 and stop % w.block == 0:
+            return w.cols(start, stop)
+        # A tensor-parallel split inside a block (e.g. 8960 columns of Q4_K over 2 ranks):
+        # this shard cannot stay packed.
+        log.warning("%s: a %s shard of columns [%d, %d) is not whole %d-column blocks; dequantized to fp32",
+                    t.name, w.name, start, stop, w.block)
+        return w.dequantize()[:, start:stop].contiguous()
+    if t.tensor_type == GGMLQuantizationType.F32:
+        arr = t.data.view(np.float32)
+    elif t.tensor_type == GGMLQuantizationType.F16:
+        arr = t.data.view(np.float16)
+    else:
+        arr = dequantize(t.data, GGMLQuantizationType(t.tensor_type))
+    out = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)
+    if n_head is not None:
+        out = _unpermute(out, n_head)
+    if rows is not None:
+        out = out[rows]
+    if cols is not None:
+        out = out[:, cols]
+    return out
+
+
+def iter_gguf(reader: GgufFile, cfg: ModelConfig) -> Iterator[tuple[str, LazyTensor]]:
     permute = cfg.architecture == "LlamaForCausalLM"
     for t in reader.tensors:
         if t.name in _GLOBAL_NAMES:
@@ -129,21 +174,8 @@ def iter_gguf(reader: Any, cfg: ModelConfig) -> Iterator[tuple[str, LazyTensor]]
             n_head = cfg.num_kv_heads
         shape = tuple(int(d) for d in reversed(t.shape))
 
-        def reader_fn(
-            rows: slice | None, cols: slice | None,
-            t: Any = t, n_head: int | None = n_head, shape: tuple[int, ...] = shape,
-        ) -> torch.Tensor:
-            if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                arr = np.asarray(t.data, dtype=np.float32)
-            else:
-                arr = dequantize(t.data, t.tensor_type)
-            w = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)
-            if n_head is not None:
-                w = _unpermute(w, n_head)
-            if rows is not None:
-                w = w[rows]
-            if cols is not None:
-                w = w[:, cols]
-            return w
+        def reader_fn(rows: slice | None, cols: slice | None, t: Any = t, n_head: int | None = n_head,
+                      shape: tuple[int, ...] = shape) -> torch.Tensor | GgmlWeight:
+            return _read(t, shape, n_head, rows, cols)
 
         yield name, LazyTensor(shape, reader_fn)

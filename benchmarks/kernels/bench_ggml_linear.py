@@ -1,0 +1,70 @@
+"""Linear layers on packed GGUF weights (kernels/cpu_ggml.py) against oneDNN on the same
+weights dequantized to fp32, per storage type and row count: median ms per call, and for
+decode-sized calls the rate at which the weight's stored bytes are streamed (GB/s).
+
+    python benchmarks/kernels/bench_ggml_linear.py [--n 8960 --k 1536] [--types Q4_K,Q6_K,Q8_0]
+        [--rows 1,4,8,16,32,128,512]
+
+The default shape is a Qwen2.5-1.5B MLP projection (gate or up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from ggml_quant import quantize
+
+from agentspeed.kernels import cpu, cpu_native
+from agentspeed.kernels.ggml import GgmlLinear, GgmlWeight
+
+
+def timed(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8960)
+    ap.add_argument("--k", type=int, default=1536)
+    ap.add_argument("--types", default="Q4_K,Q5_K,Q6_K,Q8_0,Q4_0,Q4_1,F16")
+    ap.add_argument("--rows", default="1,4,8,16,32,128,512")
+    ap.add_argument("--reps", type=int, default=10)
+    a = ap.parse_args()
+    print(f"command: python benchmarks/kernels/bench_ggml_linear.py --n {a.n} --k {a.k} --types {a.types} "
+          f"--rows {a.rows} --reps {a.reps}  (threads: {torch.get_num_threads()})")
+    from gguf import GGMLQuantizationType as T
+
+    w = np.random.default_rng(0).standard_normal((a.n, a.k)).astype(np.float32) * 0.05
+    rows = [int(r) for r in a.rows.split(",")]
+    print(f"{'type':6} {'MB':>7} " + " ".join(f"{'rows=' + str(r):>17}" for r in rows))
+    for name in a.types.split(","):
+        gw = GgmlWeight.of(T[name].value, (a.n, a.k), quantize(w, name))
+        lin = GgmlLinear(a.n, ((0, gw),))
+        dense = cpu._prepack(gw.dequantize())
+        cells = []
+        for r in rows:
+            x = torch.randn(r, a.k)
+            ours = timed(lambda x=x, lin=lin: cpu_native.linear(x, lin, None), a.reps)
+            onednn = timed(lambda x=x, dense=dense: cpu._linear(x, dense, None), a.reps)
+            rate = f" {gw.nbytes / ours / 1e6:4.1f}GB/s" if r <= 8 else ""
+            cells.append(f"{ours:7.2f}/{onednn:6.2f}{rate}")
+        print(f"{name:6} {gw.nbytes / 1e6:7.1f} " + " ".join(f"{c:>17}" for c in cells))
+    print("cells: packed ms / oneDNN-on-fp32 ms (median); GB/s = stored bytes streamed per second")
+
+
+if __name__ == "__main__":
+    main()

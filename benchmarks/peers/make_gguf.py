@@ -1,0 +1,106 @@
+"""Real-shape GGUF files for benchmarks, quantized the way users' files are: random weights
+of a released model's shape (normal, std 0.02, as transformers initializes them; norms 1,
+biases 0) written as an F16 GGUF, then quantized by llama.cpp's own `llama-quantize` (from the
+llama-cpp-python sdist; build it with `peer_llamacpp.py build`). Nothing is downloaded: the
+tokenizer is the default model's (SmolLM2's GGUF metadata is copied), so the vocabulary is
+49,152 rather than the original's. (llama.cpp's convert_hf_to_gguf.py refuses that tokenizer
+re-saved by transformers: its pre-tokenizer hash is not in the script's list.)
+
+    python benchmarks/peers/make_gguf.py --shape qwen2.5-1.5b --types Q4_K_M,Q8_0,Q6_K --out .cache/gguf
+
+Writes OUT/<shape>-<TYPE>.gguf (and keeps OUT/<shape>-F16.gguf).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from peer_llamacpp import tool
+
+SHAPES = {
+    # Qwen2.5-1.5B: 28 layers, hidden 1536, MLP 8960, 12 heads, 2 KV heads, tied embeddings.
+    "qwen2.5-1.5b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768),
+}
+
+
+def write_f16(shape: str, path: Path) -> None:
+    import gguf
+    import numpy as np
+
+    from agentspeed.model_source import default_model_path
+
+    cfg = SHAPES[shape]
+    src = gguf.GGUFReader(str(default_model_path()))
+    vocab = len(src.fields["tokenizer.ggml.tokens"].data)
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_name(f"random {shape}")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for key, field in src.fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), vtype, sub)
+    rng = np.random.default_rng(0)
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * hd
+
+    def rand(*s: int) -> np.ndarray:
+        return (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16)
+
+    w.add_tensor("token_embd.weight", rand(vocab, h))
+    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
+    for i in range(cfg["num_hidden_layers"]):
+        b = f"blk.{i}."
+        for name, shape_ in (("attn_q", (h, h)), ("attn_k", (kv, h)), ("attn_v", (kv, h)),
+                             ("attn_output", (h, h)), ("ffn_gate", (f, h)), ("ffn_up", (f, h)),
+                             ("ffn_down", (h, f))):
+            w.add_tensor(b + name + ".weight", rand(*shape_))
+        for name, n in (("attn_q", h), ("attn_k", kv), ("attn_v", kv)):
+            w.add_tensor(b + name + ".bias", np.zeros(n, np.float32))
+        w.add_tensor(b + "attn_norm.weight", np.ones(h, np.float32))
+        w.add_tensor(b + "ffn_norm.weight", np.ones(h, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=True)
+    w.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
+    ap.add_argument("--types", default="Q4_K_M,Q8_0,Q6_K", help="llama-quantize type names")
+    ap.add_argument("--out", default=".cache/gguf")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not tool("llama-quantize").exists():
+        sys.exit("llama-quantize is not built: run `python benchmarks/peers/peer_llamacpp.py build` first")
+    f16 = out / f"{a.shape}-F16.gguf"
+    if not f16.exists():
+        t = time.perf_counter()
+        write_f16(a.shape, f16)
+        print(f"{f16}: {f16.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f}s", flush=True)
+    for qtype in a.types.split(","):
+        dst = out / f"{a.shape}-{qtype}.gguf"
+        if not dst.exists():
+            subprocess.run([str(tool("llama-quantize")), str(f16), str(dst), qtype], check=True)
+        print(f"{dst}: {dst.stat().st_size / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Packed GGUF weights (kernels/ggml.py, kernels/cpu_ggml.py, native/ggml_linear.cpp): every
+native type against float64 products of the `gguf` package's dequantized weights, slices as
+tensor parallelism takes them, and tiny models stored in each type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ggml_quant import TYPES, quantize
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+
+from agentspeed.kernels import cpu_native
+from agentspeed.kernels.ggml import NATIVE_TYPES, GgmlLinear, GgmlWeight
+
+needs_native = pytest.mark.skipif(cpu_native._fn is None, reason=f"native kernels unavailable: {cpu_native._UNAVAILABLE}")
+U = 2.0**-24  # fp32 unit roundoff
+
+
+def packed(name: str, n: int, k: int, seed: int = 0) -> tuple[GgmlWeight, torch.Tensor]:
+    """A random weight stored as `name`, and its float64 value by the gguf package's decoder."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.1
+    raw = quantize(w, name)
+    ref = gguf_dequantize(raw, T[name]) if name != "F16" else raw.astype(np.float32)
+    return GgmlWeight.of(T[name].value, (n, k), raw), torch.from_numpy(np.asarray(ref, np.float64).reshape(n, k))
+
+
+def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Worst-case fp32 error of the kernels' sums of the stored values, in any order: (K + 4) u
+    sum_k |x_k| (|w_k| + 2 max |w| of its 32-weight block). The 2 max|w| term covers the 1-2
+    row kernel, which sums d * sum(code * x) - m * sum(x) per sub-block: |d code| and |m| are
+    each at most about a block's largest |w| (the minimum sits at the block's most negative
+    weight); the many-row kernel sums decoded weights and meets the tighter (K + 2) u sum |x w|."""
+    n, k = w.shape
+    block_max = w.abs().reshape(n, k // 32, 32).amax(-1, keepdim=True).expand(n, k // 32, 32).reshape(n, k)
+    return (k + 4) * U * (x.double().abs() @ (w.abs() + 2 * block_max).T)
+
+
+def test_ggml_kernels_cover_the_types_people_download() -> None:
+    assert sorted(v[0] for v in NATIVE_TYPES.values()) == sorted(TYPES)
+    for qtype, (name, qk, nbytes) in NATIVE_TYPES.items():
+        from gguf import GGML_QUANT_SIZES
+
+        assert T[name].value == qtype
+        assert name in ("F16", "BF16") or GGML_QUANT_SIZES[T[name]] == (qk, nbytes)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_reference_quantizer_writes_valid_blocks(name: str) -> None:
+    """The test data's own check: quantize, decode with the gguf package, and land within a
+    step of the original (a layout mistake lands far off)."""
+    w = np.random.default_rng(1).standard_normal((6, 512)).astype(np.float32)
+    raw = quantize(w, name)
+    back = raw.astype(np.float32) if name == "F16" else gguf_dequantize(raw, T[name])
+    bits = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6,
+            "Q8_0": 8, "BF16": 8, "F16": 11}[name]
+    err = np.abs(back.reshape(w.shape) - w).max()
+    assert err < 6 * np.abs(w).max() / 2**bits, (name, err)
+
+
+@needs_native
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13, 40])
+def test_linear_within_fp32_bound(name: str, rows: int) -> None:
+    """The 1-2 row kernel and the many-row kernel against float64."""
+    w, ref = packed(name, 83, 512, seed=rows)  # 83: not a multiple of any tile
+    x = torch.randn(rows, 512)
+    bias = torch.randn(83)
+    lin = GgmlLinear(83, ((0, w),))
+    got = cpu_native.linear(x, lin, bias).double()
+    want = x.double() @ ref.T + bias.double()
+    err = (got - want).abs()
+    assert (err <= bound(x, ref) + 1e-6).all(), f"{name} rows={rows}: max err {err.max():.3g}"
+    assert cpu_native.linear(x[None], lin, None).shape == (1, rows, 83)
+
+
+@needs_native
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_and_rows_equal_the_gguf_decoder(name: str) -> None:
+    from agentspeed.kernels import cpu_ggml
+
+    w, ref = packed(name, 20, 256)
+    torch.testing.assert_close(cpu_ggml.dequantize(w).double(), ref, rtol=1e-6, atol=1e-7)
+    ids = torch.tensor([[3, 0], [19, -1]])
+    rows = cpu_ggml.get_rows(w, ids).double()
+    torch.testing.assert_close(rows[0, 0], ref[3], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rows[1, 0], ref[19], rtol=1e-6, atol=1e-7)
+    assert rows.shape == (2, 2, 256) and not rows[1, 1].any()  # outside the shard: zeros
+    torch.testing.assert_close(w.dequantize().double(), ref, rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q8_0", "F16"])
+def test_views_stay_packed_and_mixed_parts_land_side_by_side(name: str) -> None:
+    """Row and block-aligned column slices (tensor-parallel shards) are views of the packed
+    bytes; a merged projection's parts may be of different types; uncovered rows are zero."""
+    w, ref = packed(name, 40, 768)
+    col = w.cols(256, 768)
+    nbytes = NATIVE_TYPES[w.qtype][2]
+    assert col.data.data_ptr() == w.data.data_ptr() + 256 // w.block * nbytes  # a view, not a copy
+    other, other_ref = packed("Q5_0", 24, 512, seed=3)
+    lin = GgmlLinear(70, ((0, col.rows(4, 30)), (30, other)))
+    assert not lin.covered
+    x = torch.randn(5, 512)
+    got = cpu_native.linear(x, lin, None).double()
+    want = torch.zeros(5, 70, dtype=torch.float64)
+    want[:, :26] = x.double() @ ref[4:30, 256:].T
+    want[:, 30:54] = x.double() @ other_ref.T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of"):
+        w.cols(100, 768)
+
+
+@needs_native
+def test_avx2_build_of_ggml_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an AVX-512 machine also build and check the AVX2 code (CI machines may be either);
+    on an AVX2 machine this is the default build, checked again."""
+    from agentspeed.kernels import cpu_ggml, native
+
+    monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("AGENTSPEED_NATIVE_FLAGS", "-mno-avx512f")
+    lib = native.load.__wrapped__()
+    for attr, sym in (("_gemv", "ggml_gemv"), ("_gemm", "ggml_gemm"), ("_dequant", "ggml_dequant")):
+        f = getattr(lib, sym)
+        f.argtypes, f.restype = getattr(cpu_ggml, attr).argtypes, cpu_ggml._I
+        monkeypatch.setattr(cpu_ggml, attr, f)
+    for name in TYPES:
+        w, ref = packed(name, 33, 256)
+        for rows in (1, 2, 20):
+            x = torch.randn(rows, 256)
+            got = cpu_ggml.linear(x, GgmlLinear(33, ((0, w),)), None).double()
+            assert ((got - x.double() @ ref.T).abs() <= bound(x, ref) + 1e-6).all(), name
+
+
+def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str) -> Path:
+    """The tiny transformers model at hf_dir as a GGUF file whose 2-D weights are stored as
+    `qtype` (norms and biases F32), named and laid out as llama.cpp's converter writes them
+    (llama's q/k rows permuted for its rotary layout)."""
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    from agentspeed.modeling.loaders.gguf_loader import _GLOBAL_NAMES, _LAYER_NAMES
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    to_gguf = {hf: g for g, hf in _GLOBAL_NAMES.items()}
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
+    w.add_vocab_size(cfg["vocab_size"])
+    for name, t in tensors.items():
+        if name.startswith("model.layers."):
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            module, param = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{next(g for g, hf in _LAYER_NAMES.items() if hf == module)}.{param}"
+        else:
+            gname = to_gguf[name]
+        t = t.astype(np.float32)
+        n_head = heads if "q_proj" in name else kv_heads if "k_proj" in name else None
+        if arch == "llama" and n_head is not None:
+            t = t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        if t.ndim == 2:
+            q = quantize(t, qtype)
+            w.add_tensor(gname, q, raw_dtype=T[qtype] if qtype != "F16" else None)
+        else:
+            w.add_tensor(gname, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_k_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny models wide enough for 256-weight blocks (every K a multiple of 256)."""
+    from conftest import make_tiny
+
+    root = tmp_path_factory.mktemp("tiny_k")
+    big = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2)
+    return {"qwen2": make_tiny("qwen2", root, **big),
+            "llama": make_tiny("llama", root, tie_word_embeddings=True, **big)}
+
+
+@needs_native
+@pytest.mark.parametrize("name", TYPES)
+def test_tiny_model_in_each_type_equals_its_dense_fp32_path(
+        name: str, tiny_k_models: dict[str, Path], tmp_path: Path) -> None:
+    """Greedy tokens and logits of a tiny model stored in `name`: packed (default kernels) equal
+    the same file dequantized by the gguf package and run dense in fp32 (`linear=cpu`)."""
+    from test_hf_parity import PROMPTS, runner_for
+
+    from agentspeed.config import KernelConfig
+    from agentspeed.control.plan import ScheduledChunk
+    from agentspeed.engine.simple_generate import generate
+    from agentspeed.sampling_params import SamplingParams
+
+    arch = "llama" if name in ("Q4_K", "Q8_0", "Q6_K") else "qwen2"  # llama: tied head, permuted q/k
+    path = write_gguf(tiny_k_models[arch], tmp_path / f"tiny-{name}.gguf", name, arch)
+    packed_runner = runner_for(path)
+    dense_runner = runner_for(path, kernels=KernelConfig.parse("linear=cpu"))
+    assert packed_runner.kernels.widened == {}
+    # 2 layers x (qkv, o, gate|up, down), the embedding, and an untied head
+    assert sum(n for n, _ in dense_runner.kernels.widened.values()) == 2 * 4 + 1 + (arch == "qwen2")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    ours = generate(packed_runner, PROMPTS, params)
+    ref = generate(dense_runner, PROMPTS, params)
+    assert [o.token_ids for o in ours] == [r.token_ids for r in ref]
+    assert len({t for o in ours for t in o.token_ids}) > 3  # not a degenerate constant output
+    for prompt in PROMPTS:
+        pages = list(range(1, 1 + -(-len(prompt) // 16)))
+        chunk = [ScheduledChunk("x", prompt, 0, pages)]
+        torch.testing.assert_close(packed_runner.forward(chunk), dense_runner.forward(chunk), rtol=1e-4, atol=1e-4)
