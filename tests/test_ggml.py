@@ -114,31 +114,55 @@ def test_views_stay_packed_and_mixed_parts_land_side_by_side(name: str) -> None:
         w.cols(100, 768)
 
 
+# Builds of ggml_linear.cpp alone, beside the default one: CI machines may be AVX2-only or
+# AVX-512, so each checks the others' code paths too. AGENTSPEED_FORCE_W16 gives the AVX-512
+# build's 16-lane indexing without AVX-512 (split vectors, portable loads).
+BUILDS = {"avx2": ["-mno-avx512f"], "16-lane": ["-mno-avx512f", "-DAGENTSPEED_FORCE_W16"],
+          "portable": ["-march=x86-64-v2"]}
+
+
 @needs_native
-def test_avx2_build_of_ggml_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On an AVX-512 machine also build and check the AVX2 code (CI machines may be either);
-    on an AVX2 machine this is the default build, checked again."""
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_other_builds_of_ggml_kernels(build: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import subprocess
+
     from agentspeed.kernels import cpu_ggml, native
 
-    monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("AGENTSPEED_NATIVE_FLAGS", "-mno-avx512f")
-    lib = native.load.__wrapped__()
+    src = Path(native.__file__).parent / "ggml_linear.cpp"
+    lib_path = tmp_path / "libggml_test.so"
+    cxx = native._compiler()
+    subprocess.run([cxx, *native.FLAGS, *BUILDS[build], "-shared", str(src), "-o", str(lib_path)],
+                   check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
     for attr, sym in (("_gemv", "ggml_gemv"), ("_gemm", "ggml_gemm"), ("_dequant", "ggml_dequant")):
         f = getattr(lib, sym)
         f.argtypes, f.restype = getattr(cpu_ggml, attr).argtypes, cpu_ggml._I
         monkeypatch.setattr(cpu_ggml, attr, f)
     for name in TYPES:
-        w, ref = packed(name, 33, 256)
-        for rows in (1, 2, 20):
-            x = torch.randn(rows, 256)
+        w, ref = packed(name, 33, 512)
+        for rows in (1, 2, 7):
+            x = torch.randn(rows, 512)
             got = cpu_ggml.linear(x, GgmlLinear(33, ((0, w),)), None).double()
-            assert ((got - x.double() @ ref.T).abs() <= bound(x, ref) + 1e-6).all(), name
+            assert ((got - x.double() @ ref.T).abs() <= bound(x, ref) + 1e-6).all(), (build, name, rows)
+        torch.testing.assert_close(cpu_ggml.dequantize(w).double(), ref, rtol=1e-6, atol=1e-7)
+
+def iq4_nl(w: np.ndarray) -> np.ndarray:
+    """Random IQ4_NL blocks (a type with no native kernel) of w's shape: fp16 scale, 16 bytes
+    of 4-bit indices into a fixed table."""
+    n, k = w.shape
+    rng = np.random.default_rng(5)
+    blocks = np.zeros((n * k // 32, 18), np.uint8)
+    blocks[:, :2] = np.full(len(blocks), 0.004, np.float16).view(np.uint8).reshape(-1, 2)
+    blocks[:, 2:] = rng.integers(0, 256, (len(blocks), 16), dtype=np.uint8)
+    return blocks.reshape(n, -1)
 
 
-def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str) -> Path:
+def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str, embed_iq4_nl: bool = False) -> Path:
     """The tiny transformers model at hf_dir as a GGUF file whose 2-D weights are stored as
     `qtype` (norms and biases F32), named and laid out as llama.cpp's converter writes them
-    (llama's q/k rows permuted for its rotary layout)."""
+    (llama's q/k rows permuted for its rotary layout); with embed_iq4_nl, random IQ4_NL token
+    embeddings."""
     import json
 
     import gguf
@@ -171,7 +195,9 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str) -> Path:
         n_head = heads if "q_proj" in name else kv_heads if "k_proj" in name else None
         if arch == "llama" and n_head is not None:
             t = t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
-        if t.ndim == 2:
+        if embed_iq4_nl and gname == "token_embd.weight":
+            w.add_tensor(gname, iq4_nl(t), raw_dtype=T.IQ4_NL)
+        elif t.ndim == 2:
             q = quantize(t, qtype)
             w.add_tensor(gname, q, raw_dtype=T[qtype] if qtype != "F16" else None)
         else:
@@ -223,3 +249,25 @@ def test_tiny_model_in_each_type_equals_its_dense_fp32_path(
         pages = list(range(1, 1 + -(-len(prompt) // 16)))
         chunk = [ScheduledChunk("x", prompt, 0, pages)]
         torch.testing.assert_close(packed_runner.forward(chunk), dense_runner.forward(chunk), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_a_type_without_a_kernel_is_named_and_widened(
+        tiny_k_models: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """IQ4_NL embeddings (no native kernel): the load log names the type and its cost, the
+    tensor is dequantized to fp32 (by the gguf package), and the rest stays packed."""
+    import logging
+
+    from test_hf_parity import PROMPTS, runner_for
+
+    from agentspeed.engine.simple_generate import generate
+    from agentspeed.kernels.ggml import GgmlLinear
+    from agentspeed.sampling_params import SamplingParams
+
+    path = write_gguf(tiny_k_models["qwen2"], tmp_path / "tiny-iq4.gguf", "Q4_K", "qwen2", embed_iq4_nl=True)
+    with caplog.at_level(logging.WARNING):
+        runner = runner_for(path)
+    assert "1 IQ4_NL tensors have no native kernel: dequantized to fp32" in caplog.text
+    assert sum(isinstance(getattr(m, "_w", None), GgmlLinear) for m in runner.model.modules()) == 2 * 4 + 1
+    out = generate(runner, PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(out[0].token_ids) == 4

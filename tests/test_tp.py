@@ -28,6 +28,14 @@ REPO = WORKER.parents[1]
 TIMEOUT = 120.0  # seconds per launch; gloo itself gives up after 120 s
 
 # name -> (kind, make_tiny overrides)
+# Packed GGUF weights (tests/test_ggml.py writes them): row and column shards stay packed
+# views where they fall on block boundaries; the Q4_K o_proj's 128-column shards do not, and
+# take the logged dequantizing path. The Q8_0 llama file has permuted q/k rows and a tied head.
+_K_SHAPE: dict[str, object] = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2)
+GGUF_MODELS: dict[str, tuple[str, str, dict[str, object]]] = {
+    "gguf_q4_k": ("qwen2", "Q4_K", _K_SHAPE),
+    "gguf_q8_0_tied": ("llama", "Q8_0", {**_K_SHAPE, "tie_word_embeddings": True}),
+}
 EXTRA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     # fewer KV heads than ranks: the one KV head is replicated on both ranks
     "llama_kv1": ("llama", {"num_key_value_heads": 1}),
@@ -99,6 +107,11 @@ def tp_models(
     models = {"llama": tiny_models["llama"], "qwen3": tiny_models["qwen3"]}
     for name, (kind, overrides) in EXTRA_MODELS.items():
         models[name] = make_tiny(kind, root / name, **overrides)
+    from test_ggml import write_gguf
+
+    for name, (kind, qtype, overrides) in GGUF_MODELS.items():
+        hf = make_tiny(kind, root / f"{name}_hf", **overrides)
+        models[name] = write_gguf(hf, root / f"{name}.gguf", qtype, kind)
     return models
 
 
@@ -129,7 +142,7 @@ def tp2_results(
     return [torch.load(out), torch.load(f"{out}.rank1")]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", *EXTRA_MODELS])
+@pytest.mark.parametrize("name", ["llama", "qwen3", *EXTRA_MODELS, *GGUF_MODELS])
 def test_tp2_matches_tp1(
     name: str, tp_models: dict[str, Path], tp2_results: list[dict[str, dict[str, torch.Tensor]]]
 ) -> None:

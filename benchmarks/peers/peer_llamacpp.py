@@ -11,6 +11,13 @@ server is not used: it serializes requests, which would be an unfair peer.
         --scale 16 --concurrency 1,2,4,8 --num-sessions 8 --output peer.json --plot peer.png
 
 Both servers get the same context per session (--max-context) and the same threads (2).
+
+    python benchmarks/peers/peer_llamacpp.py decode --model .cache/gguf/qwen2.5-1.5b-Q4_K_M.gguf
+
+measures one stream without speculation on each server: load time (start to healthy),
+decode tokens/s of a streamed 128-token completion (median of 3, time between the first and
+last token), and peak resident memory of the server's processes (VmHWM, summed over the
+process tree: agentspeed's frontend and engine core).
 """
 
 from __future__ import annotations
@@ -41,9 +48,7 @@ def server_binary() -> Path:
 
 
 def tool(name: str) -> Path:
-    """A built llama.cpp tool (see TOOLS), or llama.cpp's `convert_hf_to_gguf.py` script."""
-    if name.endswith(".py"):
-        return CACHE / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp" / name
+    """A built llama.cpp tool (see TOOLS)."""
     return CACHE / "build" / "bin" / name
 
 
@@ -96,6 +101,91 @@ class LlamaServer:
         self.log.close()
 
 
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of pid and its descendants, summed (MiB)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def stream_decode(url: str, model: str, tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tokens/s after it) of one streamed completion."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none")
+    t0 = time.perf_counter()
+    stamps = []
+    stream = client.completions.create(model=model, prompt="Write a story about a lighthouse keeper.",
+                                       max_tokens=tokens, temperature=0.0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter())
+    return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def kv_memory(gguf: Path, context: int) -> str:
+    """The bytes of an f16 KV cache for `context` tokens of this model: llama-server's at
+    --ctx-size context, so both hold the same context."""
+    from agentspeed.modeling.loaders.gguf_loader import gguf_model_config, open_gguf
+
+    cfg = gguf_model_config(open_gguf(gguf))
+    return str(context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2 + (1 << 20))
+
+
+def decode(a: argparse.Namespace) -> None:
+    import statistics
+
+    gguf = Path(a.model)
+    rows = []
+    for name in ("llama-server", "agentspeed"):
+        t0 = time.perf_counter()
+        if name == "llama-server":
+            server: LlamaServer | ServerProcess = LlamaServer(gguf, 1, a.max_context, a.threads)
+            pid = server.proc.pid
+        else:
+            server = ServerProcess([str(gguf), "--max-num-seqs", "1", "--num-speculative-tokens", "0",
+                                    "--kv-cache-memory", kv_memory(gguf, a.max_context),
+                                    *shlex.split(a.agentspeed_args)])
+            pid = server.proc.pid
+        load_s = time.perf_counter() - t0
+        try:
+            model = "default" if name == "llama-server" else gguf.stem
+            stream_decode(server.url, model, 16)  # warm-up: weights paged in
+            runs = [stream_decode(server.url, model, a.tokens) for _ in range(3)]
+            rss = peak_rss_mib(pid)
+        finally:
+            server.stop()
+        rows.append({"server": name, "load_s": round(load_s, 1), "ttft_s": round(statistics.median(r[0] for r in runs), 3),
+                     "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
+                     "runs_tok_s": [round(r[1], 2) for r in runs], "peak_rss_mib": round(rss)})
+        print(rows[-1], flush=True)
+    ratio = rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"]  # type: ignore[operator]
+    rss_ratio = rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]  # type: ignore[operator]
+    print(f"{gguf.name}: agentspeed/llama-server decode {ratio:.2f}x, peak RSS {rss_ratio:.2f}x, "
+          f"file {gguf.stat().st_size / 2**20:.0f} MiB")
+    meta = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "gguf": str(gguf), "file_mib": round(gguf.stat().st_size / 2**20), "threads": a.threads,
+            "decode_ratio": round(ratio, 3), "rss_ratio": round(rss_ratio, 3)}
+    Path(a.output).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+
+
 def bench(label: str, url: str, a: argparse.Namespace, out: Path) -> list[dict[str, object]]:
     cmd = [sys.executable, "-m", "agentspeed.cli", "bench", "--endpoint", f"{label}={url}", "--workload", a.workload,
            "--scale", str(a.scale), "--max-context", str(a.max_context), "--concurrency", a.concurrency,
@@ -115,20 +205,24 @@ def run(a: argparse.Namespace) -> None:
     slots = max(int(c) for c in a.concurrency.split(","))
     tmp = Path(a.output).with_suffix("")
     rows: list[dict[str, object]] = []
+    rss = {}
     peer = LlamaServer(gguf, slots, a.max_context, a.threads, shlex.split(a.llama_args))
     try:
         rows += bench("llama-server", peer.url, a, Path(f"{tmp}.llamacpp.json"))
+        rss["llama-server"] = round(peak_rss_mib(peer.proc.pid))
     finally:
         peer.stop()
     ours = ServerProcess([str(gguf), "--max-num-seqs", str(max(slots, 8)), "--kv-cache-memory", a.kv_cache_memory,
                           *shlex.split(a.agentspeed_args)])
     try:
         rows += bench("agentspeed", ours.url, a, Path(f"{tmp}.agentspeed.json"))
+        rss["agentspeed"] = round(peak_rss_mib(ours.proc.pid))
     finally:
         ours.stop()
+    print(f"peak RSS (MiB): {rss}")
     print_table(rows)  # type: ignore[arg-type]
     meta = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "llama_cpp_python_sdist": VERSION, "gguf": str(gguf), "threads": a.threads,
+            "llama_cpp_python_sdist": VERSION, "gguf": str(gguf), "threads": a.threads, "peak_rss_mib": rss,
             "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                      cwd=ROOT).stdout.strip()}
     Path(a.output).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
@@ -160,6 +254,15 @@ def main() -> None:
                         "(its own n-gram speculative decoding, against agentspeed's --num-speculative-tokens)")
     r.add_argument("--output", default="peer_results.json")
     r.add_argument("--plot", default="peer_pareto.png")
+    d = sub.add_parser("decode", help="one stream, no speculation: load time, decode tok/s, peak RSS")
+    d.add_argument("--model", required=True, help="GGUF file")
+    d.add_argument("--tokens", type=int, default=128)
+    d.add_argument("--max-context", type=int, default=4096)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--agentspeed-args", default="--kv-cache-dtype float16",
+                   help="extra `agentspeed serve` flags (default: an f16 KV cache, as llama-server's; "
+                        "its size is llama-server's for --max-context tokens)")
+    d.add_argument("--output", default="peer_decode.json")
     a = ap.parse_args()
     if a.cmd == "build":
         if not shutil.which("cmake"):
@@ -168,7 +271,7 @@ def main() -> None:
     else:
         if not server_binary().exists():
             sys.exit("llama-server is not built: run `python benchmarks/peers/peer_llamacpp.py build` first")
-        run(a)
+        decode(a) if a.cmd == "decode" else run(a)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ inline float f16(const uint8_t* p) {
 inline vi u8(const uint8_t* p) {
 #if defined(__AVX512F__)
     return reinterpret_cast<vi>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && !defined(AGENTSPEED_FORCE_W16)
     return reinterpret_cast<vi>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
     vi v;
@@ -48,7 +48,7 @@ inline vi u8(const uint8_t* p) {
 inline vi s8(const uint8_t* p) {
 #if defined(__AVX512F__)
     return reinterpret_cast<vi>(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && !defined(AGENTSPEED_FORCE_W16)
     return reinterpret_cast<vi>(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
     vi v;
@@ -60,7 +60,7 @@ inline vi s8(const uint8_t* p) {
 inline vi u16(const uint8_t* p) {
 #if defined(__AVX512F__)
     return reinterpret_cast<vi>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && !defined(AGENTSPEED_FORCE_W16)
     return reinterpret_cast<vi>(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
     vi v;
@@ -72,7 +72,7 @@ inline vi u16(const uint8_t* p) {
 inline vf halves(const uint8_t* p) {
 #if defined(__AVX512F__)
     return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
-#elif defined(__F16C__)
+#elif defined(__F16C__) && !defined(AGENTSPEED_FORCE_W16)
     return reinterpret_cast<vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
     vf v;

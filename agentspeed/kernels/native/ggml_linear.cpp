@@ -118,7 +118,9 @@ void tile(const float* x, int64_t ldx, const float* wb, int K, const float* bias
         vf wv[NR];
         for (int j = 0; j < NR; ++j) {
             wv[j] = ld(wb + static_cast<int64_t>(j) * K + k);
-            asm("" : "+x"(wv[j]));  // keep it in a register: gcc re-loads it per row of x otherwise
+#if defined(__AVX512F__) || (defined(__AVX__) && !defined(AGENTSPEED_FORCE_W16))  // vf fits one register
+            asm("" : "+v"(wv[j]));  // keep it in a register: gcc re-loads it per row of x otherwise
+#endif
         }
         for (int i = 0; i < MR; ++i) {
             const vf xv = ld(x + i * ldx + k);

@@ -8,7 +8,10 @@
 
 namespace {
 
-#if defined(__AVX512F__)
+// AGENTSPEED_FORCE_W16 builds 16-lane vectors without AVX-512 (the compiler splits them), so
+// an AVX2 machine can test the AVX-512 build's indexing (tests/test_ggml.py builds
+// ggml_linear.cpp alone that way; the other kernels' intrinsics assume the native width).
+#if defined(__AVX512F__) || defined(AGENTSPEED_FORCE_W16)
 constexpr int W = 16;
 #else
 constexpr int W = 8;
