@@ -108,6 +108,12 @@ inline void decode(const uint8_t* blk, float* out) {
     unroll<0, B::QK / W>([&](auto i) { st(out + decltype(i)::value * W, weights<B, decltype(i)::value>(blk, s)); });
 }
 
+// A row of nb blocks as fp32.
+template <class B>
+inline void decode_row(const uint8_t* row, int nb, float* out) {
+    for (int b = 0; b < nb; ++b) decode<B>(row + static_cast<int64_t>(b) * B::BYTES, out + b * B::QK);
+}
+
 // y[MR x NR] (+ bias) = x rows [MR][K] . decoded weight rows wb [NR][K]: the register tile of
 // ggml_gemm. 4 x 3 holds 12 accumulators, 3 weight vectors and one x vector: the 16 AVX2
 // registers; per W columns of K, 7 loads feed 12 FMAs, so it is FMA-bound from L1/L2.
@@ -172,9 +178,7 @@ int ggml_gemm(int type, const float* x, int M, int64_t ldx, int K, const uint8_t
             for (int c = 0; c < chunks; ++c) {
                 const int n0 = c * nc, rows = std::min(nc, N - n0);
                 for (int j = 0; j < rows; ++j)
-                    for (int b = 0; b < nb; ++b)
-                        decode<B>(w + (n0 + j) * ws + static_cast<int64_t>(b) * B::BYTES,
-                                  wb.data() + static_cast<int64_t>(j) * K + b * B::QK);
+                    decode_row<B>(w + (n0 + j) * ws, nb, wb.data() + static_cast<int64_t>(j) * K);
                 for (int m0 = 0; m0 < M; m0 += TM) {
                     const int mr = M - m0 < TM ? M - m0 : TM;
                     for (int j0 = 0; j0 < rows; j0 += TN) {
@@ -223,9 +227,7 @@ int ggml_dequant(int type, const uint8_t* w, int64_t ws, int N, int K, float* ou
         if (K % B::QK) return;
         const int nb = K / B::QK;
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int n = 0; n < N; ++n)
-            for (int b = 0; b < nb; ++b)
-                decode<B>(w + n * ws + static_cast<int64_t>(b) * B::BYTES, out + n * ldo + b * B::QK);
+        for (int n = 0; n < N; ++n) decode_row<B>(w + n * ws, nb, out + n * ldo);
         rc = 0;
     });
     return rc;
@@ -247,7 +249,7 @@ int ggml_get_rows(int type, const uint8_t* w, int64_t ws, int N, int K, const in
                 std::memset(o, 0, sizeof(float) * K);
                 continue;
             }
-            for (int b = 0; b < nb; ++b) decode<B>(w + id * ws + static_cast<int64_t>(b) * B::BYTES, o + b * B::QK);
+            decode_row<B>(w + id * ws, nb, o);
         }
         rc = 0;
     });

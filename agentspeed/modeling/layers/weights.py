@@ -28,11 +28,7 @@ class LazyTensor:
 
     def read_dense(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """`read`, dequantized if it came packed (for layers with no packed path; logged)."""
-        src = self.read(rows, cols)
-        if isinstance(src, GgmlWeight):
-            log.warning("a %s weight %s dequantized at load (this layer has no packed path)", src.name, src.shape)
-            return src.dequantize()
-        return src
+        return dense(self.read(rows, cols), "weight")
 
     @staticmethod
     def of(t: torch.Tensor) -> LazyTensor:
@@ -47,10 +43,17 @@ class LazyTensor:
         return LazyTensor(tuple(t.shape), reader)
 
 
-def copy_into(param: torch.Tensor, src: torch.Tensor | GgmlWeight, what: str) -> None:
+def dense(src: torch.Tensor | GgmlWeight, what: str) -> torch.Tensor:
+    """src as a tensor: a packed weight dequantized, and logged (it costs memory)."""
     if isinstance(src, GgmlWeight):
-        log.warning("%s: a %s weight dequantized at load (this layer has no packed path)", what, src.name)
-        src = src.dequantize()
+        log.warning("%s: a %s weight %s dequantized at load (this layer has no packed path)",
+                    what, src.name, src.shape)
+        return src.dequantize()
+    return src
+
+
+def copy_into(param: torch.Tensor, src: torch.Tensor | GgmlWeight, what: str) -> None:
+    src = dense(src, what)
     if tuple(src.shape) != tuple(param.shape):
         raise ValueError(f"{what}: checkpoint shape {tuple(src.shape)} != expected {tuple(param.shape)}")
     with torch.no_grad():
