@@ -117,14 +117,19 @@ def test_bfloat16_runs_close_to_float32(tiny_models: dict[str, Path]) -> None:
 
 
 def test_smollm2_gguf_matches_transformers(smollm2_path: Path) -> None:
-    """The GGUF read packed by our kernels (default) and dequantized to dense fp32 for oneDNN
-    (`linear=cpu`) vs transformers loading the same file: the same greedy tokens, and the
-    prompt's logits to fp32 rounding (both are fp32 products of the stored weights)."""
+    """The GGUF read packed by our kernels (default; exact: fp32 activations at every row
+    count) and dequantized to dense fp32 for oneDNN (`linear=cpu`) vs transformers loading the
+    same file: the same greedy tokens, and the prompt's logits to fp32 rounding (exact, dense:
+    fp32 products of the stored weights) or to the int16 activations' rounding (default: its
+    1-row LM head and decode-sized prompts; measured 0.7% of the logits' spread on the
+    4-token prompt, 0.2% on the others)."""
     from transformers import AutoModelForCausalLM
 
     from agentspeed.tokenizer import Tokenizer
 
-    runners = {"default": (runner_for(smollm2_path, page_size=16), 1e-3),
+    runners = {"default": (runner_for(smollm2_path, page_size=16), 2e-2),
+               "exact": (runner_for(smollm2_path, page_size=16, kernels=KernelConfig.parse("linear=cpu_native_exact")),
+                         1e-3),
                "dense": (runner_for(smollm2_path, page_size=16, kernels=KernelConfig.parse("linear=cpu")), 1e-3)}
     tok = Tokenizer.load(runners["default"][0].source)
     prompts = [
@@ -143,7 +148,11 @@ def test_smollm2_gguf_matches_transformers(smollm2_path: Path) -> None:
             assert out.token_ids == ref, name
             pages = list(range(1, 1 + -(-len(prompt) // 16)))
             logits = runner.forward([ScheduledChunk("x", prompt, 0, pages)])[0]
-            torch.testing.assert_close(logits, ref_step_logits[0], rtol=tol, atol=tol, msg=name)
+            want = ref_step_logits[0].reshape(logits.shape)
+            if name == "default":
+                assert (logits - want).abs().max() < tol * want.std(), name
+            else:
+                torch.testing.assert_close(logits, want, rtol=tol, atol=tol, msg=name)
         assert "Paris" in tok.decode(ours[0].token_ids)
 
 

@@ -1,11 +1,15 @@
-"""Products and lookups on packed ggml weights (kernels/native/ggml_linear.cpp), for the
-`cpu_native` backend.
+"""Products and lookups on packed ggml weights (kernels/native/ggml_linear.cpp and
+ggml_i16.cpp), for the `cpu_native` and `cpu_native_exact` backends.
 
-linear: one or two rows of x (a sequence's decode step) stream each weight once in its
-stored form, decoded in registers (ggml_gemv); more rows (batched decodes, drafts, prefill)
-decode each weight row once per call into an L2-sized fp32 buffer and multiply it in
-register tiles (ggml_gemm). Both are fp32 products of the stored weights at every row count
-(no activation rounding), and no dense copy of a weight outlives the call.
+linear, by rows of x:
+- 1-8 rows (decode steps) of an integer type: x is rounded to int16 per 256 columns
+  (2^-15 of their largest |x|) once per call, and each weight is streamed once in its stored
+  form into integer multiply-adds (ggml_igemv); error bound in native/ggml_i16.cpp.
+- otherwise (more rows, F16/BF16 weights, or exact=True): fp32 products of the stored
+  weights with unrounded x: 1-2 rows decode in registers (ggml_gemv), more rows decode each
+  weight row once per call into an L2-sized fp32 buffer multiplied in register tiles
+  (ggml_gemm).
+No dense copy of a weight outlives the call.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import ctypes
 
 import torch
 
-from agentspeed.kernels.ggml import GgmlLinear, GgmlWeight
+from agentspeed.kernels.ggml import NATIVE_TYPES, GgmlLinear, GgmlWeight
 from agentspeed.kernels.native import load
 
 GEMV_ROWS = 2  # above this ggml_gemm is as fast or faster (benchmarks/kernels/bench_ggml_linear.py)
+I16_ROWS = 8  # the most rows ggml_igemv takes
 
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _lib = load()
@@ -30,6 +35,16 @@ _gemm.restype = _I
 _dequant = _lib.ggml_dequant
 _dequant.argtypes = (_I, _P, _L, _I, _I, _P, _L, _I)
 _dequant.restype = _I
+_quantize = _lib.ggml_quantize_x
+_quantize.argtypes = (_P, _I, _L, _I, _P, _P, _P, _P)
+_quantize.restype = _I
+_igemv = _lib.ggml_igemv
+_igemv.argtypes = (_I, _P, _P, _P, _P, _I, _I, _P, _L, _I, _P, _P, _L, _I)
+_igemv.restype = _I
+_has_i16 = _lib.ggml_has_i16
+_has_i16.argtypes = (_I,)
+_has_i16.restype = _I
+I16_TYPES = frozenset(t for t in NATIVE_TYPES if _has_i16(t))  # every type but F16 and BF16
 _rows = _lib.ggml_get_rows
 _rows.argtypes = (_I, _P, _L, _I, _I, _P, _I, _P, _I)
 _rows.restype = _I
@@ -59,8 +74,23 @@ def get_rows(w: GgmlWeight, ids: torch.Tensor) -> torch.Tensor:
     return out.view(*ids.shape, w.shape[1])
 
 
-def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T + bias, W packed (see the module docstring for which path a row count takes)."""
+def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] (unit column stride) as ggml_igemv takes it: int16 codes [R, K], and one fp32
+    buffer of the scales [R, ceil(K / 256)], then each 16 and 32 columns' sums [R, K / 16],
+    [R, K / 32]."""
+    r, k = x.shape
+    xq = torch.empty(r, k, dtype=torch.int16)
+    f = torch.empty(r * (-(-k // 256) + k // 16 + k // 32))
+    dx = f.data_ptr()
+    xg = dx + 4 * r * -(-k // 256)
+    if _quantize(x.data_ptr(), r, x.stride(0), k, xq.data_ptr(), dx, xg, xg + 4 * r * (k // 16)) != 0:
+        raise RuntimeError(f"ggml_quantize_x: {k} columns are not a multiple of 32")
+    return xq, f
+
+
+def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, exact: bool = False) -> torch.Tensor:
+    """x @ W.T + bias, W packed (see the module docstring for which path a row count takes;
+    exact keeps fp32 activations at every row count)."""
     k = x.shape[-1]
     rows = x.numel() // k
     n = lin.out_features
@@ -68,12 +98,24 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None) -> torch
     if x2.stride(1) != 1 or x.dtype != torch.float32:
         x2 = x2.float().contiguous()
     y = torch.empty(rows, n) if lin.covered else torch.zeros(rows, n)
-    threads = torch.get_num_threads()
     if rows == 0:
         return y.view(*x.shape[:-1], n)
-    fn, what = (_gemv, "gemv") if rows <= GEMV_ROWS else (_gemm, "gemm")
-    for off, w in lin.parts:
-        b = None if bias is None else bias[off:]
-        _check(fn(w.qtype, x2.data_ptr(), rows, x2.stride(0), k, w.data.data_ptr(), w.data.stride(0), w.shape[0],
-                     None if b is None else b.data_ptr(), y[:, off:].data_ptr(), n, threads), what, w)
+    threads = torch.get_num_threads()
+    yp, bp = y.data_ptr(), None if bias is None else bias.data_ptr()
+    int16 = not exact and rows <= I16_ROWS
+    q = None
+    for off, qtype, wp, ws, wn in lin.native:
+        b = None if bp is None else bp + 4 * off
+        if int16 and qtype in I16_TYPES:
+            if q is None:
+                q = quantize_x(x2)
+                xq, dx = q[0].data_ptr(), q[1].data_ptr()
+                xg = dx + 4 * rows * -(-k // 256)
+                xs = xg + 4 * rows * (k // 16)
+            rc, what = _igemv(qtype, xq, dx, xg, xs, rows, k, wp, ws, wn, b, yp + 4 * off, n, threads), "igemv"
+        else:
+            fn, what = (_gemv, "gemv") if rows <= GEMV_ROWS else (_gemm, "gemm")
+            rc = fn(qtype, x2.data_ptr(), rows, x2.stride(0), k, wp, ws, wn, b, yp + 4 * off, n, threads)
+        if rc != 0:
+            raise RuntimeError(f"ggml {what} returned {rc} for a {NATIVE_TYPES[qtype][0]} weight ({wn}, {k})")
     return y.view(*x.shape[:-1], n)

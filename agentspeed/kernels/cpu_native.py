@@ -42,6 +42,7 @@ from agentspeed.kernels.registry import register_kernel, register_unavailable
 log = logging.getLogger(__name__)
 
 BACKEND = "cpu_native"
+EXACT_BACKEND = "cpu_native_exact"  # its linear without activation rounding
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3}
 # Tokens per work item. Smaller spans make more items for the threads to share (one
 # sequence x 3 KV heads at 8K context is 48 items at 512) at the cost of one merge each.
@@ -193,15 +194,24 @@ def _prepare_linear(w: torch.Tensor | GgmlLinear) -> torch.Tensor | GgmlLinear:
     return cpu._prepack(w) if torch.backends.mkldnn.is_available() else w.detach().contiguous()
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | GgmlLinear, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ w.T + bias: packed ggml weights by kernels/cpu_ggml.py, dense ones by oneDNN."""
+def linear(x: torch.Tensor, w: torch.Tensor | GgmlLinear, bias: torch.Tensor | None,
+           exact: bool = False) -> torch.Tensor:
+    """x @ w.T + bias: packed ggml weights by kernels/cpu_ggml.py (decode steps with int16
+    activations unless exact), dense ones by oneDNN."""
     if isinstance(w, GgmlLinear):
-        return cpu_ggml.linear(x, w, bias)
+        return cpu_ggml.linear(x, w, bias, exact)
     if x.numel() == 0:  # a step whose chunks all stop short of their prompt's end wants no logits
         return x.new_empty(*x.shape[:-1], w.shape[0])
     if torch.backends.mkldnn.is_available():
         return cpu._linear(x, w, bias)
     return torch.nn.functional.linear(x, w, bias)
+
+
+def linear_exact(x: torch.Tensor, w: torch.Tensor | GgmlLinear, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear` with fp32 activations at every row count (backend cpu_native_exact, chosen
+    with --kernel-backend linear=cpu_native_exact): the stored model's product up to fp32
+    summation, at the fp32 decode kernel's speed."""
+    return linear(x, w, bias, exact=True)
 
 
 # Ops this backend registers where the library builds (and records as unavailable where not).
@@ -218,6 +228,7 @@ if os.environ.get("AGENTSPEED_NATIVE", "1") == "0":
     _UNAVAILABLE = "disabled by AGENTSPEED_NATIVE=0"
     for _op in NATIVE_OPS:
         register_unavailable(_op, BACKEND, _UNAVAILABLE)
+    register_unavailable("linear", EXACT_BACKEND, _UNAVAILABLE)
 else:
     try:
         _fn = load().paged_decode_attention
@@ -228,6 +239,7 @@ else:
         _UNAVAILABLE = str(e)
         for _op in NATIVE_OPS:
             register_unavailable(_op, BACKEND, _UNAVAILABLE)
+        register_unavailable("linear", EXACT_BACKEND, _UNAVAILABLE)
     else:
         register_kernel("paged_attention_decode", BACKEND, ("cpu",), (torch.float32,),
                         priority=20)(paged_attention_decode)
@@ -243,6 +255,8 @@ else:
 
         register_kernel("linear", BACKEND, ("cpu",), (torch.float32,), priority=20,
                         prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows)(linear)
+        register_kernel("linear", EXACT_BACKEND, ("cpu",), (torch.float32,), priority=10,
+                        prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows)(linear_exact)
         _silu = load().silu_and_mul
         _silu.argtypes = (_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, _I)
         _silu.restype = _I

@@ -14,7 +14,7 @@ kernel set dequantizes them once to dense, and says what that cost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -104,6 +104,10 @@ class GgmlLinear:
 
     out_features: int
     parts: tuple[tuple[int, GgmlWeight], ...]
+    covered: bool = field(init=False)  # every output row has a part
+    # Per part (first row, type, data address, row stride in bytes, rows): what the native
+    # kernels take, made once (a decode step makes ~100 calls; see kernels/cpu_ggml.py).
+    native: tuple[tuple[int, int, int, int, int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         end = 0
@@ -111,14 +115,13 @@ class GgmlLinear:
             assert off >= end and w.shape[1] == self.in_features, "parts overlap or disagree on K"
             end = off + w.shape[0]
         assert end <= self.out_features
+        object.__setattr__(self, "covered", sum(w.shape[0] for _, w in self.parts) == self.out_features)
+        object.__setattr__(self, "native", tuple(
+            (off, w.qtype, w.data.data_ptr(), w.data.stride(0), w.shape[0]) for off, w in self.parts))
 
     @property
     def in_features(self) -> int:
         return self.parts[0][1].shape[1]
-
-    @property
-    def covered(self) -> bool:
-        return sum(w.shape[0] for _, w in self.parts) == self.out_features
 
     @property
     def nbytes(self) -> int:

@@ -1,6 +1,8 @@
 """Linear layers on packed GGUF weights (kernels/cpu_ggml.py) against oneDNN on the same
-weights dequantized to fp32, per storage type and row count: median ms per call, and for
-decode-sized calls the rate at which the weight's stored bytes are streamed (GB/s).
+weights dequantized to fp32, per storage type and row count: median ms per call of the
+default path (int16 activations up to 8 rows), of the exact one (fp32 activations:
+`cpu_native_exact`) and of oneDNN, and for decode-sized calls the rate at which the default
+path streams the weight's stored bytes (GB/s).
 
     python benchmarks/kernels/bench_ggml_linear.py [--n 8960 --k 1536] [--types Q4_K,Q6_K,Q8_0]
         [--rows 1,4,8,16,32,128,512]
@@ -50,7 +52,7 @@ def main() -> None:
 
     w = np.random.default_rng(0).standard_normal((a.n, a.k)).astype(np.float32) * 0.05
     rows = [int(r) for r in a.rows.split(",")]
-    print(f"{'type':6} {'MB':>7} " + " ".join(f"{'rows=' + str(r):>17}" for r in rows))
+    print(f"{'type':6} {'MB':>7} " + " ".join(f"{'rows=' + str(r):>25}" for r in rows))
     for name in a.types.split(","):
         gw = GgmlWeight.of(T[name].value, (a.n, a.k), quantize(w, name))
         lin = GgmlLinear(a.n, ((0, gw),))
@@ -59,11 +61,13 @@ def main() -> None:
         for r in rows:
             x = torch.randn(r, a.k)
             ours = timed(lambda x=x, lin=lin: cpu_native.linear(x, lin, None), a.reps)
+            exact = timed(lambda x=x, lin=lin: cpu_native.linear(x, lin, None, exact=True), a.reps)
             onednn = timed(lambda x=x, dense=dense: cpu._linear(x, dense, None), a.reps)
             rate = f" {gw.nbytes / ours / 1e6:4.1f}GB/s" if r <= 8 else ""
-            cells.append(f"{ours:7.2f}/{onednn:6.2f}{rate}")
-        print(f"{name:6} {gw.nbytes / 1e6:7.1f} " + " ".join(f"{c:>17}" for c in cells))
-    print("cells: packed ms / oneDNN-on-fp32 ms (median); GB/s = stored bytes streamed per second")
+            cells.append(f"{ours:.2f}/{exact:.2f}/{onednn:.2f}{rate}")
+        print(f"{name:6} {gw.nbytes / 1e6:7.1f} " + " ".join(f"{c:>25}" for c in cells))
+    print("cells: default ms / exact ms / oneDNN-on-fp32 ms (median); GB/s = stored bytes streamed per second "
+          "by the default path")
 
 
 if __name__ == "__main__":
