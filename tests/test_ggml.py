@@ -186,7 +186,7 @@ def test_other_builds_of_ggml_kernels(build: str, tmp_path: Path, monkeypatch: p
                     str(here / "ggml_i16.cpp"), "-o", str(lib_path)], check=True, capture_output=True)
     lib = ctypes.CDLL(str(lib_path))
     for attr, sym in (("_gemv", "ggml_gemv"), ("_gemm", "ggml_gemm"), ("_dequant", "ggml_dequant"),
-                      ("_quantize", "ggml_quantize_x"), ("_igemv", "ggml_igemv")):
+                      ("_quantize", "ggml_quantize_x"), ("_linear_i16", "ggml_linear_i16")):
         f = getattr(lib, sym)
         f.argtypes, f.restype = getattr(cpu_ggml, attr).argtypes, cpu_ggml._I
         monkeypatch.setattr(cpu_ggml, attr, f)

@@ -4,8 +4,10 @@ ggml_i16.cpp), for the `cpu_native` and `cpu_native_exact` backends.
 linear, by rows of x:
 - 1-8 rows (decode steps) of an integer type: x is rounded to int16 per 256 columns
   (2^-15 of their largest |x|) once per call, and each weight is streamed once in its stored
-  form into integer multiply-adds (ggml_igemv); error bound in native/ggml_i16.cpp.
-- otherwise (more rows, F16/BF16 weights, or exact=True): fp32 products of the stored
+  form into integer multiply-adds, all parts of a merged projection in one call
+  (ggml_linear_i16); error bound in native/ggml_i16.cpp.
+- otherwise (more rows, F16/BF16 weights or a projection with such a part, or exact=True):
+  fp32 products of the stored
   weights with unrounded x: 1-2 rows decode in registers (ggml_gemv), more rows decode each
   weight row once per call into an L2-sized fp32 buffer multiplied in register tiles
   (ggml_gemm).
@@ -22,7 +24,7 @@ from agentspeed.kernels.ggml import NATIVE_TYPES, GgmlLinear, GgmlWeight
 from agentspeed.kernels.native import load
 
 GEMV_ROWS = 2  # above this ggml_gemm is as fast or faster (benchmarks/kernels/bench_ggml_linear.py)
-I16_ROWS = 8  # the most rows ggml_igemv takes
+I16_ROWS = 8  # the most rows ggml_linear_i16 takes
 
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _lib = load()
@@ -38,9 +40,9 @@ _dequant.restype = _I
 _quantize = _lib.ggml_quantize_x
 _quantize.argtypes = (_P, _I, _L, _I, _P, _P, _P, _P)
 _quantize.restype = _I
-_igemv = _lib.ggml_igemv
-_igemv.argtypes = (_I, _P, _P, _P, _P, _I, _I, _P, _L, _I, _P, _P, _L, _I)
-_igemv.restype = _I
+_linear_i16 = _lib.ggml_linear_i16
+_linear_i16.argtypes = (_P, _I, _L, _I, _I, _P, _P, _P, _P, _P, _P, _P, _L, _I)
+_linear_i16.restype = _I
 _has_i16 = _lib.ggml_has_i16
 _has_i16.argtypes = (_I,)
 _has_i16.restype = _I
@@ -75,7 +77,7 @@ def get_rows(w: GgmlWeight, ids: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] (unit column stride) as ggml_igemv takes it: int16 codes [R, K], and one fp32
+    """x [R, K] (unit column stride) as ggml_linear_i16 quantizes it: int16 codes [R, K], and one fp32
     buffer of the scales [R, ceil(K / 256)], then each 16 and 32 columns' sums [R, K / 16],
     [R, K / 32]."""
     r, k = x.shape
@@ -86,6 +88,24 @@ def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if _quantize(x.data_ptr(), r, x.stride(0), k, xq.data_ptr(), dx, xg, xg + 4 * r * (k // 16)) != 0:
         raise RuntimeError(f"ggml_quantize_x: {k} columns are not a multiple of 32")
     return xq, f
+
+
+def _i16_args(lin: GgmlLinear) -> tuple[int, ...] | None:
+    """ggml_linear_i16's per-weight arguments (part count, then arrays of types, data
+    addresses, row strides, rows, first output rows), or None where a part has no int16
+    decoder; made once per weight, the arrays kept alive in its call cache."""
+    args = lin.call_cache.get("i16", False)
+    if args is False:
+        if all(qtype in I16_TYPES for _, qtype, _, _, _ in lin.native):
+            n = len(lin.native)
+            arrays = [(t * n)(*col) for t, col in zip((_I, _P, _L, _I, _I), zip(*(
+                (qtype, ptr, stride, rows, off) for off, qtype, ptr, stride, rows in lin.native)))]
+            args = (n, *(ctypes.addressof(a) for a in arrays))
+            lin.call_cache["i16_arrays"] = arrays
+        else:
+            args = None
+        lin.call_cache["i16"] = args
+    return args
 
 
 def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, exact: bool = False) -> torch.Tensor:
@@ -102,20 +122,15 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, exact: b
         return y.view(*x.shape[:-1], n)
     threads = torch.get_num_threads()
     yp, bp = y.data_ptr(), None if bias is None else bias.data_ptr()
-    int16 = not exact and rows <= I16_ROWS
-    q = None
+    if not exact and rows <= I16_ROWS and (args := _i16_args(lin)) is not None:
+        rc = _linear_i16(x2.data_ptr(), rows, x2.stride(0), k, *args, bp, yp, n, threads)
+        if rc != 0:
+            raise RuntimeError(f"ggml linear_i16 returned {rc} for {lin.describe()} weights ({n}, {k})")
+        return y.view(*x.shape[:-1], n)
     for off, qtype, wp, ws, wn in lin.native:
         b = None if bp is None else bp + 4 * off
-        if int16 and qtype in I16_TYPES:
-            if q is None:
-                q = quantize_x(x2)
-                xq, dx = q[0].data_ptr(), q[1].data_ptr()
-                xg = dx + 4 * rows * -(-k // 256)
-                xs = xg + 4 * rows * (k // 16)
-            rc, what = _igemv(qtype, xq, dx, xg, xs, rows, k, wp, ws, wn, b, yp + 4 * off, n, threads), "igemv"
-        else:
-            fn, what = (_gemv, "gemv") if rows <= GEMV_ROWS else (_gemm, "gemm")
-            rc = fn(qtype, x2.data_ptr(), rows, x2.stride(0), k, wp, ws, wn, b, yp + 4 * off, n, threads)
+        fn, what = (_gemv, "gemv") if rows <= GEMV_ROWS else (_gemm, "gemm")
+        rc = fn(qtype, x2.data_ptr(), rows, x2.stride(0), k, wp, ws, wn, b, yp + 4 * off, n, threads)
         if rc != 0:
             raise RuntimeError(f"ggml {what} returned {rc} for a {NATIVE_TYPES[qtype][0]} weight ({wn}, {k})")
     return y.view(*x.shape[:-1], n)

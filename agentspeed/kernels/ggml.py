@@ -15,6 +15,7 @@ kernel set dequantizes them once to dense, and says what that cost.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,6 +109,8 @@ class GgmlLinear:
     # Per part (first row, type, data address, row stride in bytes, rows): what the native
     # kernels take, made once (a decode step makes ~100 calls; see kernels/cpu_ggml.py).
     native: tuple[tuple[int, int, int, int, int], ...] = field(init=False, repr=False, compare=False)
+    # A backend's prepared call arguments for this weight (kernels/cpu_ggml.py), made on first use.
+    call_cache: dict[str, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         end = 0

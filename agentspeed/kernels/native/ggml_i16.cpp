@@ -3,7 +3,8 @@
 //
 //   ggml_quantize_x: x rows to int16 per 256 columns (scale max|x| / 16383, rounded to
 //                    nearest), with each 16 columns' sum of the rounded values.
-//   ggml_igemv:      y[r, n] = sum_k xhat[r, k] * W[n, k] + bias[n] for R <= 8 rows.
+//   ggml_linear_i16: y[r, n] = sum_k xhat[r, k] * W[n, k] + bias[n] for R <= 8 rows of x
+//                    (quantized by the above) and the parts W of a merged projection.
 //
 // Why int16: the fp32 kernel (ggml_gemv) spends ~4 instructions per 8 weights converting
 // codes to fp32 and was compute-bound below the memory's speed (Q4_K 1536 x 8960: 7.4 G
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include <omp.h>
 
@@ -50,12 +52,11 @@ inline v8f tof8(v8i v) { return __builtin_convertvector(v, v8f); }
 // code * x over its 16-lane groups, one multiply by the block's d; per 256 columns: one by
 // the activations' scale; minimums as m[g] * (sum of x over group g), from ggml_quantize_x.
 template <int R, class B>
-void igemv(const int16_t* xq, const float* dx, const float* xg, const float* xs, int K, const uint8_t* w, int64_t ws, int N,
-           const float* bias, float* y, int64_t ldy, int threads) {
+void igemv(const int16_t* xq, const float* dx, const float* xg, const float* xs, int K, const uint8_t* w, int64_t ws,
+           int n0, int n1, const float* bias, float* y, int64_t ldy) {
     const int nb = K / B::QK, nxb = (K + XB - 1) / XB;
     constexpr int NG = B::NG, BPX = XB / B::QK;  // groups per block, blocks per activation scale
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int n = 0; n < N; ++n) {
+    for (int n = n0; n < n1; ++n) {
         const uint8_t* row = w + n * ws;
         v8f tot[R] = {}, part[R] = {}, mins[R] = {};
         float mins1[R] = {};
@@ -146,24 +147,56 @@ int ggml_quantize_x(const float* x, int R, int64_t ldx, int K, int16_t* xq, floa
     return 0;
 }
 
-// y = xhat @ W.T + bias for R <= 8 rows quantized by ggml_quantize_x. Returns 0; -1 for a
-// type without an int16 decoder or K not whole blocks; -2 for R outside [1, 8].
-int ggml_igemv(int type, const int16_t* xq, const float* dx, const float* xg, const float* xs, int R, int K,
-               const uint8_t* w,
-               int64_t ws, int N, const float* bias, float* y, int64_t ldy, int threads) {
+// y[:, offs[p] + n] = xhat @ W_p[n].T + bias for the parts p of a merged projection (each a
+// weight of rows[p] rows of an integer type at ws[p], row stride strides[p]), for R <= 8 rows
+// of x (unit column stride) quantized here: one call and one parallel region per layer
+// projection (per part, the fork/join and the small parts' imbalance cost ~10 us each).
+// Returns 0; -1 for a part without an int16 decoder or K not whole blocks; -2 for R outside
+// [1, 8]; -3 for K not a multiple of 32.
+int ggml_linear_i16(const float* x, int R, int64_t ldx, int K, int nparts, const int* types,
+                    const uint8_t* const* ws, const int64_t* strides, const int* rows, const int* offs,
+                    const float* bias, float* y, int64_t ldy, int threads) {
     if (R < 1 || R > MAX_ROWS) return -2;
-    int rc = -1;
-    with_iblock(type, [&](auto blk) {
-        using B = decltype(blk);
-        if (K % B::QK) return;
-        switch (R) {
-#define CASE(r) case r: igemv<r, B>(xq, dx, xg, xs, K, w, ws, N, bias, y, ldy, threads); break;
-            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+    if (K % 32) return -3;
+    int total = 0;
+    for (int p = 0; p < nparts; ++p) {
+        bool ok = false;
+        with_iblock(types[p], [&](auto blk) { ok = K % decltype(blk)::QK == 0; });
+        if (!ok) return -1;
+        total += rows[p];
+    }
+    const int nxb = (K + XB - 1) / XB;
+    static thread_local std::vector<int16_t> xq;
+    static thread_local std::vector<float> xf;
+    xq.resize(static_cast<size_t>(R) * K);
+    xf.resize(static_cast<size_t>(R) * (nxb + K / 16 + K / 32));
+    float* dx = xf.data();
+    float* xg = dx + R * nxb;
+    float* xs = xg + R * (K / 16);
+    ggml_quantize_x(x, R, ldx, K, xq.data(), dx, xg, xs);
+    const int16_t* q = xq.data();
+#pragma omp parallel num_threads(threads)
+    {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int lo = static_cast<int>(static_cast<int64_t>(total) * t / nt);
+        const int hi = static_cast<int>(static_cast<int64_t>(total) * (t + 1) / nt);
+        int base = 0;  // first flattened row of part p
+        for (int p = 0; p < nparts; base += rows[p], ++p) {
+            const int n0 = std::max(lo - base, 0), n1 = std::min(hi - base, rows[p]);
+            if (n0 >= n1) continue;
+            const float* bp = bias ? bias + offs[p] : nullptr;
+            float* yp = y + offs[p];
+            with_iblock(types[p], [&](auto blk) {
+                using B = decltype(blk);
+                switch (R) {
+#define CASE(r) case r: igemv<r, B>(q, dx, xg, xs, K, ws[p], strides[p], n0, n1, bp, yp, ldy); break;
+                    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
+                }
+            });
         }
-        rc = 0;
-    });
-    return rc;
+    }
+    return 0;
 }
 
 // 1 where `type` has an int16 decoder.
