@@ -7,10 +7,9 @@ linear, by rows of x:
   form into integer multiply-adds, all parts of a merged projection in one call
   (ggml_linear_i16); error bound in native/ggml_i16.cpp.
 - otherwise (more rows, F16/BF16 weights or a projection with such a part, or exact=True):
-  fp32 products of the stored
-  weights with unrounded x: 1-2 rows decode in registers (ggml_gemv), more rows decode each
-  weight row once per call into an L2-sized fp32 buffer multiplied in register tiles
-  (ggml_gemm).
+  fp32 products of the stored weights with unrounded x: 1-2 rows decode in registers
+  (ggml_gemv), more rows decode each weight row once per call into an L2-sized fp32 buffer
+  multiplied in register tiles (ggml_gemm).
 No dense copy of a weight outlives the call.
 """
 

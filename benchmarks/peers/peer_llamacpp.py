@@ -15,9 +15,9 @@ Both servers get the same context per session (--max-context) and the same threa
     python benchmarks/peers/peer_llamacpp.py decode --model .cache/gguf/qwen2.5-1.5b-Q4_K_M.gguf
 
 measures one stream without speculation on each server: load time (start to healthy),
-decode tokens/s of a streamed 128-token completion (median of 3, time between the first and
-last token), and peak resident memory of the server's processes (VmHWM, summed over the
-process tree: agentspeed's frontend and engine core).
+decode tokens/s of a streamed 128-token completion (median of --runs, time between the first
+and last token; both servers up, runs alternating), and peak resident memory of the server's
+processes (VmHWM, summed over the process tree: agentspeed's frontend and engine core).
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ class LlamaServer:
         self.log.close()
 
 
-def peak_rss_mib(pid: int) -> float:
-    """VmHWM of pid and its descendants, summed (MiB)."""
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (agentspeed: the frontend and its engine core)."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -111,10 +111,18 @@ def peak_rss_mib(pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(d))
-    total, todo = 0.0, [pid]
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        out.append(p)
         todo += children.get(p, [])
+    return out
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of pid and its descendants, summed (MiB)."""
+    total = 0.0
+    for p in process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -149,37 +157,64 @@ def kv_memory(gguf: Path, context: int) -> str:
     return str(context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2 + (1 << 20))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (the idle check)."""
+    out = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def decode(a: argparse.Namespace) -> None:
     import statistics
 
     gguf = Path(a.model)
-    rows = []
-    for name in ("llama-server", "agentspeed"):
-        t0 = time.perf_counter()
-        if name == "llama-server":
-            server: LlamaServer | ServerProcess = LlamaServer(gguf, 1, a.max_context, a.threads)
-            pid = server.proc.pid
-        else:
-            server = ServerProcess([str(gguf), "--max-num-seqs", "1", "--num-speculative-tokens", "0",
-                                    "--kv-cache-memory", kv_memory(gguf, a.max_context),
-                                    *shlex.split(a.agentspeed_args)])
-            pid = server.proc.pid
-        load_s = time.perf_counter() - t0
-        try:
-            model = "default" if name == "llama-server" else gguf.stem
-            stream_decode(server.url, model, 16)  # warm-up: weights paged in
-            runs = [stream_decode(server.url, model, a.tokens) for _ in range(3)]
-            rss = peak_rss_mib(pid)
-        finally:
-            server.stop()
-        rows.append({"server": name, "load_s": round(load_s, 1), "ttft_s": round(statistics.median(r[0] for r in runs), 3),
-                     "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
-                     "runs_tok_s": [round(r[1], 2) for r in runs], "peak_rss_mib": round(rss)})
+    servers: dict[str, LlamaServer | ServerProcess] = {}
+    load: dict[str, float] = {}
+    runs: dict[str, list[tuple[float, float]]] = {"llama-server": [], "agentspeed": []}
+    models = {"llama-server": "default", "agentspeed": gguf.stem}
+    try:
+        for name in runs:
+            t0 = time.perf_counter()
+            if name == "llama-server":
+                servers[name] = LlamaServer(gguf, 1, a.max_context, a.threads)
+            else:
+                servers[name] = ServerProcess([str(gguf), "--max-num-seqs", "1", "--num-speculative-tokens", "0",
+                                               "--kv-cache-memory", kv_memory(gguf, a.max_context),
+                                               *shlex.split(a.agentspeed_args)])
+            load[name] = time.perf_counter() - t0
+            stream_decode(servers[name].url, models[name], 16)  # warm-up: weights paged in
+        # Both stay up and take turns, so drift in this machine's speed (shared cores: +-15%
+        # within minutes) hits both alike; the idle one must not take CPU meanwhile.
+        for i in range(a.runs):
+            for name in runs:
+                other = next(n for n in runs if n != name)
+                idle0 = cpu_seconds(servers[other].proc.pid)
+                runs[name].append(stream_decode(servers[name].url, models[name], a.tokens))
+                idle = cpu_seconds(servers[other].proc.pid) - idle0
+                if idle > 0.05 * (a.tokens / runs[name][-1][1]):
+                    print(f"warning: idle {other} used {idle:.2f} CPU s during a {name} run", flush=True)
+            print(f"run {i + 1}/{a.runs}: " + ", ".join(f"{n} {r[-1][1]:.2f} tok/s" for n, r in runs.items()),
+                  flush=True)
+        rss = {name: peak_rss_mib(s.proc.pid) for name, s in servers.items()}
+    finally:
+        for s in servers.values():
+            s.stop()
+    rows: list[dict[str, object]] = []
+    for name, rs in runs.items():
+        rows.append({"server": name, "load_s": round(load[name], 1),
+                     "ttft_s": round(statistics.median(r[0] for r in rs), 3),
+                     "decode_tok_s": round(statistics.median(r[1] for r in rs), 2),
+                     "runs_tok_s": [round(r[1], 2) for r in rs], "peak_rss_mib": round(rss[name])})
         print(rows[-1], flush=True)
     ratio = rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"]  # type: ignore[operator]
     rss_ratio = rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]  # type: ignore[operator]
-    print(f"{gguf.name}: agentspeed/llama-server decode {ratio:.2f}x, peak RSS {rss_ratio:.2f}x, "
-          f"file {gguf.stat().st_size / 2**20:.0f} MiB")
+    print(f"{gguf.name}: agentspeed/llama-server decode {ratio:.2f}x (median of {a.runs} alternating runs), "
+          f"peak RSS {rss_ratio:.2f}x, file {gguf.stat().st_size / 2**20:.0f} MiB")
     meta = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "gguf": str(gguf), "file_mib": round(gguf.stat().st_size / 2**20), "threads": a.threads,
             "decode_ratio": round(ratio, 3), "rss_ratio": round(rss_ratio, 3)}
@@ -257,6 +292,7 @@ def main() -> None:
     d = sub.add_parser("decode", help="one stream, no speculation: load time, decode tok/s, peak RSS")
     d.add_argument("--model", required=True, help="GGUF file")
     d.add_argument("--tokens", type=int, default=128)
+    d.add_argument("--runs", type=int, default=5, help="streamed completions per server, alternating")
     d.add_argument("--max-context", type=int, default=4096)
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--agentspeed-args", default="--kv-cache-dtype float16",
