@@ -216,18 +216,23 @@ struct BlockQ3_K {  // hmask[32], qs[64], scales[12] (16 6-bit, biased by 32), d
     static constexpr int QK = 256, BYTES = 110, SUB = 16;
     static constexpr bool MIN = false, SCALED = true;
     using State = Scales<16>;
-    static void prep(const uint8_t* b, State& s) {
-        const float d = f16(b + 108);
+    // The 16 six-bit scales packed in 12 bytes at q, unbiased (-32..31).
+    static void scales(const uint8_t* q, int8_t sc[16]) {
         uint32_t aux[4];
-        std::memcpy(aux, b + 96, 12);
+        std::memcpy(aux, q, 12);
         const uint32_t tmp = aux[2], k1 = 0x03030303u, k2 = 0x0f0f0f0fu;
         aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
         aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
         aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
         aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
-        int8_t sc[16];
         std::memcpy(sc, aux, 16);
-        for (int i = 0; i < 16; ++i) s.d[i] = d * static_cast<float>(sc[i] - 32);
+        for (int i = 0; i < 16; ++i) sc[i] = static_cast<int8_t>(sc[i] - 32);
+    }
+    static void prep(const uint8_t* b, State& s) {
+        const float d = f16(b + 108);
+        int8_t sc[16];
+        scales(b + 96, sc);
+        for (int i = 0; i < 16; ++i) s.d[i] = d * static_cast<float>(sc[i]);
     }
     template <int I>
     static vf code(const uint8_t* b) {
@@ -240,16 +245,20 @@ struct BlockQ3_K {  // hmask[32], qs[64], scales[12] (16 6-bit, biased by 32), d
 
 // The 8 six-bit scales and mins of a Q4_K/Q5_K super-block (12 bytes), four per 32-bit word
 // (one at a time they were a third of a Q4_K GEMV row's time).
+inline void unpack_k4(const uint8_t* q, uint8_t sc[8], uint8_t mn[8]) {  // the 12 bytes at q
+    uint32_t u[3];
+    std::memcpy(u, q, 12);
+    const uint32_t lo6 = 0x3f3f3f3fu, lo4 = 0x0f0f0f0fu, lo2 = 0x03030303u;
+    const uint32_t s[2] = {u[0] & lo6, (u[2] & lo4) | ((u[0] >> 6) & lo2) << 4};
+    const uint32_t m[2] = {u[1] & lo6, ((u[2] >> 4) & lo4) | ((u[1] >> 6) & lo2) << 4};
+    std::memcpy(sc, s, 8);
+    std::memcpy(mn, m, 8);
+}
+
 inline void prep_k4(const uint8_t* b, Scales<8>& s) {
     const float d = f16(b), dmin = f16(b + 2);
-    uint32_t u[3];
-    std::memcpy(u, b + 4, 12);
-    const uint32_t lo6 = 0x3f3f3f3fu, lo4 = 0x0f0f0f0fu, lo2 = 0x03030303u;
-    const uint32_t sc[2] = {u[0] & lo6, (u[2] & lo4) | ((u[0] >> 6) & lo2) << 4};
-    const uint32_t mn[2] = {u[1] & lo6, ((u[2] >> 4) & lo4) | ((u[1] >> 6) & lo2) << 4};
     uint8_t bytes[2][16] = {};
-    std::memcpy(bytes[0], sc, 8);
-    std::memcpy(bytes[1], mn, 8);
+    unpack_k4(b + 4, bytes[0], bytes[1]);
     const vf dv = tof(u8(bytes[0])) * d, mv = tof(u8(bytes[1])) * dmin;
     for (int j = 0; j < 8; ++j) s.d[j] = dv[j], s.m[j] = mv[j];
 }

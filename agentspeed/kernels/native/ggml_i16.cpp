@@ -30,14 +30,6 @@ constexpr int XB = 256;       // activation columns per scale
 constexpr int QMAX = 16383;   // the largest |int16 activation| (see ggml_iblocks.h: no overflow)
 constexpr int MAX_ROWS = 8;
 
-template <int I, int N, class F>
-inline __attribute__((always_inline)) void iunroll(F&& f) {
-    if constexpr (I < N) {
-        f(std::integral_constant<int, I>{});
-        iunroll<I + 1, N>(f);
-    }
-}
-
 inline float hsum8(v8f v) {
     float s = 0.0f;
     for (int i = 0; i < 8; ++i) s += v[i];
@@ -67,18 +59,18 @@ void igemv(const int16_t* xq, const float* dx, const float* xg, const float* xs,
             v8i acc[R] = {};
             const int16_t* xb = xq + b * B::QK;
             if constexpr (R <= 2) {  // decoded into registers, used at once
-                iunroll<0, NG>([&](auto gc) {
+                unroll<0, NG>([&](auto gc) {
                     constexpr int G = decltype(gc)::value;
                     const v16s c = B::template icode<G>(blk, st);
                     for (int r = 0; r < R; ++r) acc[r] = dot_acc(acc[r], c, ld16(xb + static_cast<int64_t>(r) * K + 16 * G));
                 });
             } else {  // decoded once into L1, then one row at a time (R accumulators spilled: 3x slower)
                 v16s c[NG];
-                iunroll<0, NG>([&](auto gc) { c[decltype(gc)::value] = B::template icode<decltype(gc)::value>(blk, st); });
+                unroll<0, NG>([&](auto gc) { c[decltype(gc)::value] = B::template icode<decltype(gc)::value>(blk, st); });
                 for (int r = 0; r < R; ++r) {
                     const int16_t* xr = xb + static_cast<int64_t>(r) * K;
                     v8i a0 = {}, a1 = {};
-                    iunroll<0, NG / 2>([&](auto gc) {
+                    unroll<0, NG / 2>([&](auto gc) {
                         constexpr int G = 2 * decltype(gc)::value;
                         a0 = dot_acc(a0, c[G], ld16(xr + 16 * G));
                         a1 = dot_acc(a1, c[G + 1], ld16(xr + 16 * G + 16));

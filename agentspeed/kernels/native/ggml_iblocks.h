@@ -20,17 +20,13 @@
 #include <immintrin.h>
 #endif
 
+#include "ggml_blocks.h"  // f16, unroll, the scale unpacking shared with the fp32 decoders
+
 namespace {
 
 typedef int16_t v16s __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v8f __attribute__((vector_size(32)));
-
-inline float f16i(const uint8_t* p) {
-    _Float16 h;
-    std::memcpy(&h, p, 2);
-    return static_cast<float>(h);
-}
 
 inline v16s splat16(int s) {
 #if defined(__AVX2__)
@@ -142,14 +138,14 @@ struct IBlock32 {
 
 struct IBlockQ4_0 : IBlock32<false> {  // d, 16 bytes of nibbles: w = d (q - 8)
     static constexpr int BYTES = 18;
-    static void iprep(const uint8_t* b, IState& s) { s.d = f16i(b); }
+    static void iprep(const uint8_t* b, IState& s) { s.d = f16(b); }
     template <int G>
     static v16s icode(const uint8_t* b, const IState&) { return (G ? zx16(b + 2) >> 4 : zx16(b + 2) & 15) - 8; }
 };
 
 struct IBlockQ4_1 : IBlock32<true> {  // d, m, nibbles: w = d q + m
     static constexpr int BYTES = 20;
-    static void iprep(const uint8_t* b, IState& s) { s.d = f16i(b); s.m[0] = -f16i(b + 2); }
+    static void iprep(const uint8_t* b, IState& s) { s.d = f16(b); s.m[0] = -f16(b + 2); }
     template <int G>
     static v16s icode(const uint8_t* b, const IState&) { return G ? zx16(b + 4) >> 4 : zx16(b + 4) & 15; }
 };
@@ -162,7 +158,7 @@ inline uint32_t word(const uint8_t* p) {
 
 struct IBlockQ5_0 : IBlock32<false> {  // d, 32 fifth bits, nibbles: w = d (q - 16)
     static constexpr int BYTES = 22;
-    static void iprep(const uint8_t* b, IState& s) { s.d = f16i(b); }
+    static void iprep(const uint8_t* b, IState& s) { s.d = f16(b); }
     template <int G>
     static v16s icode(const uint8_t* b, const IState&) {
         const v16s q = G ? zx16(b + 6) >> 4 : zx16(b + 6) & 15;
@@ -172,7 +168,7 @@ struct IBlockQ5_0 : IBlock32<false> {  // d, 32 fifth bits, nibbles: w = d (q - 
 
 struct IBlockQ5_1 : IBlock32<true> {  // d, m, 32 fifth bits, nibbles: w = d q + m
     static constexpr int BYTES = 24;
-    static void iprep(const uint8_t* b, IState& s) { s.d = f16i(b); s.m[0] = -f16i(b + 2); }
+    static void iprep(const uint8_t* b, IState& s) { s.d = f16(b); s.m[0] = -f16(b + 2); }
     template <int G>
     static v16s icode(const uint8_t* b, const IState&) {
         const v16s q = G ? zx16(b + 8) >> 4 : zx16(b + 8) & 15;
@@ -182,7 +178,7 @@ struct IBlockQ5_1 : IBlock32<true> {  // d, m, 32 fifth bits, nibbles: w = d q +
 
 struct IBlockQ8_0 : IBlock32<false> {  // d, 32 int8: w = d q
     static constexpr int BYTES = 34;
-    static void iprep(const uint8_t* b, IState& s) { s.d = f16i(b); }
+    static void iprep(const uint8_t* b, IState& s) { s.d = f16(b); }
     template <int G>
     static v16s icode(const uint8_t* b, const IState&) { return sx16(b + 2 + 16 * G); }
 };
@@ -197,8 +193,8 @@ struct IBlockQ2_K : IBlock256 {  // scales[16] (scale | min << 4), qs[64], d, dm
     static constexpr bool MIN = true;
     using IState = ::IState<16, NMIN>;
     static void iprep(const uint8_t* b, IState& s) {
-        s.d = f16i(b + 80);
-        const float dmin = f16i(b + 82);
+        s.d = f16(b + 80);
+        const float dmin = f16(b + 82);
         for (int g = 0; g < 16; ++g) s.sc[g] = b[g] & 15;
         for (int g = 0; g < 16; ++g) s.m[g] = dmin * static_cast<float>(b[g] >> 4);
         spread_scales(s, 16);
@@ -215,17 +211,10 @@ struct IBlockQ3_K : IBlock256 {  // hmask[32], qs[64], scales[12] (6-bit, biased
     static constexpr bool MIN = false;
     using IState = ::IState<16, 0>;
     static void iprep(const uint8_t* b, IState& s) {
-        s.d = f16i(b + 108);
-        uint32_t aux[4];
-        std::memcpy(aux, b + 96, 12);
-        const uint32_t tmp = aux[2], k1 = 0x03030303u, k2 = 0x0f0f0f0fu;
-        aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
-        aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
-        aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
-        aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
+        s.d = f16(b + 108);
         int8_t sc[16];
-        std::memcpy(sc, aux, 16);
-        for (int g = 0; g < 16; ++g) s.sc[g] = static_cast<int16_t>(sc[g] - 32);
+        BlockQ3_K::scales(b + 96, sc);
+        for (int g = 0; g < 16; ++g) s.sc[g] = sc[g];
         spread_scales(s, 16);
     }
     template <int G>
@@ -241,21 +230,15 @@ struct IBlockQ3_K : IBlock256 {  // hmask[32], qs[64], scales[12] (6-bit, biased
 // word; the mins as fp32 (dmin * min) by one vector convert.
 template <class S>
 inline void iprep_k4(const uint8_t* b, S& s) {
-    s.d = f16i(b);
-    const float dmin = f16i(b + 2);
-    uint32_t u[3];
-    std::memcpy(u, b + 4, 12);
-    const uint32_t k6 = 0x3f3f3f3fu, k4 = 0x0f0f0f0fu, k2 = 0x03030303u;
-    const uint32_t sc[2] = {u[0] & k6, (u[2] & k4) | ((u[0] >> 6) & k2) << 4};
-    const uint32_t mn[2] = {u[1] & k6, ((u[2] >> 4) & k4) | ((u[1] >> 6) & k2) << 4};
+    s.d = f16(b);
+    const float dmin = f16(b + 2);
     uint8_t sc8[8], mn8[8];
-    std::memcpy(sc8, sc, 8);
-    std::memcpy(mn8, mn, 8);
+    unpack_k4(b + 4, sc8, mn8);
     for (int j = 0; j < 8; ++j) s.sc[j] = sc8[j];
     spread_scales(s, 8);
 #if defined(__AVX2__)
     uint64_t m64;
-    std::memcpy(&m64, mn, 8);
+    std::memcpy(&m64, mn8, 8);
     const __m256 mv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(m64)))),
                                     _mm256_set1_ps(dmin));
     _mm256_storeu_ps(s.m, mv);
@@ -296,7 +279,7 @@ struct IBlockQ6_K : IBlock256 {  // ql[128], qh[64], scales[16] (int8), d; eleme
     static constexpr bool MIN = false;
     using IState = ::IState<16, 0>;
     static void iprep(const uint8_t* b, IState& s) {
-        s.d = f16i(b + 208);
+        s.d = f16(b + 208);
         for (int g = 0; g < 16; ++g) s.sc[g] = static_cast<int8_t>(b[192 + g]);
         spread_scales(s, 16);
     }
