@@ -71,30 +71,37 @@ def test_reference_quantizer_writes_valid_blocks(name: str) -> None:
     assert err < 6 * np.abs(w).max() / 2**bits, (name, err)
 
 
-def uses_i16(name: str, rows: int) -> bool:
+def uses_i16(name: str, rows: int, mode: str = "auto") -> bool:
+    """Whether cpu_ggml.linear rounds the activations (its docstring's table)."""
     from agentspeed.kernels import cpu_ggml
 
-    return rows <= cpu_ggml.I16_ROWS and T[name].value in cpu_ggml.I16_TYPES
+    if mode == "exact" or T[name].value not in cpu_ggml.I16_TYPES:
+        return False
+    return mode == "int16" or rows <= cpu_ggml.I16_ROWS
 
 
 @needs_native
 @pytest.mark.parametrize("name", TYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13, 40, 129])
 def test_linear_within_its_bound(name: str, rows: int) -> None:
-    """Every path against float64: up to 8 rows of an integer type take int16 activations
-    (fp32 bound + rounding bound), the rest and the exact backend are fp32 products."""
+    """Every path against float64, in each mode: int16 activations (fp32 bound + rounding
+    bound) up to 8 rows of an integer type, and at every row count in mode int16 (the tiled
+    kernel above 8); fp32 products otherwise (the tiles up to 128 rows, dequantized panels
+    through sgemm above)."""
+    from agentspeed.kernels import cpu_ggml
+
     w, ref = packed(name, 83, 768, seed=rows)  # 83: not a multiple of any tile; 768: 3 scales of x
     x = torch.randn(rows, 768)
     x[:, 300] *= 50  # an outlier column: its 256 columns get a coarser scale
     bias = torch.randn(83)
     lin = GgmlLinear(83, ((0, w),))
     want = x.double() @ ref.T + bias.double()
-    for exact in (False, True):
-        got = cpu_native.linear(x, lin, bias, exact=exact).double()
+    for mode in cpu_ggml.MODES:
+        got = cpu_native.linear(x, lin, bias, mode=mode).double()
         err = (got - want).abs()
-        i16 = uses_i16(name, rows) and not exact
+        i16 = uses_i16(name, rows, mode)
         limit = bound(x, ref) + (i16_bound(x, ref) if i16 else 0) + 1e-6
-        assert (err <= limit).all(), f"{name} rows={rows} exact={exact}: max err {err.max():.3g}"
+        assert (err <= limit).all(), f"{name} rows={rows} {mode}: max err {err.max():.3g}"
         if i16:  # the rounding shows (so this path ran), within a bound that is not loose
             assert err.max() > 0 and (err / limit).max() > 1e-3
     assert cpu_native.linear(x[None], lin, None).shape == (1, rows, 83)
@@ -102,7 +109,8 @@ def test_linear_within_its_bound(name: str, rows: int) -> None:
 
 @needs_native
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q8_0", "Q2_K"])
-def test_int16_activations_stay_exact_in_integers_at_their_extremes(name: str) -> None:
+@pytest.mark.parametrize("rows", [3, 24])  # the decode kernel and the tiled one
+def test_int16_activations_stay_exact_in_integers_at_their_extremes(name: str, rows: int) -> None:
     """The largest codes times the largest activations (Q6_K: 4096 * 16383 per product, a
     256-weight block's int32 lane two products short of overflow): equal to float64 of the
     rounded activations to fp32 precision, and no wrap-around."""
@@ -114,11 +122,12 @@ def test_int16_activations_stay_exact_in_integers_at_their_extremes(name: str) -
     raw = quantize(w, name)
     ref = torch.from_numpy(np.asarray(gguf_dequantize(raw, T[name]), np.float64).reshape(n, k))
     gw = GgmlWeight.of(T[name].value, (n, k), raw)
-    x = torch.sign(ref[:1]).float().repeat(3, 1) * torch.tensor([[1.0], [-1.0], [3.0]])  # every |x| = max
+    scale = torch.tensor([[1.0], [-1.0], [3.0]]).repeat(rows // 3, 1)
+    x = torch.sign(ref[:1]).float().repeat(rows, 1) * scale  # every |x| = max
     xq, f = cpu_ggml.quantize_x(x)
     assert (xq.abs() == 16383).all()
-    xhat = xq.double() * f[:3 * 2].view(3, 2).double().repeat_interleave(256, 1)
-    got = cpu_ggml.linear(x, GgmlLinear(n, ((0, gw),)), None).double()
+    xhat = xq.double() * f[:rows * 2].view(rows, 2).double().repeat_interleave(256, 1)
+    got = cpu_ggml.linear(x, GgmlLinear(n, ((0, gw),)), None, mode="int16").double()
     torch.testing.assert_close(got, xhat @ ref.T, rtol=1e-5, atol=1e-3)
     # x row 0 has w row 0's signs: every product adds, and a wrapped int32 sum would not
     torch.testing.assert_close(got[0, 0], ref[0].abs().sum(), rtol=1e-5, atol=0)
@@ -155,7 +164,7 @@ def test_views_stay_packed_and_mixed_parts_land_side_by_side(name: str) -> None:
     x = torch.randn(5, 512)
     want[:, :26] = x.double() @ ref[4:30, 256:].T
     want[:, 30:54] = x.double() @ other_ref.T
-    torch.testing.assert_close(cpu_native.linear(x, lin, None, exact=True).double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_native.linear(x, lin, None, mode="exact").double(), want, rtol=1e-5, atol=1e-5)
     err = (cpu_native.linear(x, lin, None).double() - want).abs()  # int16 activations (one rounding for both)
     assert (err[:, :26] <= bound(x, ref[4:30, 256:]) + i16_bound(x, ref[4:30, 256:]) + 1e-6).all()
     assert (err[:, 30:54] <= bound(x, other_ref) + i16_bound(x, other_ref) + 1e-6).all()
@@ -164,9 +173,27 @@ def test_views_stay_packed_and_mixed_parts_land_side_by_side(name: str) -> None:
         w.cols(100, 768)
 
 
-# Builds of ggml_linear.cpp alone, beside the default one: CI machines may be AVX2-only or
+# Builds of the ggml kernels alone, beside the default one: CI machines may be AVX2-only or
 # AVX-512, so each checks the others' code paths too. AGENTSPEED_FORCE_W16 gives the AVX-512
 # build's 16-lane indexing without AVX-512 (split vectors, portable loads).
+GGML_SOURCES = ("ggml_linear.cpp", "ggml_i16.cpp", "ggml_gemm_i16.cpp")
+
+
+def compile_all(sources: tuple[str, ...], flags: list[str], out: Path) -> None:
+    """Each source to out/<stem>.o, the compilers running side by side."""
+    import subprocess
+
+    from agentspeed.kernels import native
+
+    here = Path(native.__file__).parent
+    procs = [subprocess.Popen([native._compiler(), *flags, "-c", str(here / f), "-o", str(out / f"{Path(f).stem}.o")],
+                              stderr=subprocess.PIPE) for f in sources]
+    for p, f in zip(procs, sources):
+        _, err = p.communicate()
+        assert p.returncode == 0, f"{f}: {err.decode()[-2000:]}"
+
+
+
 BUILDS = {"avx2": ["-mno-avx512f"], "16-lane": ["-mno-avx512f", "-DAGENTSPEED_FORCE_W16"],
           "portable": ["-march=x86-64-v2"]}
 
@@ -179,24 +206,27 @@ def test_other_builds_of_ggml_kernels(build: str, tmp_path: Path, monkeypatch: p
 
     from agentspeed.kernels import cpu_ggml, native
 
-    here = Path(native.__file__).parent
     lib_path = tmp_path / "libggml_test.so"
-    cxx = native._compiler()
-    subprocess.run([cxx, *native.FLAGS, *BUILDS[build], "-shared", str(here / "ggml_linear.cpp"),
-                    str(here / "ggml_i16.cpp"), "-o", str(lib_path)], check=True, capture_output=True)
+    # The 16-lane indexing is ggml_linear.cpp's only (the int16 kernels use fixed 256-bit
+    # vectors); the other builds take all three, compiled side by side.
+    sources = GGML_SOURCES[:1] if build == "16-lane" else GGML_SOURCES
+    compile_all(sources, [*native.FLAGS, *BUILDS[build]], tmp_path)
+    subprocess.run([native._compiler(), *native.LINK_FLAGS, *(str(tmp_path / f"{Path(f).stem}.o") for f in sources),
+                    "-o", str(lib_path)], check=True, capture_output=True)
     lib = ctypes.CDLL(str(lib_path))
-    for attr, sym in (("_gemv", "ggml_gemv"), ("_gemm", "ggml_gemm"), ("_dequant", "ggml_dequant"),
-                      ("_quantize", "ggml_quantize_x"), ("_linear_i16", "ggml_linear_i16")):
+    symbols = {"_gemv": "ggml_gemv", "_gemm": "ggml_gemm", "_dequant": "ggml_dequant",
+               "_quantize": "ggml_quantize_x", "_linear_i16": "ggml_linear_i16", "_gemm_i16": "ggml_gemm_i16"}
+    for attr, sym in list(symbols.items())[:3 if build == "16-lane" else None]:
         f = getattr(lib, sym)
         f.argtypes, f.restype = getattr(cpu_ggml, attr).argtypes, cpu_ggml._I
         monkeypatch.setattr(cpu_ggml, attr, f)
     for name in TYPES:
         w, ref = packed(name, 33, 512)
-        for rows in (1, 2, 7, 9):
+        for rows, mode in ((1, "auto"), (2, "auto"), (7, "auto"), (9, "auto"), (9, "int16"), (130, "int16")):
             x = torch.randn(rows, 512)
-            limit = bound(x, ref) + (i16_bound(x, ref) if uses_i16(name, rows) else 0) + 1e-6
-            got = cpu_ggml.linear(x, GgmlLinear(33, ((0, w),)), None).double()
-            assert ((got - x.double() @ ref.T).abs() <= limit).all(), (build, name, rows)
+            limit = bound(x, ref) + (i16_bound(x, ref) if uses_i16(name, rows, mode) else 0) + 1e-6
+            got = cpu_ggml.linear(x, GgmlLinear(33, ((0, w),)), None, mode=mode).double()
+            assert ((got - x.double() @ ref.T).abs() <= limit).all(), (build, name, rows, mode)
         torch.testing.assert_close(cpu_ggml.dequantize(w).double(), ref, rtol=1e-6, atol=1e-7)
 
 
@@ -205,13 +235,9 @@ def test_other_builds_of_ggml_kernels(build: str, tmp_path: Path, monkeypatch: p
 def test_vnni_builds_of_the_int16_kernel_compile(flags: list[str], tmp_path: Path) -> None:
     """The VNNI form of the int16 multiply-add (vpdpwssd) builds; it runs where the CPU has
     it (tests above on such a machine), which this one may not."""
-    import subprocess
-
     from agentspeed.kernels import native
 
-    src = Path(native.__file__).parent / "ggml_i16.cpp"
-    subprocess.run([native._compiler(), *native.FLAGS, *flags, "-c", str(src), "-o", str(tmp_path / "i16.o")],
-                   check=True, capture_output=True)
+    compile_all(GGML_SOURCES[1:], [*native.FLAGS, *flags], tmp_path)
 
 def iq4_nl(w: np.ndarray) -> np.ndarray:
     """Random IQ4_NL blocks (a type with no native kernel) of w's shape: fp16 scale, 16 bytes
@@ -293,7 +319,8 @@ def test_tiny_model_in_each_type_equals_its_dense_fp32_path(
     """Greedy tokens of a tiny model stored in `name`: packed (default kernels, int16
     activations in decode steps) equal the same file dequantized by the gguf package and run
     dense in fp32 (`linear=cpu`); logits equal it with fp32 activations (cpu_native_exact) and
-    are within the activations' rounding with the default ones."""
+    are within the activations' rounding with the default ones and with int16 activations
+    throughout (cpu_native_int16, prefill included)."""
     from test_hf_parity import PROMPTS, runner_for
 
     from agentspeed.config import KernelConfig
@@ -315,12 +342,15 @@ def test_tiny_model_in_each_type_equals_its_dense_fp32_path(
     assert len({t for o in ours for t in o.token_ids}) > 3  # not a degenerate constant output
     exact_runner = runner_for(path, kernels=KernelConfig.parse("linear=cpu_native_exact"))
     assert exact_runner.kernels.backends["linear"] == "cpu_native_exact" and exact_runner.kernels.widened == {}
+    int16_runner = runner_for(path, kernels=KernelConfig.parse("linear=cpu_native_int16"))
+    assert int16_runner.kernels.backends["linear"] == "cpu_native_int16" and int16_runner.kernels.widened == {}
     for prompt in [*PROMPTS, PROMPTS[0][:3]]:  # a 3-token prompt: a prefill of int16 size
         pages = list(range(1, 1 + -(-len(prompt) // 16)))
         chunk = [ScheduledChunk("x", prompt, 0, pages)]
         want = dense_runner.forward(chunk)
         torch.testing.assert_close(exact_runner.forward(chunk), want, rtol=1e-4, atol=1e-4)
         assert (packed_runner.forward(chunk) - want).abs().max() < 1e-2 * want.std()
+        assert (int16_runner.forward(chunk) - want).abs().max() < 1e-2 * want.std()
 
 
 @needs_native

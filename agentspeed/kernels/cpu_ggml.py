@@ -1,16 +1,19 @@
-"""Products and lookups on packed ggml weights (kernels/native/ggml_linear.cpp and
-ggml_i16.cpp), for the `cpu_native` and `cpu_native_exact` backends.
+"""Products and lookups on packed ggml weights (kernels/native/ggml_linear.cpp, ggml_i16.cpp
+and ggml_gemm_i16.cpp), for the `cpu_native` and `cpu_native_exact` backends.
 
-linear, by rows of x:
-- 1-8 rows (decode steps) of an integer type: x is rounded to int16 per 256 columns
-  (2^-15 of their largest |x|) once per call, and each weight is streamed once in its stored
-  form into integer multiply-adds, all parts of a merged projection in one call
+linear, by rows of x, for integer types (all parts of a merged projection in one call):
+- 1-8 rows (decode steps): x rounded to int16 per 256 columns (2^-15 of their largest |x|)
+  once per call, each weight streamed once in its stored form into integer multiply-adds
   (ggml_linear_i16); error bound in native/ggml_i16.cpp.
-- otherwise (more rows, F16/BF16 weights or a projection with such a part, or exact=True):
-  fp32 products of the stored weights with unrounded x: 1-2 rows decode in registers
-  (ggml_gemv), more rows decode each weight row once per call into an L2-sized fp32 buffer
-  multiplied in register tiles (ggml_gemm).
-No dense copy of a weight outlives the call.
+- more than 128 rows (prefill): fp32 products of the stored weights, decoded PANEL_ROWS rows at a
+  time into a transient fp32 panel multiplied by torch's sgemm.
+9-128 rows, mode "exact" (the `cpu_native_exact` backend), and F16/BF16 weights or
+projections with such a part keep fp32 activations: 1-2 rows decode in registers
+(ggml_gemv), up to 128 rows decode each weight row once per call into an L2-sized fp32
+buffer multiplied in register tiles (ggml_gemm), more rows as above. Mode "int16" (the
+`cpu_native_int16` backend) rounds x at every row count: above 8 rows decoded int16 panels in
+register tiles (ggml_gemm_i16; vpmaddwd, or VNNI's fused vpdpwssd where the CPU has it). No
+dense copy of a weight outlives the call.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from agentspeed.kernels.native import load
 
 GEMV_ROWS = 2  # above this ggml_gemm is as fast or faster (benchmarks/kernels/bench_ggml_linear.py)
 I16_ROWS = 8  # the most rows ggml_linear_i16 takes
+SGEMM_ROWS = 128  # above this, dequantized panels and sgemm beat both packed kernels (same benchmark)
+MODES = ("auto", "exact", "int16")  # activations: see the module docstring
+PANEL_ROWS = 512  # weight rows per sgemm call (256-512 measured best; 1,365 rows: 0.75x)
 
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _lib = load()
@@ -42,6 +48,9 @@ _quantize.restype = _I
 _linear_i16 = _lib.ggml_linear_i16
 _linear_i16.argtypes = (_P, _I, _L, _I, _I, _P, _P, _P, _P, _P, _P, _P, _L, _I)
 _linear_i16.restype = _I
+_gemm_i16 = _lib.ggml_gemm_i16
+_gemm_i16.argtypes = _linear_i16.argtypes
+_gemm_i16.restype = _I
 _has_i16 = _lib.ggml_has_i16
 _has_i16.argtypes = (_I,)
 _has_i16.restype = _I
@@ -107,9 +116,31 @@ def _i16_args(lin: GgmlLinear) -> tuple[int, ...] | None:
     return args
 
 
-def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, exact: bool = False) -> torch.Tensor:
-    """x @ W.T + bias, W packed (see the module docstring for which path a row count takes;
-    exact keeps fp32 activations at every row count)."""
+def _linear_sgemm(x: torch.Tensor, lin: GgmlLinear, y: torch.Tensor) -> None:
+    """y = x @ W.T, W decoded PANEL_ROWS rows at a time to fp32 and multiplied by torch's
+    sgemm (MKL/oneDNN): exact fp32 products of the stored weights, and on this AVX2 box the
+    fastest many-row path (a 512 x 1536 x 8960 product: 65 GMAC/s against 45-55 for the
+    int16 kernel and 40-48 for the fp32 tiles; docs/benchmarks.md). The panel lives for the
+    call only."""
+    k = x.shape[1]
+    step = PANEL_ROWS
+    panel = torch.empty(min(step, max(r for _, _, _, _, r in lin.native)), k)
+    threads = torch.get_num_threads()
+    for off, qtype, wp, ws, wn in lin.native:
+        for n0 in range(0, wn, step):
+            nc = min(step, wn - n0)
+            part = panel[:nc]
+            rc = _dequant(qtype, wp + n0 * ws, ws, nc, k, part.data_ptr(), k, threads)
+            if rc != 0:
+                raise RuntimeError(f"ggml dequant returned {rc} for a {NATIVE_TYPES[qtype][0]} weight ({wn}, {k})")
+            y[:, off + n0:off + n0 + nc].copy_(x @ part.T)
+
+
+def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: str = "auto") -> torch.Tensor:
+    """x @ W.T + bias, W packed (see the module docstring for which path a row count and
+    mode take)."""
+    if mode not in MODES:
+        raise ValueError(f"linear mode {mode!r}: expected one of {MODES}")
     k = x.shape[-1]
     rows = x.numel() // k
     n = lin.out_features
@@ -119,12 +150,19 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, exact: b
     y = torch.empty(rows, n) if lin.covered else torch.zeros(rows, n)
     if rows == 0:
         return y.view(*x.shape[:-1], n)
+    args = _i16_args(lin) if mode != "exact" else None
+    if rows > SGEMM_ROWS and (mode != "int16" or args is None):
+        _linear_sgemm(x2, lin, y)
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], n)
     threads = torch.get_num_threads()
     yp, bp = y.data_ptr(), None if bias is None else bias.data_ptr()
-    if not exact and rows <= I16_ROWS and (args := _i16_args(lin)) is not None:
-        rc = _linear_i16(x2.data_ptr(), rows, x2.stride(0), k, *args, bp, yp, n, threads)
+    if args is not None and (rows <= I16_ROWS or mode == "int16"):
+        fn, what = (_linear_i16, "linear_i16") if rows <= I16_ROWS else (_gemm_i16, "gemm_i16")
+        rc = fn(x2.data_ptr(), rows, x2.stride(0), k, *args, bp, yp, n, threads)
         if rc != 0:
-            raise RuntimeError(f"ggml linear_i16 returned {rc} for {lin.describe()} weights ({n}, {k})")
+            raise RuntimeError(f"ggml {what} returned {rc} for {lin.describe()} weights ({n}, {k})")
         return y.view(*x.shape[:-1], n)
     for off, qtype, wp, ws, wn in lin.native:
         b = None if bp is None else bp + 4 * off

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 BACKEND = "cpu_native"
 EXACT_BACKEND = "cpu_native_exact"  # its linear without activation rounding
+INT16_BACKEND = "cpu_native_int16"  # its linear with int16 activations at every row count
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3}
 # Tokens per work item. Smaller spans make more items for the threads to share (one
 # sequence x 3 KV heads at 8K context is 48 items at 512) at the cost of one merge each.
@@ -195,11 +196,11 @@ def _prepare_linear(w: torch.Tensor | GgmlLinear) -> torch.Tensor | GgmlLinear:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | GgmlLinear, bias: torch.Tensor | None,
-           exact: bool = False) -> torch.Tensor:
+           mode: str = "auto") -> torch.Tensor:
     """x @ w.T + bias: packed ggml weights by kernels/cpu_ggml.py (decode steps with int16
-    activations unless exact), dense ones by oneDNN."""
+    activations in mode auto), dense ones by oneDNN."""
     if isinstance(w, GgmlLinear):
-        return cpu_ggml.linear(x, w, bias, exact)
+        return cpu_ggml.linear(x, w, bias, mode)
     if x.numel() == 0:  # a step whose chunks all stop short of their prompt's end wants no logits
         return x.new_empty(*x.shape[:-1], w.shape[0])
     if torch.backends.mkldnn.is_available():
@@ -211,7 +212,15 @@ def linear_exact(x: torch.Tensor, w: torch.Tensor | GgmlLinear, bias: torch.Tens
     """`linear` with fp32 activations at every row count (backend cpu_native_exact, chosen
     with --kernel-backend linear=cpu_native_exact): the stored model's product up to fp32
     summation, at the fp32 decode kernel's speed."""
-    return linear(x, w, bias, exact=True)
+    return linear(x, w, bias, mode="exact")
+
+
+def linear_int16(x: torch.Tensor, w: torch.Tensor | GgmlLinear, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear` with int16 activations at every row count (backend cpu_native_int16): integer
+    multiply-adds of the stored codes for prefill too, llama.cpp's approach. On this AVX2 box
+    it trails the default above 8 rows (docs/benchmarks.md); VNNI's fused multiply-add halves
+    its instructions, which this box cannot measure."""
+    return linear(x, w, bias, mode="int16")
 
 
 # Ops this backend registers where the library builds (and records as unavailable where not).
@@ -229,6 +238,7 @@ if os.environ.get("AGENTSPEED_NATIVE", "1") == "0":
     for _op in NATIVE_OPS:
         register_unavailable(_op, BACKEND, _UNAVAILABLE)
     register_unavailable("linear", EXACT_BACKEND, _UNAVAILABLE)
+    register_unavailable("linear", INT16_BACKEND, _UNAVAILABLE)
 else:
     try:
         _fn = load().paged_decode_attention
@@ -240,6 +250,7 @@ else:
         for _op in NATIVE_OPS:
             register_unavailable(_op, BACKEND, _UNAVAILABLE)
         register_unavailable("linear", EXACT_BACKEND, _UNAVAILABLE)
+        register_unavailable("linear", INT16_BACKEND, _UNAVAILABLE)
     else:
         register_kernel("paged_attention_decode", BACKEND, ("cpu",), (torch.float32,),
                         priority=20)(paged_attention_decode)
@@ -257,6 +268,8 @@ else:
                         prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows)(linear)
         register_kernel("linear", EXACT_BACKEND, ("cpu",), (torch.float32,), priority=10,
                         prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows)(linear_exact)
+        register_kernel("linear", INT16_BACKEND, ("cpu",), (torch.float32,), priority=5,
+                        prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows)(linear_int16)
         _silu = load().silu_and_mul
         _silu.argtypes = (_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, _I)
         _silu.restype = _I

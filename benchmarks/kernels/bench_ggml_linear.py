@@ -1,8 +1,10 @@
 """Linear layers on packed GGUF weights (kernels/cpu_ggml.py) against oneDNN on the same
-weights dequantized to fp32, per storage type and row count: median ms per call of the
-default path (int16 activations up to 8 rows), of the exact one (fp32 activations:
-`cpu_native_exact`) and of oneDNN, and for decode-sized calls the rate at which the default
-path streams the weight's stored bytes (GB/s).
+weights dequantized to fp32 and prepacked, per storage type and row count: ms per call (the
+fastest of --reps, the paths taking turns so this machine's drift hits all alike) of the
+default path (int16 activations up to 8 rows, fp32 tiles to 128, dequantized panels and
+sgemm above), of mode exact (fp32 activations: `cpu_native_exact`), of mode int16 (int16
+activations at every row count: `cpu_native_int16`) and of oneDNN, and for decode-sized
+calls the rate at which the default path streams the weight's stored bytes (GB/s).
 
     python benchmarks/kernels/bench_ggml_linear.py [--n 8960 --k 1536] [--types Q4_K,Q6_K,Q8_0]
         [--rows 1,4,8,16,32,128,512]
@@ -13,7 +15,6 @@ The default shape is a Qwen2.5-1.5B MLP projection (gate or up).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,14 +29,17 @@ from agentspeed.kernels import cpu, cpu_native
 from agentspeed.kernels.ggml import GgmlLinear, GgmlWeight
 
 
-def timed(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    out = []
+def timed(fns, reps: int) -> list[float]:  # type: ignore[no-untyped-def]
+    """The fastest of reps calls of each fn in ms, the fns taking turns."""
+    best = [float("inf")] * len(fns)
+    for f in fns:
+        f()
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out) * 1e3
+        for i, f in enumerate(fns):
+            t = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return [b * 1e3 for b in best]
 
 
 def main() -> None:
@@ -52,7 +56,7 @@ def main() -> None:
 
     w = np.random.default_rng(0).standard_normal((a.n, a.k)).astype(np.float32) * 0.05
     rows = [int(r) for r in a.rows.split(",")]
-    print(f"{'type':6} {'MB':>7} " + " ".join(f"{'rows=' + str(r):>25}" for r in rows))
+    print(f"{'type':6} {'MB':>7} " + " ".join(f"{'rows=' + str(r):>30}" for r in rows))
     for name in a.types.split(","):
         gw = GgmlWeight.of(T[name].value, (a.n, a.k), quantize(w, name))
         lin = GgmlLinear(a.n, ((0, gw),))
@@ -60,14 +64,14 @@ def main() -> None:
         cells = []
         for r in rows:
             x = torch.randn(r, a.k)
-            ours = timed(lambda x=x, lin=lin: cpu_native.linear(x, lin, None), a.reps)
-            exact = timed(lambda x=x, lin=lin: cpu_native.linear(x, lin, None, exact=True), a.reps)
-            onednn = timed(lambda x=x, dense=dense: cpu._linear(x, dense, None), a.reps)
+            ours, exact, int16, onednn = timed(
+                [lambda x=x, lin=lin, m=m: cpu_native.linear(x, lin, None, mode=m) for m in ("auto", "exact", "int16")]
+                + [lambda x=x, dense=dense: cpu._linear(x, dense, None)], a.reps)
             rate = f" {gw.nbytes / ours / 1e6:4.1f}GB/s" if r <= 8 else ""
-            cells.append(f"{ours:.2f}/{exact:.2f}/{onednn:.2f}{rate}")
-        print(f"{name:6} {gw.nbytes / 1e6:7.1f} " + " ".join(f"{c:>25}" for c in cells))
-    print("cells: default ms / exact ms / oneDNN-on-fp32 ms (median); GB/s = stored bytes streamed per second "
-          "by the default path")
+            cells.append(f"{ours:.1f}/{exact:.1f}/{int16:.1f}/{onednn:.1f}{rate}")
+        print(f"{name:6} {gw.nbytes / 1e6:7.1f} " + " ".join(f"{c:>30}" for c in cells))
+    print("cells: default / exact / int16 / oneDNN-on-fp32 ms (fastest of --reps); GB/s = stored bytes streamed "
+          "per second by the default path")
 
 
 if __name__ == "__main__":

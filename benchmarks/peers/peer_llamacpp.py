@@ -16,7 +16,8 @@ Both servers get the same context per session (--max-context) and the same threa
 
 measures one stream without speculation on each server: load time (start to healthy),
 decode tokens/s of a streamed 128-token completion (median of --runs, time between the first
-and last token; both servers up, runs alternating), and peak resident memory of the server's
+and last token; both servers up, runs alternating), prefill tokens/s of a fresh prompt
+(--prefill-words, one output token, the wall time of the request), and peak resident memory of the server's
 processes (VmHWM, summed over the process tree: agentspeed's frontend and engine core).
 """
 
@@ -148,6 +149,21 @@ def stream_decode(url: str, model: str, tokens: int) -> tuple[float, float]:
     return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def prefill(url: str, model: str, words: int, nonce: int) -> tuple[int, float]:
+    """(prompt tokens, prompt tokens/s) of one completion of a fresh ~`words`-word prompt and one
+    output token: its wall time is the prompt's prefill (the leading nonce keeps either server's
+    prefix cache from serving it) and one decode step."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none")
+    text = f"{nonce} " + " ".join(f"item{i % 97} is {i * 7919 % 1000}," for i in range(words // 3))
+    t0 = time.perf_counter()
+    r = client.completions.create(model=model, prompt=text, max_tokens=1, temperature=0.0)
+    dt = time.perf_counter() - t0
+    assert r.usage is not None
+    return r.usage.prompt_tokens, r.usage.prompt_tokens / dt
+
+
 def kv_memory(gguf: Path, context: int) -> str:
     """The bytes of an f16 KV cache for `context` tokens of this model: llama-server's at
     --ctx-size context, so both hold the same context."""
@@ -176,6 +192,7 @@ def decode(a: argparse.Namespace) -> None:
     servers: dict[str, LlamaServer | ServerProcess] = {}
     load: dict[str, float] = {}
     runs: dict[str, list[tuple[float, float]]] = {"llama-server": [], "agentspeed": []}
+    fills: dict[str, list[tuple[int, float]]] = {name: [] for name in runs}
     models = {"llama-server": "default", "agentspeed": gguf.stem}
     try:
         for name in runs:
@@ -198,8 +215,11 @@ def decode(a: argparse.Namespace) -> None:
                 idle = cpu_seconds(servers[other].proc.pid) - idle0
                 if idle > 0.05 * (a.tokens / runs[name][-1][1]):
                     print(f"warning: idle {other} used {idle:.2f} CPU s during a {name} run", flush=True)
-            print(f"run {i + 1}/{a.runs}: " + ", ".join(f"{n} {r[-1][1]:.2f} tok/s" for n, r in runs.items()),
-                  flush=True)
+            for name in runs:
+                fills[name].append(prefill(servers[name].url, models[name], a.prefill_words, i))
+            print(f"run {i + 1}/{a.runs}: " + ", ".join(f"{n} {r[-1][1]:.2f} tok/s" for n, r in runs.items())
+                  + "; prefill " + ", ".join(f"{n} {f[-1][0]} tokens at {f[-1][1]:.1f} tok/s"
+                                             for n, f in fills.items()), flush=True)
         rss = {name: peak_rss_mib(s.proc.pid) for name, s in servers.items()}
     finally:
         for s in servers.values():
@@ -209,15 +229,18 @@ def decode(a: argparse.Namespace) -> None:
         rows.append({"server": name, "load_s": round(load[name], 1),
                      "ttft_s": round(statistics.median(r[0] for r in rs), 3),
                      "decode_tok_s": round(statistics.median(r[1] for r in rs), 2),
-                     "runs_tok_s": [round(r[1], 2) for r in rs], "peak_rss_mib": round(rss[name])})
+                     "runs_tok_s": [round(r[1], 2) for r in rs], "peak_rss_mib": round(rss[name]),
+                     "prefill_tokens": fills[name][0][0],
+                     "prefill_tok_s": round(statistics.median(f[1] for f in fills[name]), 1)})
         print(rows[-1], flush=True)
     ratio = rows[1]["decode_tok_s"] / rows[0]["decode_tok_s"]  # type: ignore[operator]
     rss_ratio = rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]  # type: ignore[operator]
-    print(f"{gguf.name}: agentspeed/llama-server decode {ratio:.2f}x (median of {a.runs} alternating runs), "
-          f"peak RSS {rss_ratio:.2f}x, file {gguf.stat().st_size / 2**20:.0f} MiB")
+    fill_ratio = rows[1]["prefill_tok_s"] / rows[0]["prefill_tok_s"]  # type: ignore[operator]
+    print(f"{gguf.name}: agentspeed/llama-server decode {ratio:.2f}x, prefill {fill_ratio:.2f}x (medians of "
+          f"{a.runs} alternating runs), peak RSS {rss_ratio:.2f}x, file {gguf.stat().st_size / 2**20:.0f} MiB")
     meta = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "gguf": str(gguf), "file_mib": round(gguf.stat().st_size / 2**20), "threads": a.threads,
-            "decode_ratio": round(ratio, 3), "rss_ratio": round(rss_ratio, 3)}
+            "decode_ratio": round(ratio, 3), "prefill_ratio": round(fill_ratio, 3), "rss_ratio": round(rss_ratio, 3)}
     Path(a.output).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
 
 
@@ -293,6 +316,8 @@ def main() -> None:
     d.add_argument("--model", required=True, help="GGUF file")
     d.add_argument("--tokens", type=int, default=128)
     d.add_argument("--runs", type=int, default=5, help="streamed completions per server, alternating")
+    d.add_argument("--prefill-words", type=int, default=600,
+                   help="length of the fresh prompt each run also prefills (about 2.5 tokens a word here)")
     d.add_argument("--max-context", type=int, default=4096)
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--agentspeed-args", default="--kv-cache-dtype float16",
