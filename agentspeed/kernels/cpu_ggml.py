@@ -1,5 +1,5 @@
 """Products and lookups on packed ggml weights (kernels/native/ggml_linear.cpp, ggml_i16.cpp
-and ggml_gemm_i16.cpp), for the `cpu_native` and `cpu_native_exact` backends.
+and ggml_gemm_i16.cpp), for the `cpu_native`, `cpu_native_exact` and `cpu_native_int16` backends.
 
 linear, by rows of x, for integer types (all parts of a merged projection in one call):
 - 1-8 rows (decode steps): x rounded to int16 per 256 columns (2^-15 of their largest |x|)
@@ -119,12 +119,11 @@ def _i16_args(lin: GgmlLinear) -> tuple[int, ...] | None:
 def _linear_sgemm(x: torch.Tensor, lin: GgmlLinear, y: torch.Tensor) -> None:
     """y = x @ W.T, W decoded PANEL_ROWS rows at a time to fp32 and multiplied by torch's
     sgemm (MKL/oneDNN): exact fp32 products of the stored weights, and on this AVX2 box the
-    fastest many-row path (a 512 x 1536 x 8960 product: 65 GMAC/s against 45-55 for the
-    int16 kernel and 40-48 for the fp32 tiles; docs/benchmarks.md). The panel lives for the
-    call only."""
+    fastest many-row path (512-row products: 60-73 GMAC/s against 45-70 for the int16 kernel
+    and 36-55 for the fp32 tiles; docs/benchmarks.md). The panel lives for the call only."""
     k = x.shape[1]
     step = PANEL_ROWS
-    panel = torch.empty(min(step, max(r for _, _, _, _, r in lin.native)), k)
+    panel = torch.empty(min(step, max(r for *_, r in lin.native)), k)
     threads = torch.get_num_threads()
     for off, qtype, wp, ws, wn in lin.native:
         for n0 in range(0, wn, step):
