@@ -53,11 +53,12 @@ class MLAConfig:
 
 @dataclass(frozen=True, slots=True)
 class MoEConfig:
-    """DeepSeek mixture of experts. Layers from first_dense on use routed experts (top_k of
-    num_experts, each of intermediate size `intermediate_size`) plus `num_shared` shared
-    experts' worth of always-on MLP. scoring "sigmoid" (V3: group score = sum of the top 2,
-    choice biased by e_score_correction_bias, weights normalised if norm_topk_prob) or
-    "softmax" (V2: topk_method "greedy" or "group_limited_greedy", group score = max)."""
+    """Mixture of experts (DeepSeek, Qwen3-MoE). MoE layers (`is_moe_layer`) use routed experts
+    (top_k of num_experts, each of intermediate size `intermediate_size`) plus `num_shared`
+    shared experts' worth of always-on MLP; the others a dense MLP. scoring "sigmoid" (V3:
+    group score = sum of the top 2, choice biased by e_score_correction_bias, weights
+    normalised if norm_topk_prob) or "softmax" (V2, Qwen3: topk_method "greedy" or
+    "group_limited_greedy", group score = max)."""
 
     num_experts: int
     top_k: int
@@ -70,6 +71,11 @@ class MoEConfig:
     topk_groups: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    sparse_step: int = 1  # Qwen3-MoE decoder_sparse_step: every sparse_step-th layer is MoE
+    dense_layers: tuple[int, ...] = ()  # Qwen3-MoE mlp_only_layers
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_dense and i not in self.dense_layers and (i + 1) % self.sparse_step == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,9 @@ class ModelConfig:
     o_proj_bias: bool = False  # bias on the output projection (Llama attention_bias)
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
     rope_scaling: RopeScaling | None = None
+    # Per-frequency divisors of the rotary inverse frequencies, rot_dim/2 of them: GGUF's
+    # rope_freqs tensor (llama.cpp's converter bakes Llama 3.1's scaling into it).
+    rope_freq_factors: tuple[float, ...] | None = None
     mla: MLAConfig | None = None  # DeepSeek-style latent attention (num_kv_heads/head_dim unused)
     moe: MoEConfig | None = None
     bos_token_id: int | None = None

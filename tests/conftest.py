@@ -68,8 +68,8 @@ TINY_DEEPSEEK = dict(
 
 
 def make_tiny(kind: str, root: Path, **overrides: object) -> Path:
-    """Save a random-weight tiny model of `kind` (llama|qwen2|qwen3|mistral|deepseek_v2|
-    deepseek_v3) to root/kind."""
+    """Save a random-weight tiny model of `kind` (llama|qwen2|qwen3|qwen3_moe|mistral|
+    deepseek_v2|deepseek_v3) to root/kind."""
     from transformers import (
         AutoModelForCausalLM,
         DeepseekV2Config,
@@ -78,13 +78,16 @@ def make_tiny(kind: str, root: Path, **overrides: object) -> Path:
         MistralConfig,
         Qwen2Config,
         Qwen3Config,
+        Qwen3MoeConfig,
     )
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
-           "deepseek_v2": DeepseekV2Config, "deepseek_v3": DeepseekV3Config}[kind]
+           "deepseek_v2": DeepseekV2Config, "deepseek_v3": DeepseekV3Config, "qwen3_moe": Qwen3MoeConfig}[kind]
     kw = dict(TINY_DEEPSEEK) if kind.startswith("deepseek") else dict(TINY)
-    if kind == "qwen3":
+    if kind in ("qwen3", "qwen3_moe"):
         kw["head_dim"] = 16
+    if kind == "qwen3_moe":  # 8 experts of 32, top 2, renormalised (as Qwen3-Coder-30B-A3B)
+        kw.update(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
     if kind == "mistral":
         kw["sliding_window"] = None
     if kind == "deepseek_v2":

@@ -12,6 +12,7 @@ import torch
 from ggml_quant import TYPES, quantize
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
+from gguf_writer import write_gguf
 
 from agentspeed.kernels import cpu_native
 from agentspeed.kernels.ggml import NATIVE_TYPES, GgmlLinear, GgmlWeight
@@ -239,68 +240,6 @@ def test_vnni_builds_of_the_int16_kernel_compile(flags: list[str], tmp_path: Pat
 
     compile_all(GGML_SOURCES[1:], [*native.FLAGS, *flags], tmp_path)
 
-def iq4_nl(w: np.ndarray) -> np.ndarray:
-    """Random IQ4_NL blocks (a type with no native kernel) of w's shape: fp16 scale, 16 bytes
-    of 4-bit indices into a fixed table."""
-    n, k = w.shape
-    rng = np.random.default_rng(5)
-    blocks = np.zeros((n * k // 32, 18), np.uint8)
-    blocks[:, :2] = np.full(len(blocks), 0.004, np.float16).view(np.uint8).reshape(-1, 2)
-    blocks[:, 2:] = rng.integers(0, 256, (len(blocks), 16), dtype=np.uint8)
-    return blocks.reshape(n, -1)
-
-
-def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str, embed_iq4_nl: bool = False) -> Path:
-    """The tiny transformers model at hf_dir as a GGUF file whose 2-D weights are stored as
-    `qtype` (norms and biases F32), named and laid out as llama.cpp's converter writes them
-    (llama's q/k rows permuted for its rotary layout); with embed_iq4_nl, random IQ4_NL token
-    embeddings."""
-    import json
-
-    import gguf
-    from safetensors.numpy import load_file
-
-    from agentspeed.modeling.loaders.gguf_loader import _GLOBAL_NAMES, _LAYER_NAMES
-
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    tensors = load_file(str(hf_dir / "model.safetensors"))
-    to_gguf = {hf: g for g, hf in _GLOBAL_NAMES.items()}
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = gguf.GGUFWriter(str(out), arch)
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
-    w.add_vocab_size(cfg["vocab_size"])
-    for name, t in tensors.items():
-        if name.startswith("model.layers."):
-            layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            module, param = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{next(g for g, hf in _LAYER_NAMES.items() if hf == module)}.{param}"
-        else:
-            gname = to_gguf[name]
-        t = t.astype(np.float32)
-        n_head = heads if "q_proj" in name else kv_heads if "k_proj" in name else None
-        if arch == "llama" and n_head is not None:
-            t = t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
-        if embed_iq4_nl and gname == "token_embd.weight":
-            w.add_tensor(gname, iq4_nl(t), raw_dtype=T.IQ4_NL)
-        elif t.ndim == 2:
-            q = quantize(t, qtype)
-            w.add_tensor(gname, q, raw_dtype=T[qtype] if qtype != "F16" else None)
-        else:
-            w.add_tensor(gname, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny_k_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny models wide enough for 256-weight blocks (every K a multiple of 256)."""
@@ -373,3 +312,40 @@ def test_a_type_without_a_kernel_is_named_and_widened(
     assert sum(isinstance(getattr(m, "_w", None), GgmlLinear) for m in runner.model.modules()) == 2 * 4 + 1
     out = generate(runner, PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert len(out[0].token_ids) == 4
+
+
+def test_llama31_gguf_rope_freqs_match_transformers(tmp_path: Path) -> None:
+    """A Llama 3.1-style GGUF (its llama3 rope scaling stored as rope_freqs, one divisor per
+    frequency, as llama.cpp's converter writes it) equals transformers with the llama3 rope;
+    the factors matter at these positions (dropping them changes the logits)."""
+    from conftest import make_tiny
+    from test_hf_parity import PROMPTS, hf_greedy, runner_for
+
+    from agentspeed.control.plan import ScheduledChunk
+    from agentspeed.engine.simple_generate import generate
+    from agentspeed.modeling.loaders.gguf_loader import gguf_model_config, open_gguf
+    from agentspeed.sampling_params import SamplingParams
+
+    # original context 64: of the 8 frequencies of head_dim 16, 3 are kept, 1 smoothed, 4 divided
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    hf = make_tiny("llama", tmp_path, rope_parameters=rope)
+    path = write_gguf(hf, tmp_path / "llama31.gguf", "F32", "llama")
+    cfg = gguf_model_config(open_gguf(path))
+    assert cfg.rope_freq_factors is not None and len(cfg.rope_freq_factors) == 8
+    assert cfg.rope_freq_factors[0] == 1.0 and cfg.rope_freq_factors[-1] == 8.0
+    runner = runner_for(path, page_size=7)
+    prompt = PROMPTS[1]
+    ref_tokens, ref_logits = hf_greedy(hf, prompt, 16)
+    out = generate(runner, [prompt], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    assert out[0].token_ids == ref_tokens
+    full = prompt + ref_tokens
+    chunk = ScheduledChunk("x", full[:-1], 0, list(range(1, 1 + -(-len(full) // 7))))
+    logits = runner.forward([chunk])
+    torch.testing.assert_close(logits[0], ref_logits[-1], rtol=1e-4, atol=1e-4)
+    plain = runner.model.cos_sin.clone()
+    from agentspeed.modeling.layers.rotary import cos_sin_table
+
+    runner.model.cos_sin.copy_(cos_sin_table(16, cfg.max_position_embeddings, cfg.rope_theta, None, "cpu"))
+    assert not torch.allclose(runner.forward([chunk])[0], logits[0], rtol=1e-3, atol=1e-3)
+    runner.model.cos_sin.copy_(plain)

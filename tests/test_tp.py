@@ -35,6 +35,8 @@ _K_SHAPE: dict[str, object] = dict(hidden_size=256, intermediate_size=512, num_a
 GGUF_MODELS: dict[str, tuple[str, str, dict[str, object]]] = {
     "gguf_q4_k": ("qwen2", "Q4_K", _K_SHAPE),
     "gguf_q8_0_tied": ("llama", "Q8_0", {**_K_SHAPE, "tie_word_embeddings": True}),
+    # experts stacked as llama.cpp does, each rank's 32-column down shard whole Q8_0 blocks
+    "gguf_q8_0_moe": ("qwen3_moe", "Q8_0", {"moe_intermediate_size": 64}),
 }
 EXTRA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     # fewer KV heads than ranks: the one KV head is replicated on both ranks
@@ -46,6 +48,8 @@ EXTRA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     "llama_bias": ("llama", {"attention_bias": True}),
     # MLA (heads sharded, latent replicated) + MoE (every expert's intermediate sharded)
     "deepseek_v3": ("deepseek_v3", {}),
+    # Qwen3-MoE: q/k norm attention, softmax top-k experts
+    "qwen3_moe": ("qwen3_moe", {}),
 }
 
 
@@ -107,11 +111,11 @@ def tp_models(
     models = {"llama": tiny_models["llama"], "qwen3": tiny_models["qwen3"]}
     for name, (kind, overrides) in EXTRA_MODELS.items():
         models[name] = make_tiny(kind, root / name, **overrides)
-    from test_ggml import write_gguf
+    from gguf_writer import write_gguf
 
     for name, (kind, qtype, overrides) in GGUF_MODELS.items():
         hf = make_tiny(kind, root / f"{name}_hf", **overrides)
-        models[name] = write_gguf(hf, root / f"{name}.gguf", qtype, kind)
+        models[name] = write_gguf(hf, root / f"{name}.gguf", qtype, {"qwen3_moe": "qwen3moe"}.get(kind, kind))
     return models
 
 
@@ -159,7 +163,10 @@ def test_tp2_matches_tp1(
     assert rank0["tokens"].tolist() == ref["tokens"].tolist()
     assert rank1["tokens"].tolist() == ref["tokens"].tolist()
     assert rank0["logits"].shape == ref["logits"].shape == (2 * len(tp_worker.PROMPTS), vocab)
-    torch.testing.assert_close(rank0["logits"], ref["logits"], rtol=1e-4, atol=1e-4)
+    # Packed GGUF decode steps round activations to int16 per 256 columns of each shard, so
+    # a sharded K regroups them: equal within that rounding, not to fp32 reassociation.
+    tol = 1e-3 if name in GGUF_MODELS else 1e-4
+    torch.testing.assert_close(rank0["logits"], ref["logits"], rtol=tol, atol=tol)
     # logits leave the model replicated: both ranks hold the same values
     torch.testing.assert_close(rank1["logits"], rank0["logits"], rtol=1e-6, atol=1e-6)
 

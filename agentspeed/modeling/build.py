@@ -108,7 +108,7 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         for qtype, n in gguf_loader.widened_types(reader).items():
             log.warning("%d %s tensors have no native kernel: dequantized to fp32 at load (4 bytes per "
                         "weight instead of the file's)", n, qtype)
-        load_weights(model, gguf_loader.iter_gguf(reader, mcfg), len(reader.tensors))
+        load_weights(model, gguf_loader.iter_gguf(reader, mcfg), gguf_loader.count_tensors(reader))
     else:
         total = safetensors_loader.count_safetensors(source.path)
         load_weights(model, safetensors_loader.iter_safetensors(source.path), total)

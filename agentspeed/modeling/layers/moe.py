@@ -1,10 +1,14 @@
-"""DeepSeek mixture of experts: Replicate in, Partial out.
+"""Mixture of experts (DeepSeek-V2/V3, Qwen3-MoE): Replicate in, Partial out.
 
 Tensor parallelism shards every expert (routed and shared) along its intermediate
 dimension, like a column-parallel gate/up followed by a row-parallel down: each rank
 computes a summand of every expert's output, and the compiler's all-reduce after the block
 sums them. The router is replicated (every rank routes identically), so no tokens move
 between ranks.
+
+Experts from a GGUF file stay packed (one GgmlLinear per expert, read by the linear
+kernel that reads the dense layers' packed weights); from safetensors they are stacked
+dense tensors of the compute dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 
 from agentspeed.config import MoEConfig
 from agentspeed.kernels.api import KernelSet
+from agentspeed.kernels.ggml import GgmlLinear, GgmlWeight
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.compiler import SpmdModule
 from agentspeed.modeling.layers.linear import RowParallelLinear, even_split, merged_column
@@ -84,23 +89,73 @@ class SparseMoE(SpmdModule):
             self.shared_gate_up = merged_column(hidden, {"gate": size, "up": size}, False, comm, dtype, device)
             self.shared_down = RowParallelLinear(size, hidden, False, comm, dtype, device)
             self.shared = (self.shared_gate_up, self.shared_down)
+        self._packed: dict[tuple[int, str], GgmlWeight] = {}
+        # After prepare_weights of packed experts: per-expert weights for `_linear`.
+        self._w13: list[Any] | None = None
+        self._w2: list[Any] | None = None
+        self._linear: Any = F.linear
+
+    def checkpoint_targets(self, prefix: str) -> dict[str, tuple[SpmdModule, str, str | None]]:
+        """Hugging Face checkpoint names under `prefix` (model.layers.{i}.) -> (module,
+        parameter, part) for the loaders."""
+        t: dict[str, tuple[SpmdModule, str, str | None]] = {prefix + "mlp.gate.weight": (self, "gate", None)}
+        if self.bias is not None:
+            t[prefix + "mlp.gate.e_score_correction_bias"] = (self, "bias", None)
+        for e in range(self.cfg.num_experts):
+            for w in ("gate", "up", "down"):
+                t[f"{prefix}mlp.experts.{e}.{w}_proj.weight"] = (self, "expert", f"{e}.{w}")
+        if self.cfg.num_shared:
+            t[prefix + "mlp.shared_experts.gate_proj.weight"] = (self.shared_gate_up, "weight", "gate")
+            t[prefix + "mlp.shared_experts.up_proj.weight"] = (self.shared_gate_up, "weight", "up")
+            t[prefix + "mlp.shared_experts.down_proj.weight"] = (self.shared_down, "weight", None)
+        return t
 
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
-        """param: gate | bias | w13 | w2; part for experts: "<expert>.<gate|up|down>"."""
+        """param: gate | bias | expert; part for experts: "<expert>.<gate|up|down>"."""
         if param in ("gate", "bias"):
             target = self.gate if param == "gate" else self.bias
             assert target is not None, "this router has no correction bias"
-            copy_into(target, t.read(), f"router {param}")
+            copy_into(target, t.read_dense(), f"router {param}")
             return
         assert part is not None
         e_str, which = part.split(".")
         e = int(e_str)
         rows = slice(self.start, self.start + self.local)
-        if which == "down":
-            copy_into(self.w2[e], t.read(None, rows), f"expert {e} down")
+        src = t.read(None, rows) if which == "down" else t.read(rows)
+        if isinstance(src, GgmlWeight):  # kept packed until prepare_weights
+            self._packed[(e, which)] = src
+        elif which == "down":
+            copy_into(self.w2[e], src, f"expert {e} down")
         else:
             off = 0 if which == "gate" else self.local
-            copy_into(self.w13[e, off : off + self.local], t.read(rows), f"expert {e} {which}")
+            copy_into(self.w13[e, off : off + self.local], src, f"expert {e} {which}")
+
+    def prepare_weights(self, kernels: KernelSet) -> None:
+        """Packed experts become one GgmlLinear per expert projection, in the linear kernel's
+        layout (widened to dense there if that kernel reads no packed weights), and the dense
+        stacks (never written, so never resident) are dropped. Experts only partly packed
+        (a tensor-parallel shard that split a block) are widened into the dense stacks."""
+        if not self._packed:
+            return
+        E, local = self.cfg.num_experts, self.local
+        if len(self._packed) == 3 * E:
+            p = self._packed
+            self._w13 = [kernels.linear_prepare(GgmlLinear(2 * local, ((0, p[e, "gate"]), (local, p[e, "up"]))))
+                         for e in range(E)]
+            self._w2 = [kernels.linear_prepare(GgmlLinear(p[e, "down"].shape[0], ((0, p[e, "down"]),)))
+                        for e in range(E)]
+            self._linear = kernels.linear
+            self.w13 = self.w2 = None  # type: ignore[assignment]
+        else:
+            with torch.no_grad():
+                for (e, which), w in self._packed.items():
+                    dense = kernels.widen(GgmlLinear(w.shape[0], ((0, w),)))
+                    if which == "down":
+                        self.w2[e] = dense
+                    else:
+                        off = 0 if which == "gate" else local
+                        self.w13[e, off: off + local] = dense
+        self._packed = {}
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         weights, ids = route(F.linear(x.float(), self.gate), self.bias, self.cfg)
@@ -111,8 +166,8 @@ class SparseMoE(SpmdModule):
         return out
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # Sort the (token, expert) pairs by expert so each expert runs one dense matmul over
-        # its tokens. The per-expert counts come to the host once per layer.
+        # Sort the (token, expert) pairs by expert so each expert runs one matmul over its
+        # tokens. The per-expert counts come to the host once per layer.
         k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)
@@ -120,12 +175,14 @@ class SparseMoE(SpmdModule):
         counts = torch.bincount(flat, minlength=self.cfg.num_experts).tolist()
         xs = x[token]
         ys = torch.empty_like(xs)
+        w13 = self._w13 if self._w13 is not None else self.w13
+        w2 = self._w2 if self._w2 is not None else self.w2
         start = 0
         for e, n in enumerate(counts):
             if n:
                 seg = xs[start : start + n]
-                h = self.kernels.silu_and_mul(F.linear(seg, self.w13[e]))
-                ys[start : start + n] = F.linear(h, self.w2[e])
+                h = self.kernels.silu_and_mul(self._linear(seg, w13[e], None))
+                ys[start : start + n] = self._linear(h, w2[e], None)
                 start += n
         ys *= weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, ys)

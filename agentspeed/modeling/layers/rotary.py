@@ -74,10 +74,16 @@ def softmax_scale_factor(scaling: RopeScaling | None) -> float:
 
 
 def cos_sin_table(
-    rot_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None, device: str
+    rot_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None, device: str,
+    freq_factors: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
-    """[max_positions, rot_dim] float32: cos of each frequency, then sin."""
+    """[max_positions, rot_dim] float32: cos of each frequency, then sin. freq_factors
+    (rot_dim/2 divisors, GGUF rope_freqs) divide the scaled inverse frequencies."""
     inv = inv_frequencies(rot_dim, theta, scaling)
+    if freq_factors is not None:
+        if len(freq_factors) != rot_dim // 2:
+            raise ValueError(f"{len(freq_factors)} rope frequency factors for a rotary dim of {rot_dim}")
+        inv = inv / torch.tensor(freq_factors, dtype=torch.float32)
     t = torch.arange(max_positions, dtype=torch.float32)
     freqs = torch.outer(t, inv)
     table = torch.cat((freqs.cos(), freqs.sin()), dim=-1)

@@ -14,15 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from agentspeed.config import ModelConfig, RopeScaling
+from agentspeed.config import ModelConfig, MoEConfig, RopeScaling
 from agentspeed.errors import ModelLoadError, UnsupportedModelError
 from agentspeed.kernels.ggml import NATIVE_TYPES, GgmlWeight
 from agentspeed.modeling.layers.weights import LazyTensor
-from agentspeed.modeling.loaders.gguf_file import GgufFile
+from agentspeed.modeling.loaders.gguf_file import GgufFile, TensorInfo
 
 log = logging.getLogger(__name__)
 
-_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+          "qwen3moe": "Qwen3MoeForCausalLM"}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -41,7 +42,10 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
 }
+# Stacked [experts, rows, cols] tensors -> one Hugging Face name per expert
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -65,8 +69,6 @@ def gguf_model_config(reader: GgufFile) -> ModelConfig:
             f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHS)}"
         )
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise UnsupportedModelError("GGUF rope frequency factors (rope_freqs) are not supported yet")
 
     def a(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
@@ -74,8 +76,12 @@ def gguf_model_config(reader: GgufFile) -> ModelConfig:
     heads = int(a("attention.head_count"))
     hidden = int(a("embedding_length"))
     scaling = None
-    if a("rope.scaling.type") == "linear":
+    kind = a("rope.scaling.type")
+    if kind == "linear":
         scaling = RopeScaling("linear", float(a("rope.scaling.factor")))
+    elif kind not in (None, "none"):
+        # Refuse rather than run with the wrong positions.
+        raise UnsupportedModelError(f"unsupported GGUF rope scaling type {kind!r}")
     vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"])
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
@@ -93,11 +99,41 @@ def gguf_model_config(reader: GgufFile) -> ModelConfig:
         max_position_embeddings=int(a("context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "qwen3moe"),
+        moe=_moe(a) if arch == "qwen3moe" else None,
         rope_scaling=scaling,
+        rope_freq_factors=_rope_freqs(reader),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
     )
+
+
+def _moe(a: Any) -> MoEConfig:
+    # llama.cpp's qwen3moe graph always renormalises the top-k weights (as Qwen3-MoE
+    # releases configure norm_topk_prob); newer files may say so in expert_weights_norm.
+    return MoEConfig(
+        num_experts=int(a("expert_count")),
+        top_k=int(a("expert_used_count")),
+        intermediate_size=int(a("expert_feed_forward_length")),
+        num_shared=0,
+        first_dense=0,
+        scoring="softmax",
+        topk_method="greedy",
+        norm_topk_prob=bool(a("expert_weights_norm", True)),
+    )
+
+
+def _rope_freqs(reader: GgufFile) -> tuple[float, ...] | None:
+    """The rope_freqs tensor (Llama 3.1+: llama.cpp's converter stores the llama3 scaling
+    as one divisor per rotary frequency, and no rope.scaling.type)."""
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is None:
+        return None
+    from gguf import GGMLQuantizationType
+
+    if t.tensor_type != GGMLQuantizationType.F32:
+        raise ModelLoadError(f"rope_freqs.weight is {GGMLQuantizationType(t.tensor_type).name}, expected F32")
+    return tuple(float(x) for x in t.data.view(np.float32))
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -157,6 +193,31 @@ def _read(t: Any, shape: tuple[int, ...], n_head: int | None,
     return out
 
 
+def _experts(t: TensorInfo, layer: str) -> Iterator[tuple[str, LazyTensor]]:
+    """A stacked expert tensor as one 2-D tensor per expert (views of the file)."""
+    E = int(t.shape[2])
+    shape = (int(t.shape[1]), int(t.shape[0]))
+    per = t.n_bytes // E
+    for e in range(E):
+        sub = TensorInfo(f"{t.name}[{e}]", t.tensor_type, t.shape[:2], per, t.data[e * per: (e + 1) * per])
+
+        def reader_fn(rows: slice | None, cols: slice | None, sub: TensorInfo = sub) -> torch.Tensor | GgmlWeight:
+            return _read(sub, shape, None, rows, cols)
+
+        m = _LAYER_RE.match(t.name)
+        assert m is not None
+        yield f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT_NAMES[m.group(2)]}.weight", LazyTensor(shape, reader_fn)
+
+
+def count_tensors(reader: GgufFile) -> int:
+    """How many tensors iter_gguf yields at most (an expert stack counts once per expert)."""
+    def n(t: TensorInfo) -> int:
+        m = _LAYER_RE.match(t.name)
+        return int(t.shape[2]) if m is not None and m.group(2) in _EXPERT_NAMES else 1
+
+    return sum(n(t) for t in reader.tensors)
+
+
 def iter_gguf(reader: GgufFile, cfg: ModelConfig) -> Iterator[tuple[str, LazyTensor]]:
     permute = cfg.architecture == "LlamaForCausalLM"
     for t in reader.tensors:
@@ -164,6 +225,9 @@ def iter_gguf(reader: GgufFile, cfg: ModelConfig) -> Iterator[tuple[str, LazyTen
             name = _GLOBAL_NAMES[t.name]
         else:
             m = _LAYER_RE.match(t.name)
+            if m is not None and m.group(2) in _EXPERT_NAMES:
+                yield from _experts(t, m.group(1))
+                continue
             if m is None or m.group(2) not in _LAYER_NAMES:
                 continue
             name = f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"

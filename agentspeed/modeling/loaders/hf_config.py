@@ -12,6 +12,7 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
     "DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM",
 )
@@ -87,6 +88,8 @@ def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | N
     eos = _ids(cfg.get("eos_token_id")) + _ids((generation_cfg or {}).get("eos_token_id"))
     is_deepseek = arch.startswith("Deepseek")
     mla, moe = (_mla(cfg), _moe(cfg, arch)) if is_deepseek else (None, None)
+    if arch == "Qwen3MoeForCausalLM":
+        moe = _qwen3_moe(cfg)
     if mla is not None:
         # Llama-style fields describe nothing real for MLA; keep them consistent.
         cfg = {**cfg, "num_key_value_heads": heads, "head_dim": mla.qk_head_dim}
@@ -105,7 +108,7 @@ def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | N
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=is_qwen2 or llama_bias,
         o_proj_bias=llama_bias,
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
         rope_scaling=scaling,
         mla=mla,
         moe=moe,
@@ -154,4 +157,25 @@ def _moe(cfg: dict[str, Any], arch: str) -> MoEConfig | None:
         # transformers' V2 router never renormalises; V3 does when the config says so.
         norm_topk_prob=bool(cfg.get("norm_topk_prob", True)) if v3 else False,
         routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+    )
+
+
+def _qwen3_moe(cfg: dict[str, Any]) -> MoEConfig | None:
+    """Softmax top-k over all experts, no shared experts; every decoder_sparse_step-th layer
+    not in mlp_only_layers is MoE (transformers' rule). Released configs say num_experts;
+    transformers 5 saves it as num_local_experts."""
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    if not experts:
+        return None
+    return MoEConfig(
+        num_experts=int(experts),
+        top_k=int(cfg["num_experts_per_tok"]),
+        intermediate_size=int(cfg["moe_intermediate_size"]),
+        num_shared=0,
+        first_dense=0,
+        scoring="softmax",
+        topk_method="greedy",
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+        dense_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
     )

@@ -4,6 +4,7 @@ read lazily, slice by slice, so a tensor-parallel rank reads only its shard."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,18 @@ from safetensors import safe_open
 from agentspeed.config import ModelConfig
 from agentspeed.errors import ModelLoadError
 from agentspeed.modeling.layers.weights import LazyTensor
+from agentspeed.modeling.loaders import checkpoint_quant
+from agentspeed.modeling.loaders.checkpoint_quant import FP8Weights
 from agentspeed.modeling.loaders.hf_config import model_config_from_hf
+
+log = logging.getLogger(__name__)
 
 
 def read_model_config(path: Path) -> ModelConfig:
+    """config.json (and generation_config.json) -> ModelConfig; an unsupported architecture
+    or checkpoint quantization raises UnsupportedModelError before any weight is read."""
     cfg = json.loads((path / "config.json").read_text())
+    checkpoint_quant.checkpoint_quant(cfg)
     gen_path = path / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
     return model_config_from_hf(cfg, gen)
@@ -59,25 +67,61 @@ def _lazy(handle: Any, name: str) -> LazyTensor:
     return LazyTensor(shape, reader)
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, LazyTensor]]:
-    """(name, lazy tensor) for every tensor of every shard; a corrupt or truncated file
-    raises ModelLoadError naming it."""
+def _fp8_lazy(weight: LazyTensor, scale: LazyTensor, fp8: FP8Weights) -> LazyTensor:
+    shape = (weight.shape[0], weight.shape[1])
+
+    def reader(rows: slice | None, cols: slice | None) -> torch.Tensor:
+        return checkpoint_quant.dequantize(weight.read, scale.read, shape, fp8.block, rows, cols)
+
+    return LazyTensor(weight.shape, reader)
+
+
+def _index(path: Path) -> dict[str, Any]:
+    """Tensor name -> the open shard holding it; a corrupt or truncated file raises
+    ModelLoadError naming it."""
+    where: dict[str, Any] = {}
     for f in _files(path):
         try:
             handle = safe_open(str(f), framework="pt")
             names = list(handle.keys())
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {e}") from None
-        for name in names:
-            yield name, _lazy(handle, name)
+        where.update(dict.fromkeys(names, handle))
+    return where
+
+
+def read_checkpoint_quant(path: Path) -> FP8Weights | None:
+    return checkpoint_quant.checkpoint_quant(json.loads((path / "config.json").read_text()))
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, LazyTensor]]:
+    """(name, lazy tensor) for every tensor of every shard, FP8 weights paired with their
+    scales (wherever the shards put them) and read dequantized to fp32."""
+    fp8 = read_checkpoint_quant(path)
+    where = _index(path)
+    scales = {n for n in where if fp8 is not None and n.endswith("." + fp8.scale_suffix)}
+    dequantized = 0
+    for name, handle in where.items():
+        if name in scales:
+            continue  # read with its weight
+        lazy = _lazy(handle, name)
+        dtype = handle.get_slice(name).get_dtype()
+        if dtype in checkpoint_quant.FP8_DTYPES:
+            if fp8 is None:
+                raise ModelLoadError(f"{name} is stored as {dtype} but config.json has no quantization_config")
+            scale = name.removesuffix("weight") + fp8.scale_suffix
+            if len(lazy.shape) != 2 or scale not in where:
+                raise ModelLoadError(f"{name}: an {dtype} tensor without its {fp8.scale_suffix}")
+            lazy = _fp8_lazy(lazy, _lazy(where[scale], scale), fp8)
+            dequantized += 1
+        yield name, lazy
+    if fp8 is not None:
+        log.info("%s: %d weights dequantized at load (activations run in the compute dtype)",
+                 fp8.describe(), dequantized)
 
 
 def count_safetensors(path: Path) -> int:
-    total = 0
-    for f in _files(path):
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                total += len(list(h.keys()))
-        except Exception as e:
-            raise ModelLoadError(f"corrupt or truncated safetensors file {f}: {e}") from None
-    return total
+    """How many tensors iter_safetensors yields."""
+    fp8 = read_checkpoint_quant(path)
+    suffix = "." + fp8.scale_suffix if fp8 is not None else None
+    return sum(1 for n in _index(path) if suffix is None or not n.endswith(suffix))

@@ -31,7 +31,10 @@ class CausalLM(nn.Module):
         self.cos_sin: torch.Tensor
         self.register_buffer(
             "cos_sin",
-            cos_sin_table(rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device),
+            cos_sin_table(
+                rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device,
+                cfg.rope_freq_factors,
+            ),
             persistent=False,
         )
         self.targets: Targets = {}

@@ -47,7 +47,6 @@ class DeepseekForCausalLM(CausalLM):
         if mla is None:
             raise ValueError("a DeepSeek model needs an MLA config")
         super().__init__(cfg, mla.qk_rope_head_dim, device)
-        self._optional: set[str] = set()
         layers: list[tuple[str, SpmdModule]] = []
         for i in range(cfg.num_layers):
             attn = MLAttention(i, cfg, comm, kernels, dtype, device)
@@ -62,7 +61,7 @@ class DeepseekForCausalLM(CausalLM):
                 owner = mods[key] if key in mods else getattr(attn, key, None)
                 if owner is not None:
                     self.targets[prefix + name] = (owner, param, part)
-            if moe is None or i < moe.first_dense:
+            if moe is None or not moe.is_moe_layer(i):
                 mods.update(dense_mlp(cfg.hidden_size, cfg.intermediate_size, comm, kernels, dtype, device))
                 for name, (key, param, part) in _DENSE_WEIGHTS.items():
                     self.targets[prefix + name] = (mods[key], param, part)
@@ -70,21 +69,8 @@ class DeepseekForCausalLM(CausalLM):
                 v3 = cfg.architecture == "DeepseekV3ForCausalLM"
                 experts = SparseMoE(cfg.hidden_size, moe, v3, comm, kernels, dtype, device)
                 mods["moe"] = experts
-                self._moe_targets(prefix, experts, v3)
+                self.targets.update(experts.checkpoint_targets(prefix))
             layers.append((f"layer{i}", decoder_layer(mods)))
         embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype, device)
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device)
         self.finish(embed, layers, norm, comm, dtype, device)
-
-    def _moe_targets(self, prefix: str, moe: SparseMoE, with_bias: bool) -> None:
-        t = self.targets
-        t[prefix + "mlp.gate.weight"] = (moe, "gate", None)
-        if with_bias:
-            t[prefix + "mlp.gate.e_score_correction_bias"] = (moe, "bias", None)
-        for e in range(moe.cfg.num_experts):
-            for w in ("gate", "up", "down"):
-                t[f"{prefix}mlp.experts.{e}.{w}_proj.weight"] = (moe, "expert", f"{e}.{w}")
-        if moe.cfg.num_shared:
-            t[prefix + "mlp.shared_experts.gate_proj.weight"] = (moe.shared_gate_up, "weight", "gate")
-            t[prefix + "mlp.shared_experts.up_proj.weight"] = (moe.shared_gate_up, "weight", "up")
-            t[prefix + "mlp.shared_experts.down_proj.weight"] = (moe.shared_down, "weight", None)

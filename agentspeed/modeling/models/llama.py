@@ -1,4 +1,5 @@
-"""The Llama family: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm).
+"""The Llama family: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm) and
+Qwen3-MoE (Qwen3's attention, routed experts in place of the MLP).
 
 Written as local SPMD: every module states its placements and the compiler adds the
 collectives; nothing here talks to other ranks.
@@ -16,6 +17,7 @@ from agentspeed.modeling.layers.attention import PagedAttention
 from agentspeed.modeling.layers.basic import RMSNorm, SiluAndMul
 from agentspeed.modeling.layers.embedding import VocabParallelEmbedding
 from agentspeed.modeling.layers.linear import RowParallelLinear, merged_column, qkv_column
+from agentspeed.modeling.layers.moe import SparseMoE
 from agentspeed.modeling.models.base import CausalLM
 from agentspeed.modeling.placement import Replicate
 
@@ -79,10 +81,16 @@ class LlamaForCausalLM(CausalLM):
                 ),
                 "o_proj": RowParallelLinear(H * D, cfg.hidden_size, cfg.o_proj_bias, comm, dtype, device),
                 "mlp_norm": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device),
-                **dense_mlp(cfg.hidden_size, cfg.intermediate_size, comm, kernels, dtype, device),
             }
+            if cfg.moe is not None and cfg.moe.is_moe_layer(i):
+                mods["moe"] = moe = SparseMoE(cfg.hidden_size, cfg.moe, False, comm, kernels, dtype, device)
+                self.targets.update(moe.checkpoint_targets(f"model.layers.{i}."))
+            else:
+                mods.update(dense_mlp(cfg.hidden_size, cfg.intermediate_size, comm, kernels, dtype, device))
             layers.append((f"layer{i}", decoder_layer(mods)))
             for name, (key, part) in _LAYER_WEIGHTS.items():
+                if key not in mods:
+                    continue
                 param = name.rsplit(".", 1)[1]
                 if key == "attn":
                     param, part = part or param, None
