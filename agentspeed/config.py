@@ -105,6 +105,19 @@ class ModelConfig:
     moe: MoEConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"  # the gated MLP's activation: "silu" or "gelu_tanh" (Gemma)
+    # Sliding-window attention: a token sees the last `sliding_window` keys (itself included)
+    # in the layers marked True in sliding_layers (all layers when that is empty).
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3)
+    attn_scale: float | None = None  # softmax scale; None: head_dim^-0.5
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of this layer, None for full attention."""
+        if self.sliding_window is None or (self.sliding_layers and not self.sliding_layers[layer]):
+            return None
+        return self.sliding_window
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -68,12 +68,13 @@ TINY_DEEPSEEK = dict(
 
 
 def make_tiny(kind: str, root: Path, **overrides: object) -> Path:
-    """Save a random-weight tiny model of `kind` (llama|qwen2|qwen3|qwen3_moe|mistral|
+    """Save a random-weight tiny model of `kind` (llama|qwen2|qwen3|qwen3_moe|gemma3|mistral|
     deepseek_v2|deepseek_v3) to root/kind."""
     from transformers import (
         AutoModelForCausalLM,
         DeepseekV2Config,
         DeepseekV3Config,
+        Gemma3TextConfig,
         LlamaConfig,
         MistralConfig,
         Qwen2Config,
@@ -82,10 +83,16 @@ def make_tiny(kind: str, root: Path, **overrides: object) -> Path:
     )
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
-           "deepseek_v2": DeepseekV2Config, "deepseek_v3": DeepseekV3Config, "qwen3_moe": Qwen3MoeConfig}[kind]
+           "deepseek_v2": DeepseekV2Config, "deepseek_v3": DeepseekV3Config, "qwen3_moe": Qwen3MoeConfig, "gemma3": Gemma3TextConfig}[kind]
     kw = dict(TINY_DEEPSEEK) if kind.startswith("deepseek") else dict(TINY)
     if kind in ("qwen3", "qwen3_moe"):
         kw["head_dim"] = 16
+    if kind == "gemma3":  # sliding layer, global layer; an 11-token window; own RoPE bases
+        kw.update(head_dim=16, sliding_window=11, layer_types=["sliding_attention", "full_attention"],
+                  query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                      "rope_theta": 1000000.0}})
     if kind == "qwen3_moe":  # 8 experts of 32, top 2, renormalised (as Qwen3-Coder-30B-A3B)
         kw.update(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
     if kind == "mistral":

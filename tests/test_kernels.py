@@ -117,6 +117,35 @@ def test_paged_attention_matches_dense(ctx: list[int], qlens: list[int], ps: int
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=f"{impl.backend}")
 
 
+@pytest.mark.parametrize("ctx,qlens,ps,shared", PREFILL_CASES)
+@pytest.mark.parametrize("op", ["paged_attention_prefill", "paged_attention_decode"])
+@pytest.mark.parametrize("window", [1, 6, 29])
+def test_sliding_window_attention_matches_dense(
+        ctx: list[int], qlens: list[int], ps: int, shared: int, op: str, window: int) -> None:
+    """A token at position p sees keys (p - window, p]: windows start mid-page, inside a
+    shared prefix, and longer than some contexts. Backends without windows decline the trait."""
+    if op == "paged_attention_decode" and max(qlens) > 1:
+        qlens = [1] * len(ctx)
+    q, kc, vc, meta, dk, dv = make_paged(ctx, qlens, ps, shared)
+    expected = []
+    for qb, k, v in zip(q.split(qlens), dk, dv):
+        n, L = qb.shape[0], k.shape[0]
+        pos = torch.arange(L - n, L)[:, None]
+        keys = torch.arange(L)[None, :]
+        mask = (keys <= pos) & (keys > pos - window)
+        kk = k.repeat_interleave(H // KVH, 1).transpose(0, 1)
+        vv = v.repeat_interleave(H // KVH, 1).transpose(0, 1)
+        expected.append(F.scaled_dot_product_attention(qb.transpose(0, 1), kk, vv, attn_mask=mask).transpose(0, 1))
+    tested = []
+    for impl in backends_for(op):
+        if impl.why_not("cpu", torch.float32, {"head_dim": D, "page_size": ps, "sliding_window": True}):
+            continue
+        out = impl.fn(q, kc, vc, meta, D**-0.5, window=window)
+        torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5, msg=f"{impl.backend}")
+        tested.append(impl.backend)
+    assert {"reference", "cpu"} <= set(tested)
+
+
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_long_context_decode_matches_dense(shuffle: bool) -> None:
     """Past LONG_CONTEXT the CPU decode attends over views of page runs: one run, several runs

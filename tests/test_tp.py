@@ -50,6 +50,8 @@ EXTRA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     "deepseek_v3": ("deepseek_v3", {}),
     # Qwen3-MoE: q/k norm attention, softmax top-k experts
     "qwen3_moe": ("qwen3_moe", {}),
+    # Gemma 3: a sliding and a global layer, post-norms after the sharded o_proj and down
+    "gemma3": ("gemma3", {}),
 }
 
 

@@ -14,11 +14,14 @@ Ops (each has a torch `reference` backend that runs everywhere):
   silu_and_mul(x) -> Tensor                                   silu(x[..., :d]) * x[..., d:]
   store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None
                                                   writes new tokens' K/V in place
-  paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None)
-  paged_attention_decode(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None)
+  paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None, window=None)
+  paged_attention_decode(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None, window=None)
                                                   -> [T, H, D]; sequences have 1 to
                                                   MAX_DECODE_QUERY query tokens (a decode, or
-                                                  one verifying speculative drafts), causal
+                                                  one verifying speculative drafts), causal;
+                                                  with `window`, a token at position p sees
+                                                  keys in (p - window, p] (a backend without
+                                                  windows declines the `sliding_window` trait)
   sample(logits, params) -> Tensor[int64]
 
 Multi-head latent attention (DeepSeek-V2/V3). The cache holds one row per token,
@@ -275,10 +278,11 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     op = "paged_attention_decode" if meta.is_decode else "paged_attention_prefill"
-    traits = {"head_dim": q.shape[-1], "page_size": meta.page_size}
-    return select_kernel(op, _device_of(q), q.dtype, traits).fn(q, k_cache, v_cache, meta, scale)
+    traits = {"head_dim": q.shape[-1], "page_size": meta.page_size, "sliding_window": window is not None}
+    return select_kernel(op, _device_of(q), q.dtype, traits).fn(q, k_cache, v_cache, meta, scale, window=window)
 
 
 def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:

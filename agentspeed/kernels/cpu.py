@@ -67,7 +67,11 @@ def paged_attention_prefill(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
+    """window: a sliding window (a token at position p sees keys in (p - window, p])."""
+    if window is not None:
+        return _windowed_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
     out = torch.empty_like(q)
     start = 0
     ps = k_cache.shape[1]
@@ -93,6 +97,28 @@ def paged_attention_prefill(
             rows = torch.arange(slen - qlen, slen)[:, None]
             mask = torch.arange(slen)[None, :] <= rows
             o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + qlen] = o[0].transpose(0, 1)
+        start += qlen
+    return out
+
+
+def _windowed_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                      window: int) -> torch.Tensor:
+    # Only the keys some row can see are gathered: from the first row's window start on.
+    out = torch.empty_like(q)
+    start = 0
+    ps = k_cache.shape[1]
+    for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        lo = max(0, slen - qlen - window + 1) // ps * ps  # whole pages: page-table columns
+        table = meta.page_table[b, lo // ps:]
+        k = gather_context(k_cache, table, slen - lo, k_scale, q.dtype).transpose(0, 1)[None]
+        v = gather_context(v_cache, table, slen - lo, v_scale, q.dtype).transpose(0, 1)[None]
+        rows = torch.arange(slen - qlen, slen)[:, None]
+        keys = torch.arange(lo, slen)[None, :]
+        mask = (keys <= rows) & (keys > rows - window)
+        qb = q[start : start + qlen].transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + qlen] = o[0].transpose(0, 1)
         start += qlen
     return out
@@ -210,9 +236,11 @@ def paged_attention_decode(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    if q.shape[0] != len(meta.seq_lens_cpu):  # several query tokens: the general causal path
-        return paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
+    # Several query tokens, or a sliding window: the general masked path.
+    if q.shape[0] != len(meta.seq_lens_cpu) or window is not None:
+        return paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
     if meta.pages_cpu and meta.max_seq_len >= LONG_CONTEXT:
         return _decode_per_sequence(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     page_size = k_cache.shape[1]

@@ -30,6 +30,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -77,6 +79,12 @@ def _cache_code(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return code
 
 
+def _no_window(traits: Mapping[str, Any]) -> bool:
+    # The native attention kernels have no sliding-window mask (yet): models with windowed
+    # layers select the `cpu` backend's torch attention, named in the load log.
+    return not traits.get("sliding_window")
+
+
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
@@ -89,7 +97,9 @@ def paged_attention_decode(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
+    assert window is None, "sliding windows are selected away from this kernel (its supports())"
     if _fn is None:
         raise RuntimeError(f"{BACKEND} is unavailable here: {_UNAVAILABLE}")
     code = _cache_code(q, k_cache, v_cache, k_scale, v_scale, "decode")
@@ -117,9 +127,11 @@ def paged_attention_prefill(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Head sizes the kernel has no tile for (it takes 64 and 128) run the `cpu` backend's
     torch path, which computes the same attention."""
+    assert window is None, "sliding windows are selected away from this kernel (its supports())"
     if _prefill is None or _prefill_supports is None:
         raise RuntimeError(f"{BACKEND} is unavailable here: {_UNAVAILABLE}")
     code = _cache_code(q, k_cache, v_cache, k_scale, v_scale, "prefill")
@@ -253,7 +265,7 @@ else:
         register_unavailable("linear", INT16_BACKEND, _UNAVAILABLE)
     else:
         register_kernel("paged_attention_decode", BACKEND, ("cpu",), (torch.float32,),
-                        priority=20)(paged_attention_decode)
+                        priority=20, supports=_no_window)(paged_attention_decode)
         _prefill = load().paged_prefill_attention
         _prefill.argtypes = _PREFILL_ARGTYPES
         _prefill.restype = _I
@@ -261,7 +273,7 @@ else:
         _prefill_supports.argtypes = (_I, _I, _I)
         _prefill_supports.restype = _I
         register_kernel("paged_attention_prefill", BACKEND, ("cpu",), (torch.float32,),
-                        priority=20)(paged_attention_prefill)
+                        priority=20, supports=_no_window)(paged_attention_prefill)
         from agentspeed.kernels import cpu_ggml
 
         register_kernel("linear", BACKEND, ("cpu",), (torch.float32,), priority=20,

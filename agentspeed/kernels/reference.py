@@ -116,9 +116,10 @@ def gather_context(
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None
 ) -> torch.Tensor:
-    """q [n, H, D], k/v [L, KVH, D]; row i sits at position L - n + i and sees keys <= it."""
+    """q [n, H, D], k/v [L, KVH, D]; row i sits at position p = L - n + i and sees keys <= p
+    (and > p - window with a sliding window)."""
     n, h, _ = q.shape
     L, kvh, _ = k.shape
     rep = h // kvh
@@ -126,7 +127,10 @@ def _attend(
     v = v.repeat_interleave(rep, dim=1).float()
     scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * scale
     pos = torch.arange(L - n, L, device=q.device)[:, None]
-    mask = torch.arange(L, device=q.device)[None, :] <= pos
+    keys = torch.arange(L, device=q.device)[None, :]
+    mask = keys <= pos
+    if window is not None:
+        mask &= keys > pos - window
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1)
     return torch.einsum("hnl,lhd->nhd", probs, v).to(q.dtype)
@@ -140,13 +144,14 @@ def _paged_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     start = 0
     for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         k = gather_context(k_cache, meta.page_table[b], slen, k_scale, q.dtype)
         v = gather_context(v_cache, meta.page_table[b], slen, v_scale, q.dtype)
-        out[start : start + qlen] = _attend(q[start : start + qlen], k, v, scale)
+        out[start : start + qlen] = _attend(q[start : start + qlen], k, v, scale, window)
         start += qlen
     return out
 

@@ -94,6 +94,7 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         "page_size": cfg.cache.page_size,
         "kv_cache_dtype": cfg.cache.kv_cache_dtype,
         "mla": mcfg.mla is not None,
+        "sliding_window": mcfg.sliding_window is not None,
     }
     if mcfg.mla is not None:
         traits.update(kv_lora_rank=mcfg.mla.kv_lora_rank, qk_rope_head_dim=mcfg.mla.qk_rope_head_dim)

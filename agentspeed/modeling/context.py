@@ -33,3 +33,4 @@ class ForwardContext:
     kv_caches: Sequence[LayerKV]  # per layer
     logits_indices: torch.Tensor  # [B'] rows of the flattened tokens whose logits are wanted
     rope: torch.Tensor | None = None  # [T, rot] cos|sin per token; the model fills it once
+    rope_local: torch.Tensor | None = None  # the same from a second table (Gemma 3's sliding layers)

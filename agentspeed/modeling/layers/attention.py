@@ -27,22 +27,34 @@ class PagedAttention(SpmdModule):
         qk_norm_eps: float | None,
         dtype: torch.dtype,
         device: str,
+        *,
+        window: int | None = None,
+        scale: float | None = None,
+        norm_offset: float = 0.0,
+        local_rope: bool = False,
     ) -> None:
         """num_heads/num_kv_heads are this rank's (local) counts. qk_norm_eps enables
-        per-head RMSNorm on q and k (Qwen3)."""
+        per-head RMSNorm on q and k (Qwen3, Gemma 3), whose checkpoint weights are stored
+        minus norm_offset (Gemma's 1 + w). window: a sliding window of that many keys;
+        scale: the softmax scale (default head_dim^-0.5); local_rope: rotate with the
+        model's second (sliding layers') RoPE table."""
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.kernels = kernels
         self.qk_norm_eps = qk_norm_eps
+        self.window = window
+        self.norm_offset = norm_offset
+        self.local_rope = local_rope
         if qk_norm_eps is not None:
             self.q_norm = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
             self.k_norm = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
 
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
-        copy_into(getattr(self, param), t.read(), param)
+        w = t.read_dense()
+        copy_into(getattr(self, param), w.float() + self.norm_offset if self.norm_offset else w, param)
 
     def forward(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = qkv.shape[0]
@@ -54,19 +66,19 @@ class PagedAttention(SpmdModule):
         if self.qk_norm_eps is not None:
             q = ks.rms_norm(q, self.q_norm, self.qk_norm_eps)
             k = ks.rms_norm(k, self.k_norm, self.qk_norm_eps)
-        q, k = ks.rotary_embedding(q, k, ctx.rope)
+        q, k = ks.rotary_embedding(q, k, ctx.rope_local if self.local_rope else ctx.rope)
         kv = ctx.kv_caches[self.layer_idx]
         ks.store_kv(k, v, kv.k, kv.v, ctx.attn.slot_mapping, kv.k_scale, kv.v_scale)
-        meta = ctx.attn
+        meta, w = ctx.attn, self.window
         if meta.is_decode:
-            out = ks.paged_attention_decode(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale)
+            out = ks.paged_attention_decode(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale, w)
         elif meta.decode_split is not None:
             # Decode rows of a mixed step go to the decode kernel (on CPU the native one reads
             # the pages in place; the prefill path would gather each whole context).
             rows, dmeta, pmeta = meta.decode_split
             out = torch.empty_like(q)
-            out[:rows] = ks.paged_attention_decode(q[:rows], kv.k, kv.v, dmeta, self.scale, kv.k_scale, kv.v_scale)
-            out[rows:] = ks.paged_attention_prefill(q[rows:], kv.k, kv.v, pmeta, self.scale, kv.k_scale, kv.v_scale)
+            out[:rows] = ks.paged_attention_decode(q[:rows], kv.k, kv.v, dmeta, self.scale, kv.k_scale, kv.v_scale, w)
+            out[rows:] = ks.paged_attention_prefill(q[rows:], kv.k, kv.v, pmeta, self.scale, kv.k_scale, kv.v_scale, w)
         else:
-            out = ks.paged_attention_prefill(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale)
+            out = ks.paged_attention_prefill(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale, w)
         return out.reshape(T, self.q_size)

@@ -1,10 +1,12 @@
-"""Small SPMD layers: RMSNorm (Replicate -> Replicate) and SiLU-and-mul (Shard -> Shard)."""
+"""Small SPMD layers: RMSNorm and Scale (Replicate -> Replicate), the gated activations
+SiLU-and-mul and GELU(tanh)-and-mul (Shard -> Shard)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from agentspeed.kernels.api import KernelSet
@@ -17,14 +19,18 @@ class RMSNorm(SpmdModule):
     in_placement = Replicate()
     out_placement = Replicate()
 
-    def __init__(self, size: int, eps: float, kernels: KernelSet, dtype: torch.dtype, device: str) -> None:
+    def __init__(self, size: int, eps: float, kernels: KernelSet, dtype: torch.dtype, device: str,
+                 offset: float = 0.0) -> None:
+        """offset: added to the checkpoint's weight at load (Gemma stores w for a scale of 1 + w)."""
         super().__init__()
         self.eps = eps
         self.kernels = kernels
+        self.offset = offset
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
 
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
-        copy_into(self.weight, t.read(), "norm weight")
+        w = t.read_dense()
+        copy_into(self.weight, w.float() + self.offset if self.offset else w, "norm weight")
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return self.kernels.rms_norm(x, self.weight, self.eps)
@@ -42,3 +48,28 @@ class SiluAndMul(SpmdModule):
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return self.kernels.silu_and_mul(x)
+
+
+class GeluTanhAndMul(SpmdModule):
+    """gelu_tanh(gate) * up over this rank's [gate_local | up_local] (Gemma's GeGLU)."""
+
+    in_placement = Shard(-1)
+    out_placement = Shard(-1)
+
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
+class Scale(SpmdModule):
+    """x * factor, the factor rounded to x's dtype first (as Gemma scales its embeddings)."""
+
+    in_placement = Replicate()
+    out_placement = Replicate()
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        return x * torch.tensor(self.factor, dtype=x.dtype)

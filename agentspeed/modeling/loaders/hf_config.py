@@ -15,7 +15,9 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3MoeForCausalLM",
     "DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM",
+    "Gemma3ForCausalLM",
 )
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -73,14 +75,22 @@ def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | N
             f"unsupported architecture {archs or cfg.get('model_type')!r}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"unsupported activation {cfg['hidden_act']!r}")
-    window = cfg.get("sliding_window")
-    windowed = cfg.get("use_sliding_window") or arch == "MistralForCausalLM"
-    # Refuse rather than silently attend beyond the window.
-    if windowed and window and window < cfg.get("max_position_embeddings", 0):
-        raise UnsupportedModelError("sliding-window attention is not supported yet")
-    theta, scaling = _rope(cfg)
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if act not in _ACTIVATIONS:
+        raise UnsupportedModelError(f"unsupported activation {act!r}")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise UnsupportedModelError(f"{key} is not supported")
+    if cfg.get("use_bidirectional_attention"):
+        raise UnsupportedModelError("bidirectional attention is not supported")
+    window, sliding = _sliding(cfg, arch)
+    is_gemma = arch == "Gemma3ForCausalLM"
+    local_theta = None
+    if is_gemma:
+        theta, scaling, local_theta = _gemma_rope(cfg)
+    else:
+        theta, scaling = _rope(cfg)
+    pre_attn = cfg.get("query_pre_attn_scalar")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     is_qwen2 = arch == "Qwen2ForCausalLM"
@@ -108,13 +118,58 @@ def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | N
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=is_qwen2 or llama_bias,
         o_proj_bias=llama_bias,
-        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
         rope_scaling=scaling,
         mla=mla,
         moe=moe,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(eos)),
+        hidden_act=_ACTIVATIONS[act],
+        sliding_window=window,
+        sliding_layers=sliding,
+        rope_local_theta=local_theta,
+        attn_scale=float(pre_attn) ** -0.5 if is_gemma and pre_attn else None,
     )
+
+
+def _sliding(cfg: dict[str, Any], arch: str) -> tuple[int | None, tuple[bool, ...]]:
+    """(window, which layers use it) from layer_types (transformers 5), Gemma 3's
+    sliding_window_pattern, Qwen2's max_window_layers, or Mistral's every-layer window."""
+    window = cfg.get("sliding_window")
+    n = int(cfg["num_hidden_layers"])
+    if not window or (arch != "Gemma3ForCausalLM" and window >= cfg.get("max_position_embeddings", 0)):
+        return None, ()
+    types = cfg.get("layer_types")
+    if types:
+        sliding = tuple(t == "sliding_attention" for t in types)
+    elif arch == "Gemma3ForCausalLM":
+        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        sliding = tuple((i + 1) % pattern != 0 for i in range(n))
+    elif arch == "MistralForCausalLM":
+        sliding = (True,) * n
+    elif cfg.get("use_sliding_window"):
+        first = int(cfg.get("max_window_layers") or 0)
+        sliding = tuple(i >= first for i in range(n))
+    else:
+        return None, ()
+    if len(sliding) != n:
+        raise UnsupportedModelError(f"layer_types has {len(sliding)} entries for {n} layers")
+    return (int(window), sliding) if any(sliding) else (None, ())
+
+
+def _gemma_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float]:
+    """Gemma 3: (global theta, global scaling, sliding layers' theta), from per-layer-type
+    rope_parameters (transformers 5) or rope_theta/rope_scaling/rope_local_base_freq."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:
+        theta, scaling = _rope({"rope_parameters": params["full_attention"]})
+        local = params.get("sliding_attention") or {}
+        local_theta, local_scaling = _rope({"rope_parameters": local})
+        if local_scaling is not None:
+            raise UnsupportedModelError("rope scaling on sliding-window layers is not supported")
+        return theta, scaling, local_theta
+    theta, scaling = _rope(cfg)
+    return theta, scaling, float(cfg.get("rope_local_base_freq", 10000.0))
 
 
 def _mla(cfg: dict[str, Any]) -> MLAConfig:

@@ -11,7 +11,7 @@ from agentspeed.config import ModelConfig
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.compiler import Chain, Insertion, SpmdModule, compile_placements
 from agentspeed.modeling.context import ForwardContext
-from agentspeed.modeling.layers.basic import RMSNorm
+from agentspeed.modeling.layers.basic import RMSNorm, Scale
 from agentspeed.modeling.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from agentspeed.modeling.layers.rotary import cos_sin_table
 from agentspeed.modeling.placement import Replicate
@@ -37,19 +37,25 @@ class CausalLM(nn.Module):
             ),
             persistent=False,
         )
+        # Sliding layers' own RoPE base (Gemma 3), unscaled.
+        self.cos_sin_local: torch.Tensor | None = None
+        if cfg.rope_local_theta is not None:
+            self.cos_sin_local = cos_sin_table(rope_dim, cfg.max_position_embeddings, cfg.rope_local_theta, None, device)
         self.targets: Targets = {}
         self.collectives: list[Insertion] = []
 
     def finish(
         self, embed: VocabParallelEmbedding, layers: list[tuple[str, SpmdModule]], norm: RMSNorm,
-        comm: Communicator, dtype: torch.dtype, device: str,
+        comm: Communicator, dtype: torch.dtype, device: str, embed_scale: float | None = None,
     ) -> None:
-        """Assemble body and head and run the placement compiler."""
+        """Assemble body and head and run the placement compiler. embed_scale multiplies the
+        embeddings (Gemma: sqrt(hidden))."""
         cfg = self.cfg
         self.targets["model.embed_tokens.weight"] = (embed, "weight", None)
         self.targets["model.norm.weight"] = (norm, "weight", None)
         # Token ids come in replicated; hidden states leave replicated.
-        steps = [("embed_tokens", embed), *layers, ("norm", norm)]
+        scale: list[tuple[str, SpmdModule]] = [] if embed_scale is None else [("embed_scale", Scale(embed_scale))]
+        steps = [("embed_tokens", embed), *scale, *layers, ("norm", norm)]
         self.body = Chain(steps, in_placement=Replicate(), out_placement=Replicate())
         lm_head = ParallelLMHead(
             cfg.vocab_size, cfg.hidden_size, comm, dtype, device,
@@ -62,6 +68,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         ctx.rope = self.cos_sin[ctx.positions]
+        if self.cos_sin_local is not None:
+            ctx.rope_local = self.cos_sin_local[ctx.positions]
         hidden = self.body(input_ids, ctx)
         logits = self.head(hidden[ctx.logits_indices], ctx)
         return logits[:, : self.cfg.vocab_size].float()

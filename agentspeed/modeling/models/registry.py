@@ -6,6 +6,7 @@ from torch import nn
 
 from agentspeed.errors import UnsupportedModelError
 from agentspeed.modeling.models.deepseek import DeepseekForCausalLM
+from agentspeed.modeling.models.gemma import Gemma3ForCausalLM
 from agentspeed.modeling.models.llama import LlamaForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -16,6 +17,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": LlamaForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 
 
