@@ -21,6 +21,8 @@ LAYER = {
     "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
 }
 EXPERT = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+GEMMA3 = {**LAYER, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+          "post_feedforward_layernorm": "post_ffw_norm"}
 
 
 def iq4_nl(w: np.ndarray) -> np.ndarray:
@@ -78,7 +80,17 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str, embed_iq4_nl: boo
     tensors = load_file(str(hf_dir / "model.safetensors"))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    names = GEMMA3 if arch == "gemma3" else LAYER
     w = gguf.GGUFWriter(str(out), arch)
+    if arch == "gemma3":  # as conversion/gemma.py: global RoPE base, the sliding one, the window
+        local, rope = rope.get("sliding_attention") or {}, rope.get("full_attention") or {}
+        w.add_rope_freq_base_swa(local.get("rope_theta", 10000.0))
+        w.add_sliding_window(cfg["sliding_window"])
+        types = cfg["layer_types"]
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        if rope.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -102,6 +114,8 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str, embed_iq4_nl: boo
         t = t.astype(np.float32)
         if not name.startswith("model.layers."):
             gname = GLOBAL[name]
+            if arch == "gemma3" and name == "model.norm.weight":
+                t = t + 1.0
         else:
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
             module, param = rest.rsplit(".", 1)
@@ -109,7 +123,9 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str, embed_iq4_nl: boo
                 e, proj = module.removeprefix("mlp.experts.").split(".")
                 experts.setdefault((layer, proj), {})[int(e)] = t
                 continue
-            gname = f"blk.{layer}.{LAYER[module]}.{param}"
+            gname = f"blk.{layer}.{names[module]}.{param}"
+            if arch == "gemma3" and module.endswith("norm"):
+                t = t + 1.0  # llama.cpp stores Gemma's 1 + w
         n_head = heads if "q_proj" in name else kv_heads if "k_proj" in name else None
         if arch == "llama" and n_head is not None:
             t = t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)

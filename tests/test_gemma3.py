@@ -81,3 +81,30 @@ def test_engine_chunked_prefill_and_prefix_cache(gemma: Path) -> None:
         llm.engine.scheduler.pool.check_invariants()
     finally:
         llm.shutdown()
+
+
+def test_gguf_matches_transformers(tmp_path: Path) -> None:
+    """llama.cpp's gemma3 layout: norms stored as 1 + w, ffn_norm the pre-MLP norm, post
+    norms, the window and the sliding RoPE base in metadata, a bool-array layer pattern.
+    GGUF has no query_pre_attn_scalar (llama.cpp derives it: head_dim, as in every Gemma 3
+    but the 27B), so this model's is head_dim."""
+    from gguf_writer import write_gguf
+
+    gemma = make_tiny("gemma3", tmp_path, query_pre_attn_scalar=16)
+    path = write_gguf(gemma, tmp_path / "gemma3.gguf", "F32", "gemma3")
+    runner = runner_for(path, page_size=5)
+    cfg = runner.model_config
+    assert (cfg.sliding_window, cfg.sliding_layers, cfg.rope_local_theta) == (11, (True, False), 10000.0)
+    for prompt in PROMPTS[1:]:
+        ref_tokens, ref_logits = hf_greedy(gemma, prompt, NEW)
+        assert generate(runner, [prompt], GREEDY)[0].token_ids == ref_tokens
+        assert_end_logits_match(runner, prompt, ref_tokens, ref_logits, page_size=5)
+
+
+def test_gguf_pattern_default_is_every_sixth_layer_global() -> None:
+    from agentspeed.modeling.loaders.gguf_loader import _gemma3
+
+    fields = {"block_count": 12, "attention.key_length": 256, "attention.sliding_window": 512}
+    out = _gemma3(lambda k, d=None: fields.get(k, d), 8, 2048)
+    assert out["sliding_layers"] == tuple(i % 6 != 5 for i in range(12))
+    assert out["attn_scale"] == 256**-0.5 and out["rope_local_theta"] == 10000.0

@@ -37,6 +37,8 @@ GGUF_MODELS: dict[str, tuple[str, str, dict[str, object]]] = {
     "gguf_q8_0_tied": ("llama", "Q8_0", {**_K_SHAPE, "tie_word_embeddings": True}),
     # experts stacked as llama.cpp does, each rank's 32-column down shard whole Q8_0 blocks
     "gguf_q8_0_moe": ("qwen3_moe", "Q8_0", {"moe_intermediate_size": 64}),
+    # Gemma 3 as llama.cpp stores it (1 + w norms), packed
+    "gguf_q8_0_gemma3": ("gemma3", "Q8_0", {"query_pre_attn_scalar": 16}),
 }
 EXTRA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     # fewer KV heads than ranks: the one KV head is replicated on both ranks

@@ -17,13 +17,13 @@ import torch
 from agentspeed.config import ModelConfig, MoEConfig, RopeScaling
 from agentspeed.errors import ModelLoadError, UnsupportedModelError
 from agentspeed.kernels.ggml import NATIVE_TYPES, GgmlWeight
-from agentspeed.modeling.layers.weights import LazyTensor
+from agentspeed.modeling.layers.weights import LazyTensor, dense
 from agentspeed.modeling.loaders.gguf_file import GgufFile, TensorInfo
 
 log = logging.getLogger(__name__)
 
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-          "qwen3moe": "Qwen3MoeForCausalLM"}
+          "qwen3moe": "Qwen3MoeForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -44,6 +44,9 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "ffn_gate_inp": "mlp.gate",
 }
+# Gemma 3 has norms after attention and MLP, and its ffn_norm is the pre-MLP one.
+_GEMMA3_NAMES = {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+                 "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 # Stacked [experts, rows, cols] tensors -> one Hugging Face name per expert
 _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -85,6 +88,7 @@ def gguf_model_config(reader: GgufFile) -> ModelConfig:
     vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"])
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    gemma = _gemma3(a, heads, hidden) if arch == "gemma3" else {}
     return ModelConfig(
         architecture=_ARCHS[arch],
         vocab_size=int(vocab),
@@ -99,13 +103,37 @@ def gguf_model_config(reader: GgufFile) -> ModelConfig:
         max_position_embeddings=int(a("context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias=arch == "qwen2",
-        qk_norm=arch in ("qwen3", "qwen3moe"),
+        qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
         moe=_moe(a) if arch == "qwen3moe" else None,
         rope_scaling=scaling,
         rope_freq_factors=_rope_freqs(reader),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
+        **gemma,
     )
+
+
+def _gemma3(a: Any, heads: int, hidden: int) -> dict[str, Any]:
+    """Gemma 3's fields as llama.cpp reads them: a sliding-window pattern (every 6th layer
+    global unless the file says otherwise), the sliding layers' RoPE base (10000 unless
+    given), and the softmax scale (the 27B, 62 layers, scales by hidden / heads)."""
+    n = int(a("block_count"))
+    head_dim = int(a("attention.key_length", hidden // heads))
+    out: dict[str, Any] = {
+        "hidden_act": "gelu_tanh",
+        "attn_scale": (hidden // heads if n == 62 else head_dim) ** -0.5,
+        "rope_local_theta": float(a("rope.freq_base_swa", 10000.0)),
+    }
+    window = a("attention.sliding_window")
+    if window:
+        pattern = a("attention.sliding_window_pattern", 6)
+        if np.ndim(pattern):  # one flag per layer
+            sliding = tuple(bool(x) for x in pattern)
+        else:  # a period: the last layer of each is global
+            p = int(pattern)
+            sliding = tuple(p == 0 or i % p < p - 1 for i in range(n))
+        out.update(sliding_window=int(window), sliding_layers=sliding)
+    return out
 
 
 def _moe(a: Any) -> MoEConfig:
@@ -219,7 +247,11 @@ def count_tensors(reader: GgufFile) -> int:
 
 
 def iter_gguf(reader: GgufFile, cfg: ModelConfig) -> Iterator[tuple[str, LazyTensor]]:
+    """(Hugging Face name, lazy tensor) with Hugging Face's layout and values: llama's q/k
+    rows un-permuted, Gemma's norms back to w from llama.cpp's 1 + w."""
     permute = cfg.architecture == "LlamaForCausalLM"
+    gemma = cfg.architecture == "Gemma3ForCausalLM"
+    layer_names = _GEMMA3_NAMES if gemma else _LAYER_NAMES
     for t in reader.tensors:
         if t.name in _GLOBAL_NAMES:
             name = _GLOBAL_NAMES[t.name]
@@ -228,18 +260,20 @@ def iter_gguf(reader: GgufFile, cfg: ModelConfig) -> Iterator[tuple[str, LazyTen
             if m is not None and m.group(2) in _EXPERT_NAMES:
                 yield from _experts(t, m.group(1))
                 continue
-            if m is None or m.group(2) not in _LAYER_NAMES:
+            if m is None or m.group(2) not in layer_names:
                 continue
-            name = f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+            name = f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
         n_head = None
         if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
             n_head = cfg.num_heads
         elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
             n_head = cfg.num_kv_heads
         shape = tuple(int(d) for d in reversed(t.shape))
+        shift = gemma and name.endswith("norm.weight")
 
         def reader_fn(rows: slice | None, cols: slice | None, t: Any = t, n_head: int | None = n_head,
-                      shape: tuple[int, ...] = shape) -> torch.Tensor | GgmlWeight:
-            return _read(t, shape, n_head, rows, cols)
+                      shape: tuple[int, ...] = shape, shift: bool = shift) -> torch.Tensor | GgmlWeight:
+            out = _read(t, shape, n_head, rows, cols)
+            return dense(out, t.name) - 1.0 if shift else out
 
         yield name, LazyTensor(shape, reader_fn)
