@@ -71,6 +71,13 @@ class MoEConfig:
     topk_groups: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    # GPT-OSS: scoring "topk_softmax" (softmax over the chosen logits), biases on the router and
+    # every expert projection, and a clamped SwiGLU: (clamp(up) + 1) * g * sigmoid(alpha * g)
+    # with g = min(gate, limit).
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
     sparse_step: int = 1  # Qwen3-MoE decoder_sparse_step: every sparse_step-th layer is MoE
     dense_layers: tuple[int, ...] = ()  # Qwen3-MoE mlp_only_layers
 
@@ -112,6 +119,7 @@ class ModelConfig:
     sliding_layers: tuple[bool, ...] = ()
     rope_local_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3)
     attn_scale: float | None = None  # softmax scale; None: head_dim^-0.5
+    attention_sinks: bool = False  # GPT-OSS: a learned per-head logit in every softmax
 
     def window(self, layer: int) -> int | None:
         """The sliding window of this layer, None for full attention."""

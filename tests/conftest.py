@@ -68,13 +68,14 @@ TINY_DEEPSEEK = dict(
 
 
 def make_tiny(kind: str, root: Path, **overrides: object) -> Path:
-    """Save a random-weight tiny model of `kind` (llama|qwen2|qwen3|qwen3_moe|gemma3|mistral|
-    deepseek_v2|deepseek_v3) to root/kind."""
+    """Save a random-weight tiny model of `kind` (llama|qwen2|qwen3|qwen3_moe|gemma3|gpt_oss|
+    mistral|deepseek_v2|deepseek_v3) to root/kind."""
     from transformers import (
         AutoModelForCausalLM,
         DeepseekV2Config,
         DeepseekV3Config,
         Gemma3TextConfig,
+        GptOssConfig,
         LlamaConfig,
         MistralConfig,
         Qwen2Config,
@@ -83,7 +84,8 @@ def make_tiny(kind: str, root: Path, **overrides: object) -> Path:
     )
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
-           "deepseek_v2": DeepseekV2Config, "deepseek_v3": DeepseekV3Config, "qwen3_moe": Qwen3MoeConfig, "gemma3": Gemma3TextConfig}[kind]
+           "deepseek_v2": DeepseekV2Config, "deepseek_v3": DeepseekV3Config, "qwen3_moe": Qwen3MoeConfig, "gemma3": Gemma3TextConfig,
+           "gpt_oss": GptOssConfig}[kind]
     kw = dict(TINY_DEEPSEEK) if kind.startswith("deepseek") else dict(TINY)
     if kind in ("qwen3", "qwen3_moe"):
         kw["head_dim"] = 16
@@ -93,6 +95,9 @@ def make_tiny(kind: str, root: Path, **overrides: object) -> Path:
                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                    "full_attention": {"rope_type": "linear", "factor": 2.0,
                                                       "rope_theta": 1000000.0}})
+    if kind == "gpt_oss":  # sliding (7 tokens) then global layer, sinks, 8 biased experts of 32, top 2
+        kw.update(head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                  sliding_window=7, layer_types=["sliding_attention", "full_attention"])
     if kind == "qwen3_moe":  # 8 experts of 32, top 2, renormalised (as Qwen3-Coder-30B-A3B)
         kw.update(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
     if kind == "mistral":

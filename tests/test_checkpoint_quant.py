@@ -144,6 +144,7 @@ def test_fp8_slices_dequantize_like_the_whole(tmp_path: Path) -> None:
 @pytest.mark.parametrize("quant, needle", [
     ({"quant_method": "awq", "bits": 4}, "quant_method 'awq'"),
     ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq'"),
+    ({"quant_method": "mxfp4"}, "mxfp4 outside GPT-OSS"),
     ({"quant_method": "fp8", "fmt": "e5m2"}, "fp8 format 'e5m2'"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "format 'pack-quantized'"),
     ({"quant_method": "compressed-tensors", "format": "float-quantized", "kv_cache_scheme": {"num_bits": 8},

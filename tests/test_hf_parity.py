@@ -81,6 +81,9 @@ VARIANTS = {
     "tied-qwen2": ("qwen2", {"tie_word_embeddings": True}),
     "llama-bias": ("llama", {"attention_bias": True}),
     "mistral": ("mistral", {}),
+    # sliding windows shorter than the prompts: every layer (Mistral), layers >= 1 (Qwen2)
+    "mistral-window": ("mistral", {"sliding_window": 9}),
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 9, "max_window_layers": 1}),
     "mqa": ("llama", {"num_key_value_heads": 1}),
 }
 

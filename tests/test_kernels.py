@@ -146,6 +146,39 @@ def test_sliding_window_attention_matches_dense(
     assert {"reference", "cpu"} <= set(tested)
 
 
+@pytest.mark.parametrize("ctx,qlens,ps,shared", PREFILL_CASES[:4])
+@pytest.mark.parametrize("op", ["paged_attention_prefill", "paged_attention_decode"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_attention_sinks_match_dense(
+        ctx: list[int], qlens: list[int], ps: int, shared: int, op: str, window: int | None) -> None:
+    """A sink logit per head joins each softmax's denominator and contributes no value
+    (GPT-OSS): out = softmax([scores, sink])[:-1] @ v, alone and with a window."""
+    if op == "paged_attention_decode" and max(qlens) > 1:
+        qlens = [1] * len(ctx)
+    q, kc, vc, meta, dk, dv = make_paged(ctx, qlens, ps, shared)
+    sinks = torch.linspace(-1.5, 2.5, H)
+    expected = []
+    for qb, k, v in zip(q.split(qlens), dk, dv):
+        n, L = qb.shape[0], k.shape[0]
+        pos = torch.arange(L - n, L)[:, None]
+        keys = torch.arange(L)[None, :]
+        mask = (keys <= pos) & ((keys > pos - window) if window else True)
+        kk = k.repeat_interleave(H // KVH, 1).transpose(0, 1)
+        vv = v.repeat_interleave(H // KVH, 1).transpose(0, 1)
+        scores = (qb.transpose(0, 1) @ kk.transpose(1, 2) * D**-0.5).masked_fill(~mask, float("-inf"))
+        full = torch.cat([scores, sinks[:, None, None].expand(H, n, 1)], -1).softmax(-1)[..., :-1]
+        expected.append((full @ vv).transpose(0, 1))
+    tested = []
+    traits = {"head_dim": D, "page_size": ps, "attention_sinks": True, "sliding_window": window is not None}
+    for impl in backends_for(op):
+        if impl.why_not("cpu", torch.float32, traits):
+            continue
+        out = impl.fn(q, kc, vc, meta, D**-0.5, window=window, sinks=sinks)
+        torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5, msg=f"{impl.backend}")
+        tested.append(impl.backend)
+    assert {"reference", "cpu"} <= set(tested)
+
+
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_long_context_decode_matches_dense(shuffle: bool) -> None:
     """Past LONG_CONTEXT the CPU decode attends over views of page runs: one run, several runs

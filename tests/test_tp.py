@@ -54,6 +54,8 @@ EXTRA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     "qwen3_moe": ("qwen3_moe", {}),
     # Gemma 3: a sliding and a global layer, post-norms after the sharded o_proj and down
     "gemma3": ("gemma3", {}),
+    # GPT-OSS: sinks sharded with the heads, expert biases (down's added on one rank)
+    "gpt_oss": ("gpt_oss", {}),
 }
 
 

@@ -14,14 +14,16 @@ Ops (each has a torch `reference` backend that runs everywhere):
   silu_and_mul(x) -> Tensor                                   silu(x[..., :d]) * x[..., d:]
   store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None
                                                   writes new tokens' K/V in place
-  paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None, window=None)
-  paged_attention_decode(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None, window=None)
+  paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None, window=None, sinks=None)
+  paged_attention_decode(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None, window=None, sinks=None)
                                                   -> [T, H, D]; sequences have 1 to
                                                   MAX_DECODE_QUERY query tokens (a decode, or
                                                   one verifying speculative drafts), causal;
                                                   with `window`, a token at position p sees
                                                   keys in (p - window, p] (a backend without
-                                                  windows declines the `sliding_window` trait)
+                                                  windows declines the `sliding_window` trait);
+                                                  sinks [H]: a per-head logit in every softmax's
+                                                  denominator (trait `attention_sinks`)
   sample(logits, params) -> Tensor[int64]
 
 Multi-head latent attention (DeepSeek-V2/V3). The cache holds one row per token,
@@ -182,6 +184,7 @@ class KernelSet:
             raise KernelUnavailableError(f"unknown kernel op(s) in override: {', '.join(sorted(unknown))}")
         self.dtype = dtype
         self.packed_rows: Callable[..., torch.Tensor] | None = None
+        self.packed_moe: Callable[..., Any] | None = None  # see KernelImpl.packed_moe
         self.backends: dict[str, str] = {}
         self._fns: dict[str, Callable[..., Any]] = {}
         self._prepare: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
@@ -202,6 +205,7 @@ class KernelSet:
             if op == "linear":
                 # Embedding rows of packed weights, where this linear reads them packed.
                 self.packed_rows = impl.packed_rows
+                self.packed_moe = impl.packed_moe
         self.linear = self._fns["linear"]
         self.rms_norm = self._fns["rms_norm"]
         self.rotary_embedding = self._fns["rotary_embedding"]

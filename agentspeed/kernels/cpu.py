@@ -68,8 +68,14 @@ def paged_attention_prefill(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """window: a sliding window (a token at position p sees keys in (p - window, p])."""
+    """window: a sliding window (a token at position p sees keys in (p - window, p]).
+    sinks (GPT-OSS): the reference's explicit softmax (SDPA has no sink logit)."""
+    if sinks is not None:
+        from agentspeed.kernels.reference import _paged_attention
+
+        return _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window, sinks)
     if window is not None:
         return _windowed_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
     out = torch.empty_like(q)
@@ -237,10 +243,11 @@ def paged_attention_decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    # Several query tokens, or a sliding window: the general masked path.
-    if q.shape[0] != len(meta.seq_lens_cpu) or window is not None:
-        return paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
+    # Several query tokens, a sliding window or sinks: the general masked path.
+    if q.shape[0] != len(meta.seq_lens_cpu) or window is not None or sinks is not None:
+        return paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window, sinks)
     if meta.pages_cpu and meta.max_seq_len >= LONG_CONTEXT:
         return _decode_per_sequence(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     page_size = k_cache.shape[1]

@@ -19,6 +19,8 @@ dense copy of a weight outlives the call.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -170,3 +172,72 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: st
         if rc != 0:
             raise RuntimeError(f"ggml {what} returned {rc} for a {NATIVE_TYPES[qtype][0]} weight ({wn}, {k})")
     return y.view(*x.shape[:-1], n)
+
+
+_moe_i16 = _lib.ggml_moe_i16
+_moe_i16.argtypes = (_P, _I, _L, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I)
+_moe_i16.restype = _I
+MOE_ROWS = I16_ROWS  # tokens per step the fused expert call takes (each expert gets at most that many)
+
+
+class MoEPlan:
+    """A layer's packed experts as ggml_moe_i16 takes them: per expert its gate|up weight
+    (2 parts of F rows) and down weight (1 part of N rows), the arrays made once."""
+
+    def __init__(self, w13: list[GgmlLinear], w2: list[GgmlLinear]) -> None:
+        self.E, self.F, self.N = len(w13), w13[0].native[0][4], w2[0].out_features
+        t13, p13, s13, t2, p2, s2 = [], [], [], [], [], []
+        for a, b in zip(w13, w2):
+            (o1, q1, w1, st1, n1), (o2, q2, w2_, st2, n2) = a.native
+            (_, q3, w3, st3, n3), = b.native
+            assert (o1, n1, o2, n2, n3) == (0, self.F, self.F, self.F, self.N)
+            t13 += [q1, q2]
+            p13 += [w1, w2_]
+            s13 += [st1, st2]
+            t2.append(q3)
+            p2.append(w3)
+            s2.append(st3)
+        self._arrays: list[ctypes.Array[Any]] = [(_I * len(t13))(*t13), (_P * len(p13))(*p13), (_L * len(s13))(*s13),
+                        (_I * len(t2))(*t2), (_P * len(p2))(*p2), (_L * len(s2))(*s2)]
+        self._weights = (w13, w2)  # the packed views the addresses point into stay alive
+        self.args = tuple(ctypes.addressof(a) for a in self._arrays)
+
+    @staticmethod
+    def of(w13: list[object], w2: list[object]) -> MoEPlan | None:
+        """The plan, or None where an expert is not packed in int16-decodable parts."""
+        def ok(w: object, parts: int) -> bool:
+            return (isinstance(w, GgmlLinear) and len(w.native) == parts and w.covered
+                    and all(q in I16_TYPES for _, q, *_ in w.native))
+        if not w13 or not all(ok(a, 2) for a in w13) or not all(ok(b, 1) for b in w2):
+            return None
+        g13 = [a for a in w13 if isinstance(a, GgmlLinear)]
+        g2 = [b for b in w2 if isinstance(b, GgmlLinear)]
+        if len({a.native[0][4] for a in g13} | {a.native[1][4] for a in g13}) != 1:
+            return None
+        return MoEPlan(g13, g2)
+
+
+def moe_i16(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for T <= MOE_ROWS tokens, each expert a
+    SwiGLU of packed weights with int16-rounded activations (as linear() for decode rows)."""
+    T, K = x.shape
+    x = x.float().contiguous()
+    ids32 = ids.to(torch.int32).contiguous()
+    w = weights.float().contiguous()
+    y = torch.empty(T, plan.N)
+    t13, p13, s13, t2, p2, s2 = plan.args
+    rc = _moe_i16(x.data_ptr(), T, K, K, ids.shape[1], ids32.data_ptr(), w.data_ptr(), plan.E, t13, p13, s13,
+                  plan.F, t2, p2, s2, plan.N, y.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"ggml_moe_i16 returned {rc} ({plan.E} experts, {T} tokens)")
+    return y
+
+
+def packed_moe(w13: list[object], w2: list[object]) -> tuple[Callable[..., torch.Tensor], int] | None:
+    """For the linear backends that round decode activations to int16: a layer's fused
+    expert call (x, ids, weights) -> y and the most tokens it takes, or None where its
+    experts are not all packed int16-decodable weights."""
+    plan = MoEPlan.of(w13, w2)
+    if plan is None:
+        return None
+    return (lambda x, ids, weights: moe_i16(x, ids, weights, plan)), MOE_ROWS

@@ -80,9 +80,9 @@ def _cache_code(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _no_window(traits: Mapping[str, Any]) -> bool:
-    # The native attention kernels have no sliding-window mask (yet): models with windowed
-    # layers select the `cpu` backend's torch attention, named in the load log.
-    return not traits.get("sliding_window")
+    # The native attention kernels have no sliding-window mask or sink logits (yet): models
+    # with either select the `cpu` backend's torch attention, named in the load log.
+    return not traits.get("sliding_window") and not traits.get("attention_sinks")
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,9 @@ def paged_attention_decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    assert window is None, "sliding windows are selected away from this kernel (its supports())"
+    assert window is None and sinks is None, "windows and sinks are selected away from this kernel"
     if _fn is None:
         raise RuntimeError(f"{BACKEND} is unavailable here: {_UNAVAILABLE}")
     code = _cache_code(q, k_cache, v_cache, k_scale, v_scale, "decode")
@@ -128,10 +129,11 @@ def paged_attention_prefill(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head sizes the kernel has no tile for (it takes 64 and 128) run the `cpu` backend's
     torch path, which computes the same attention."""
-    assert window is None, "sliding windows are selected away from this kernel (its supports())"
+    assert window is None and sinks is None, "windows and sinks are selected away from this kernel"
     if _prefill is None or _prefill_supports is None:
         raise RuntimeError(f"{BACKEND} is unavailable here: {_UNAVAILABLE}")
     code = _cache_code(q, k_cache, v_cache, k_scale, v_scale, "prefill")
@@ -277,11 +279,13 @@ else:
         from agentspeed.kernels import cpu_ggml
 
         register_kernel("linear", BACKEND, ("cpu",), (torch.float32,), priority=20,
-                        prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows)(linear)
+                        prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows,
+                        packed_moe=cpu_ggml.packed_moe)(linear)
         register_kernel("linear", EXACT_BACKEND, ("cpu",), (torch.float32,), priority=10,
                         prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows)(linear_exact)
         register_kernel("linear", INT16_BACKEND, ("cpu",), (torch.float32,), priority=5,
-                        prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows)(linear_int16)
+                        prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows,
+                        packed_moe=cpu_ggml.packed_moe)(linear_int16)
         _silu = load().silu_and_mul
         _silu.argtypes = (_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, _I)
         _silu.restype = _I

@@ -116,10 +116,12 @@ def gather_context(
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [n, H, D], k/v [L, KVH, D]; row i sits at position p = L - n + i and sees keys <= p
-    (and > p - window with a sliding window)."""
+    (and > p - window with a sliding window). sinks [H]: one more logit per head in each
+    softmax's denominator, with no value (GPT-OSS)."""
     n, h, _ = q.shape
     L, kvh, _ = k.shape
     rep = h // kvh
@@ -132,7 +134,11 @@ def _attend(
     if window is not None:
         mask &= keys > pos - window
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(-1)
+    if sinks is not None:
+        sink = sinks.float()[:, None, None].expand(h, n, 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
     return torch.einsum("hnl,lhd->nhd", probs, v).to(q.dtype)
 
 
@@ -145,13 +151,14 @@ def _paged_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     start = 0
     for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         k = gather_context(k_cache, meta.page_table[b], slen, k_scale, q.dtype)
         v = gather_context(v_cache, meta.page_table[b], slen, v_scale, q.dtype)
-        out[start : start + qlen] = _attend(q[start : start + qlen], k, v, scale, window)
+        out[start : start + qlen] = _attend(q[start : start + qlen], k, v, scale, window, sinks)
         start += qlen
     return out
 

@@ -34,6 +34,10 @@ class KernelImpl:
     # are stored; it looks up embedding rows of such a weight, (GgmlWeight, ids) -> fp32 rows.
     # Other backends are handed those weights dequantized.
     packed_rows: Callable[..., torch.Tensor] | None = None
+    # For `linear` backends reading packed weights: (a layer's prepared expert weights, gate|up
+    # and down per expert) -> (fused routed-experts call (x, ids, weights) -> y, the most
+    # tokens it takes), or None where those experts do not suit it (kernels/cpu_ggml.py).
+    packed_moe: Callable[..., Any] | None = None
 
     def why_not(self, device: str, dtype: torch.dtype, traits: Traits) -> str | None:
         """None if this implementation can run here, else the reason it cannot."""
@@ -61,6 +65,7 @@ def register_kernel(
     supports: Callable[[Traits], bool] | None = None,
     prepare: Callable[[torch.Tensor], Any] | None = None,
     packed_rows: Callable[..., torch.Tensor] | None = None,
+    packed_moe: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register `fn` as `backend`'s implementation of `op`.
 
@@ -72,7 +77,8 @@ def register_kernel(
         if backend in impls:
             raise ValueError(f"kernel {op!r} already has a {backend!r} backend")
         impls[backend] = KernelImpl(
-            op, backend, fn, frozenset(devices), frozenset(dtypes), priority, supports, prepare, packed_rows
+            op, backend, fn, frozenset(devices), frozenset(dtypes), priority, supports, prepare, packed_rows,
+            packed_moe,
         )
         return fn
 

@@ -95,6 +95,7 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         "kv_cache_dtype": cfg.cache.kv_cache_dtype,
         "mla": mcfg.mla is not None,
         "sliding_window": mcfg.sliding_window is not None,
+        "attention_sinks": mcfg.attention_sinks,
     }
     if mcfg.mla is not None:
         traits.update(kv_lora_rank=mcfg.mla.kv_lora_rank, qk_rope_head_dim=mcfg.mla.qk_rope_head_dim)

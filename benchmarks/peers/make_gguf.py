@@ -26,7 +26,15 @@ SHAPES = {
     "qwen2.5-1.5b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=1536, intermediate_size=8960,
                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768),
+    # Qwen3-Coder-30B-A3B's layer (hidden 2048, 32 heads of 128, 4 KV heads, q/k norm, 128
+    # experts of 768, top 8), 8 of its 48 layers so the F16 file (10 GiB) and the benchmark fit
+    # this 24 GiB box.
+    "qwen3-moe-8l": dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, intermediate_size=6144,
+                         num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                         num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                         tie_word_embeddings=False, rope_theta=1e7, max_position_embeddings=32768),
 }
+_ARCH = {"Qwen2ForCausalLM": "qwen2", "Qwen3MoeForCausalLM": "qwen3moe"}
 
 
 def write_f16(shape: str, path: Path) -> None:
@@ -38,7 +46,8 @@ def write_f16(shape: str, path: Path) -> None:
     cfg = SHAPES[shape]
     src = gguf.GGUFReader(str(default_model_path()))
     vocab = len(src.fields["tokenizer.ggml.tokens"].data)
-    w = gguf.GGUFWriter(str(path), "qwen2")
+    moe = "num_experts" in cfg
+    w = gguf.GGUFWriter(str(path), _ARCH[cfg["architectures"][0]])
     w.add_name(f"random {shape}")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -49,6 +58,13 @@ def write_f16(shape: str, path: Path) -> None:
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if moe:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+        w.add_expert_count(cfg["num_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     for key, field in src.fields.items():
         if key.startswith("tokenizer."):
             vtype = field.types[0]
@@ -56,22 +72,33 @@ def write_f16(shape: str, path: Path) -> None:
             w.add_key_value(key, field.contents(), vtype, sub)
     rng = np.random.default_rng(0)
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
-    hd = h // cfg["num_attention_heads"]
+    q = cfg["num_attention_heads"] * hd
     kv = cfg["num_key_value_heads"] * hd
 
     def rand(*s: int) -> np.ndarray:
         return (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16)
 
     w.add_tensor("token_embd.weight", rand(vocab, h))
+    if not cfg["tie_word_embeddings"]:
+        w.add_tensor("output.weight", rand(vocab, h))
     w.add_tensor("output_norm.weight", np.ones(h, np.float32))
     for i in range(cfg["num_hidden_layers"]):
         b = f"blk.{i}."
-        for name, shape_ in (("attn_q", (h, h)), ("attn_k", (kv, h)), ("attn_v", (kv, h)),
-                             ("attn_output", (h, h)), ("ffn_gate", (f, h)), ("ffn_up", (f, h)),
-                             ("ffn_down", (h, f))):
+        for name, shape_ in (("attn_q", (q, h)), ("attn_k", (kv, h)), ("attn_v", (kv, h)), ("attn_output", (h, q))):
             w.add_tensor(b + name + ".weight", rand(*shape_))
-        for name, n in (("attn_q", h), ("attn_k", kv), ("attn_v", kv)):
-            w.add_tensor(b + name + ".bias", np.zeros(n, np.float32))
+        if moe:  # router (F32, as llama.cpp keeps it), experts stacked [E, rows, cols], q/k norms
+            E, fe = cfg["num_experts"], cfg["moe_intermediate_size"]
+            w.add_tensor(b + "ffn_gate_inp.weight", rand(E, h).astype(np.float32))
+            for name, shape_ in (("ffn_gate_exps", (E, fe, h)), ("ffn_up_exps", (E, fe, h)),
+                                 ("ffn_down_exps", (E, h, fe))):
+                w.add_tensor(b + name + ".weight", rand(*shape_))
+            w.add_tensor(b + "attn_q_norm.weight", np.ones(hd, np.float32))
+            w.add_tensor(b + "attn_k_norm.weight", np.ones(hd, np.float32))
+        else:
+            for name, shape_ in (("ffn_gate", (f, h)), ("ffn_up", (f, h)), ("ffn_down", (h, f))):
+                w.add_tensor(b + name + ".weight", rand(*shape_))
+            for name, n in (("attn_q", h), ("attn_k", kv), ("attn_v", kv)):
+                w.add_tensor(b + name + ".bias", np.zeros(n, np.float32))
         w.add_tensor(b + "attn_norm.weight", np.ones(h, np.float32))
         w.add_tensor(b + "ffn_norm.weight", np.ones(h, np.float32))
     w.write_header_to_file()

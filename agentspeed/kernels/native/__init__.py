@@ -26,7 +26,8 @@ from pathlib import Path
 
 from agentspeed.errors import AgentspeedError
 
-SOURCES = ("elementwise.cpp", "ggml_gemm_i16.cpp", "ggml_i16.cpp", "ggml_linear.cpp", "paged_decode.cpp", "paged_prefill.cpp")
+SOURCES = ("elementwise.cpp", "ggml_gemm_i16.cpp", "ggml_i16.cpp", "ggml_linear.cpp", "ggml_moe.cpp", "paged_decode.cpp",
+           "paged_prefill.cpp")
 HEADERS = ("ggml_blocks.h", "ggml_iblocks.h", "kv_load.h", "vec.h")  # part of the cache key, not compiled on their own
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17")
 # Linked without -ffast-math: with it gcc links crtfastmath.o, whose constructor turns on

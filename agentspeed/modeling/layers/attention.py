@@ -32,12 +32,15 @@ class PagedAttention(SpmdModule):
         scale: float | None = None,
         norm_offset: float = 0.0,
         local_rope: bool = False,
+        sinks: bool = False,
+        head_start: int = 0,
     ) -> None:
         """num_heads/num_kv_heads are this rank's (local) counts. qk_norm_eps enables
         per-head RMSNorm on q and k (Qwen3, Gemma 3), whose checkpoint weights are stored
         minus norm_offset (Gemma's 1 + w). window: a sliding window of that many keys;
         scale: the softmax scale (default head_dim^-0.5); local_rope: rotate with the
-        model's second (sliding layers') RoPE table."""
+        model's second (sliding layers') RoPE table; sinks: a learned logit per head in the
+        softmax (GPT-OSS), this rank's heads from head_start on."""
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -48,11 +51,19 @@ class PagedAttention(SpmdModule):
         self.window = window
         self.norm_offset = norm_offset
         self.local_rope = local_rope
+        self.head_start = head_start
+        self.sinks: nn.Parameter | None = None
+        if sinks:
+            self.sinks = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32, device=device), requires_grad=False)
         if qk_norm_eps is not None:
             self.q_norm = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
             self.k_norm = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
 
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
+        if param == "sinks":
+            rows = slice(self.head_start, self.head_start + self.num_heads)
+            copy_into(getattr(self, param), t.read_dense(rows), param)
+            return
         w = t.read_dense()
         copy_into(getattr(self, param), w.float() + self.norm_offset if self.norm_offset else w, param)
 
@@ -69,16 +80,18 @@ class PagedAttention(SpmdModule):
         q, k = ks.rotary_embedding(q, k, ctx.rope_local if self.local_rope else ctx.rope)
         kv = ctx.kv_caches[self.layer_idx]
         ks.store_kv(k, v, kv.k, kv.v, ctx.attn.slot_mapping, kv.k_scale, kv.v_scale)
-        meta, w = ctx.attn, self.window
+        meta, w, sk = ctx.attn, self.window, self.sinks
         if meta.is_decode:
-            out = ks.paged_attention_decode(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale, w)
+            out = ks.paged_attention_decode(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale, w, sk)
         elif meta.decode_split is not None:
             # Decode rows of a mixed step go to the decode kernel (on CPU the native one reads
             # the pages in place; the prefill path would gather each whole context).
             rows, dmeta, pmeta = meta.decode_split
             out = torch.empty_like(q)
-            out[:rows] = ks.paged_attention_decode(q[:rows], kv.k, kv.v, dmeta, self.scale, kv.k_scale, kv.v_scale, w)
-            out[rows:] = ks.paged_attention_prefill(q[rows:], kv.k, kv.v, pmeta, self.scale, kv.k_scale, kv.v_scale, w)
+            out[:rows] = ks.paged_attention_decode(q[:rows], kv.k, kv.v, dmeta, self.scale, kv.k_scale, kv.v_scale,
+                                                   w, sk)
+            out[rows:] = ks.paged_attention_prefill(q[rows:], kv.k, kv.v, pmeta, self.scale, kv.k_scale,
+                                                    kv.v_scale, w, sk)
         else:
-            out = ks.paged_attention_prefill(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale, w)
+            out = ks.paged_attention_prefill(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale, w, sk)
         return out.reshape(T, self.q_size)

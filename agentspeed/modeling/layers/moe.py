@@ -41,7 +41,10 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: MoEConfig) -> tu
         weights = scores.gather(1, ids)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    else:  # DeepSeek-V2: softmax, greedy or group-limited greedy
+    elif cfg.scoring == "topk_softmax":  # GPT-OSS: the chosen logits' softmax
+        top, ids = logits.topk(cfg.top_k, dim=-1)
+        weights = top.softmax(-1)
+    else:  # DeepSeek-V2, Qwen3-MoE: softmax, greedy or group-limited greedy
         scores = logits.softmax(-1)
         if cfg.topk_method == "group_limited_greedy":
             group_scores = scores.view(-1, G, E // G).max(-1).values
@@ -83,6 +86,17 @@ class SparseMoE(SpmdModule):
         # Experts stacked: [E, gate_local | up_local, hidden] and [E, hidden, local].
         self.w13 = nn.Parameter(torch.empty(E, 2 * self.local, hidden, dtype=dtype, device=device), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(E, hidden, self.local, dtype=dtype, device=device), requires_grad=False)
+        # GPT-OSS: router logits biased; expert biases (gate|up local, and down: added by rank 0
+        # only, the block's output being a partial sum).
+        self.router_bias: nn.Parameter | None = None
+        self.b13: nn.Parameter | None = None
+        self.b2: nn.Parameter | None = None
+        if cfg.router_bias:
+            self.router_bias = nn.Parameter(torch.zeros(E, dtype=torch.float32, device=device), requires_grad=False)
+        if cfg.expert_bias:
+            self.b13 = nn.Parameter(torch.zeros(E, 2 * self.local, dtype=dtype, device=device), requires_grad=False)
+            self.b2 = nn.Parameter(torch.zeros(E, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.rank = comm.rank
         self.shared: tuple[SpmdModule, SpmdModule] | None = None
         if cfg.num_shared:
             size = cfg.intermediate_size * cfg.num_shared
@@ -94,6 +108,8 @@ class SparseMoE(SpmdModule):
         self._w13: list[Any] | None = None
         self._w2: list[Any] | None = None
         self._linear: Any = F.linear
+        # The linear backend's fused routed-experts call and the most tokens it takes.
+        self._fused: tuple[Any, int] | None = None
 
     def checkpoint_targets(self, prefix: str) -> dict[str, tuple[SpmdModule, str, str | None]]:
         """Hugging Face checkpoint names under `prefix` (model.layers.{i}.) -> (module,
@@ -110,8 +126,39 @@ class SparseMoE(SpmdModule):
             t[prefix + "mlp.shared_experts.down_proj.weight"] = (self.shared_down, "weight", None)
         return t
 
+    def gpt_oss_targets(self, prefix: str) -> dict[str, tuple[SpmdModule, str, str | None]]:
+        """GPT-OSS's names: a biased router, all experts' projections in 3-D tensors."""
+        names = ("router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
+                 "experts.down_proj", "experts.down_proj_bias")
+        return {f"{prefix}mlp.{n}": (self, n, None) for n in names}
+
+    def _load_gpt_oss(self, param: str, t: LazyTensor) -> None:
+        # gate_up_proj [E, hidden, 2I] with gate and up interleaved (even, odd columns);
+        # down_proj [E, I, hidden]: x @ W layouts, read whole and sliced here.
+        rows = slice(self.start, self.start + self.local)
+        w = t.read_dense()
+        if param == "router.weight":
+            copy_into(self.gate, w, "router weight")
+        elif param == "router.bias":
+            assert self.router_bias is not None
+            copy_into(self.router_bias, w, "router bias")
+        elif param == "experts.gate_up_proj":
+            wt = w.transpose(1, 2)
+            copy_into(self.w13, torch.cat([wt[:, 0::2][:, rows], wt[:, 1::2][:, rows]], dim=1), "experts gate_up")
+        elif param == "experts.gate_up_proj_bias":
+            assert self.b13 is not None
+            copy_into(self.b13, torch.cat([w[:, 0::2][:, rows], w[:, 1::2][:, rows]], dim=1), "experts gate_up bias")
+        elif param == "experts.down_proj":
+            copy_into(self.w2, w.transpose(1, 2)[:, :, rows], "experts down")
+        else:
+            assert self.b2 is not None
+            copy_into(self.b2, w if self.rank == 0 else torch.zeros_like(w), "experts down bias")
+
     def load(self, param: str, t: LazyTensor, part: str | None = None) -> None:
-        """param: gate | bias | expert; part for experts: "<expert>.<gate|up|down>"."""
+        """param: gate | bias | expert (part "<expert>.<gate|up|down>"), or a GPT-OSS name."""
+        if param.startswith(("router.", "experts.")):
+            self._load_gpt_oss(param, t)
+            return
         if param in ("gate", "bias"):
             target = self.gate if param == "gate" else self.bias
             assert target is not None, "this router has no correction bias"
@@ -146,6 +193,9 @@ class SparseMoE(SpmdModule):
                         for e in range(E)]
             self._linear = kernels.linear
             self.w13 = self.w2 = None  # type: ignore[assignment]
+            plain = self.b13 is None and self.cfg.swiglu_limit is None  # what the fused call computes
+            if kernels.packed_moe is not None and plain:
+                self._fused = kernels.packed_moe(self._w13, self._w2)
         else:
             with torch.no_grad():
                 for (e, which), w in self._packed.items():
@@ -158,7 +208,7 @@ class SparseMoE(SpmdModule):
         self._packed = {}
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        weights, ids = route(F.linear(x.float(), self.gate), self.bias, self.cfg)
+        weights, ids = route(F.linear(x.float(), self.gate, self.router_bias), self.bias, self.cfg)
         out = self._experts(x, weights.to(x.dtype), ids)
         if self.shared is not None:
             gate_up, down = self.shared
@@ -166,6 +216,8 @@ class SparseMoE(SpmdModule):
         return out
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None and x.shape[0] <= self._fused[1]:
+            return self._fused[0](x, ids, weights).to(x.dtype)
         # Sort the (token, expert) pairs by expert so each expert runs one matmul over its
         # tokens. The per-expert counts come to the host once per layer.
         k = ids.shape[1]
@@ -177,12 +229,21 @@ class SparseMoE(SpmdModule):
         ys = torch.empty_like(xs)
         w13 = self._w13 if self._w13 is not None else self.w13
         w2 = self._w2 if self._w2 is not None else self.w2
+        b13, b2, act = self.b13, self.b2, self._act
         start = 0
         for e, n in enumerate(counts):
             if n:
                 seg = xs[start : start + n]
-                h = self.kernels.silu_and_mul(self._linear(seg, w13[e], None))
-                ys[start : start + n] = self._linear(h, w2[e], None)
+                h = act(self._linear(seg, w13[e], None if b13 is None else b13[e]))
+                ys[start : start + n] = self._linear(h, w2[e], None if b2 is None else b2[e])
                 start += n
         ys *= weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        limit = self.cfg.swiglu_limit
+        if limit is None:
+            return self.kernels.silu_and_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(gate * self.cfg.swiglu_alpha)

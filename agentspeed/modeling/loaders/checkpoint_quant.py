@@ -9,6 +9,9 @@ Supported are the FP8 weight formats open models ship in:
 Weights are dequantized once, slice by slice as a rank reads them, into the compute dtype;
 there is no FP8 GEMM on CPU to keep them for. Activations run in the compute dtype (the
 checkpoint's activation scheme is a speed choice of FP8 hardware, not part of the weights).
+- `quant_method: mxfp4` (GPT-OSS): experts as `<name>_blocks` (two e2m1 codes per byte, 32
+  per block) and `<name>_scales` (an e8m0 power of two per block), read as `<name>` in
+  transformers' layout.
 Anything else (AWQ, GPTQ, bitsandbytes, int4 packs, FP8 KV-cache scales) is an
 UnsupportedModelError naming it."""
 
@@ -38,20 +41,49 @@ class FP8Weights:
         return f"{self.method} FP8 weights ({how})"
 
 
+@dataclass(frozen=True, slots=True)
+class MXFP4Weights:
+    """GPT-OSS's MXFP4 experts: `x_blocks` [..., rows, K / 32, 16] uint8 and `x_scales`
+    [..., rows, K / 32] uint8 stand for `x` [..., K, rows] (transformers' x @ W layout)."""
+
+    method: str = "mxfp4"
+
+    def describe(self) -> str:
+        return "mxfp4 expert weights"
+
+
+# e2m1 codes 0-15: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6
+_FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 [..., K, rows] of MXFP4 blocks [..., rows, K / 32, 16] (low nibble first) times
+    2^(scale - 127) per 32 values."""
+    lut = torch.tensor(_FP4, dtype=torch.float32)
+    b = blocks.to(torch.uint8)
+    codes = torch.stack([b & 0x0F, b >> 4], dim=-1).flatten(-2).long()  # [..., rows, G, 32]
+    vals = torch.ldexp(lut[codes], (scales.to(torch.int32) - 127)[..., None])
+    return vals.flatten(-2).transpose(-1, -2).contiguous()
+
+
 def _unsupported(what: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"unsupported checkpoint quantization: {what}; supported: block-scaled FP8 (quant_method fp8) "
-        "and compressed-tensors FP8 weights"
+        f"unsupported checkpoint quantization: {what}; supported: block-scaled FP8 (quant_method fp8), "
+        "compressed-tensors FP8 weights and GPT-OSS's mxfp4"
     )
 
 
-def checkpoint_quant(cfg: dict[str, Any]) -> FP8Weights | None:
-    """config.json -> the FP8 scheme its weights use, None if it has no quantization_config;
+def checkpoint_quant(cfg: dict[str, Any]) -> FP8Weights | MXFP4Weights | None:
+    """config.json -> the scheme its weights use, None if it has no quantization_config;
     UnsupportedModelError for any other scheme."""
     q = cfg.get("quantization_config")
     if not q:
         return None
     method = q.get("quant_method")
+    if method == "mxfp4":
+        if "GptOssForCausalLM" not in (cfg.get("architectures") or []):
+            raise _unsupported("mxfp4 outside GPT-OSS")
+        return MXFP4Weights()
     if method == "fp8":
         if q.get("fmt", "e4m3") != "e4m3":
             raise _unsupported(f"fp8 format {q['fmt']!r}")

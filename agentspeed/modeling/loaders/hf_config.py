@@ -16,6 +16,7 @@ SUPPORTED_ARCHITECTURES = (
     "DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM",
     "Gemma3ForCausalLM",
+    "GptOssForCausalLM",
 )
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -94,12 +95,16 @@ def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | N
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     is_qwen2 = arch == "Qwen2ForCausalLM"
-    llama_bias = bool(cfg.get("attention_bias", False)) and arch in ("LlamaForCausalLM", "MistralForCausalLM")
+    llama_bias = bool(cfg.get("attention_bias", False)) and arch in (
+        "LlamaForCausalLM", "MistralForCausalLM", "GptOssForCausalLM")
     eos = _ids(cfg.get("eos_token_id")) + _ids((generation_cfg or {}).get("eos_token_id"))
     is_deepseek = arch.startswith("Deepseek")
     mla, moe = (_mla(cfg), _moe(cfg, arch)) if is_deepseek else (None, None)
     if arch == "Qwen3MoeForCausalLM":
         moe = _qwen3_moe(cfg)
+    gpt_oss = arch == "GptOssForCausalLM"
+    if gpt_oss:
+        moe = _gpt_oss_moe(cfg)
     if mla is not None:
         # Llama-style fields describe nothing real for MLA; keep them consistent.
         cfg = {**cfg, "num_key_value_heads": heads, "head_dim": mla.qk_head_dim}
@@ -129,6 +134,7 @@ def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | N
         sliding_layers=sliding,
         rope_local_theta=local_theta,
         attn_scale=float(pre_attn) ** -0.5 if is_gemma and pre_attn else None,
+        attention_sinks=gpt_oss,
     )
 
 
@@ -233,4 +239,23 @@ def _qwen3_moe(cfg: dict[str, Any]) -> MoEConfig | None:
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
         sparse_step=int(cfg.get("decoder_sparse_step") or 1),
         dense_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
+    )
+
+
+def _gpt_oss_moe(cfg: dict[str, Any]) -> MoEConfig:
+    """Every layer MoE: top-k of the biased router's logits, softmaxed; biased experts with a
+    clamped SwiGLU. Its MXFP4 releases are read by checkpoint_quant (or refused there)."""
+    return MoEConfig(
+        num_experts=int(cfg.get("num_local_experts") or cfg["num_experts"]),
+        top_k=int(cfg["num_experts_per_tok"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_shared=0,
+        first_dense=0,
+        scoring="topk_softmax",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        router_bias=True,
+        expert_bias=True,
+        swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
+        swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
     )

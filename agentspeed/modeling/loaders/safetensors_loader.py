@@ -16,7 +16,7 @@ from agentspeed.config import ModelConfig
 from agentspeed.errors import ModelLoadError
 from agentspeed.modeling.layers.weights import LazyTensor
 from agentspeed.modeling.loaders import checkpoint_quant
-from agentspeed.modeling.loaders.checkpoint_quant import FP8Weights
+from agentspeed.modeling.loaders.checkpoint_quant import FP8Weights, MXFP4Weights
 from agentspeed.modeling.loaders.hf_config import model_config_from_hf
 
 log = logging.getLogger(__name__)
@@ -90,20 +90,49 @@ def _index(path: Path) -> dict[str, Any]:
     return where
 
 
-def read_checkpoint_quant(path: Path) -> FP8Weights | None:
+def read_checkpoint_quant(path: Path) -> FP8Weights | MXFP4Weights | None:
     return checkpoint_quant.checkpoint_quant(json.loads((path / "config.json").read_text()))
+
+
+def _mxfp4_lazy(blocks: LazyTensor, scales: LazyTensor) -> LazyTensor:
+    *lead, rows, groups, _ = blocks.shape
+    shape = (*lead, groups * 32, rows)
+
+    def reader(rows: slice | None, cols: slice | None) -> torch.Tensor:
+        out = checkpoint_quant.dequantize_mxfp4(blocks.read_dense(), scales.read_dense())
+        if rows is not None:
+            out = out[rows]
+        return out if cols is None else out[:, cols]
+
+    return LazyTensor(shape, reader)
+
+
+def _scale_names(where: dict[str, Any], quant: FP8Weights | MXFP4Weights | None) -> set[str]:
+    """Tensors read together with another one (FP8 scales, MXFP4 blocks' scales)."""
+    if isinstance(quant, FP8Weights):
+        return {n for n in where if n.endswith("." + quant.scale_suffix)}
+    if isinstance(quant, MXFP4Weights):
+        return {n for n in where if n.endswith("_scales") and n.removesuffix("_scales") + "_blocks" in where}
+    return set()
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, LazyTensor]]:
     """(name, lazy tensor) for every tensor of every shard, FP8 weights paired with their
-    scales (wherever the shards put them) and read dequantized to fp32."""
-    fp8 = read_checkpoint_quant(path)
+    scales (wherever the shards put them) and read dequantized to fp32, MXFP4 blocks and
+    scales read as the dequantized tensor they stand for."""
+    quant = read_checkpoint_quant(path)
+    fp8 = quant if isinstance(quant, FP8Weights) else None
     where = _index(path)
-    scales = {n for n in where if fp8 is not None and n.endswith("." + fp8.scale_suffix)}
+    scales = _scale_names(where, quant)
     dequantized = 0
     for name, handle in where.items():
         if name in scales:
             continue  # read with its weight
+        if isinstance(quant, MXFP4Weights) and name.endswith("_blocks") and name.removesuffix("_blocks") + "_scales" in scales:
+            base = name.removesuffix("_blocks")
+            dequantized += 1
+            yield base, _mxfp4_lazy(_lazy(handle, name), _lazy(where[base + "_scales"], base + "_scales"))
+            continue
         lazy = _lazy(handle, name)
         dtype = handle.get_slice(name).get_dtype()
         if dtype in checkpoint_quant.FP8_DTYPES:
@@ -115,13 +144,12 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, LazyTensor]]:
             lazy = _fp8_lazy(lazy, _lazy(where[scale], scale), fp8)
             dequantized += 1
         yield name, lazy
-    if fp8 is not None:
+    if quant is not None:
         log.info("%s: %d weights dequantized at load (activations run in the compute dtype)",
-                 fp8.describe(), dequantized)
+                 quant.describe(), dequantized)
 
 
 def count_safetensors(path: Path) -> int:
     """How many tensors iter_safetensors yields."""
-    fp8 = read_checkpoint_quant(path)
-    suffix = "." + fp8.scale_suffix if fp8 is not None else None
-    return sum(1 for n in _index(path) if suffix is None or not n.endswith(suffix))
+    where = _index(path)
+    return len(where) - len(_scale_names(where, read_checkpoint_quant(path)))

@@ -1,5 +1,6 @@
-"""The Llama family: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm) and
-Qwen3-MoE (Qwen3's attention, routed experts in place of the MLP).
+"""The Llama family: Llama 2/3, SmolLM2, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm),
+Qwen3-MoE (Qwen3's attention, routed experts in place of the MLP) and GPT-OSS (qkv/o biases,
+attention sinks, alternating sliding windows, biased experts with a clamped SwiGLU).
 
 Written as local SPMD: every module states its placements and the compiler adds the
 collectives; nothing here talks to other ranks.
@@ -78,15 +79,20 @@ class LlamaForCausalLM(CausalLM):
                 "attn": PagedAttention(
                     i, H // tp, max(1, KVH // tp), D, kernels,
                     cfg.rms_norm_eps if cfg.qk_norm else None, dtype, device,
+                    window=cfg.window(i), sinks=cfg.attention_sinks, head_start=comm.rank * (H // tp),
                 ),
                 "o_proj": RowParallelLinear(H * D, cfg.hidden_size, cfg.o_proj_bias, comm, dtype, device),
                 "mlp_norm": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels, dtype, device),
             }
             if cfg.moe is not None and cfg.moe.is_moe_layer(i):
                 mods["moe"] = moe = SparseMoE(cfg.hidden_size, cfg.moe, False, comm, kernels, dtype, device)
-                self.targets.update(moe.checkpoint_targets(f"model.layers.{i}."))
+                gpt_oss = cfg.architecture == "GptOssForCausalLM"
+                prefix = f"model.layers.{i}."
+                self.targets.update(moe.gpt_oss_targets(prefix) if gpt_oss else moe.checkpoint_targets(prefix))
             else:
                 mods.update(dense_mlp(cfg.hidden_size, cfg.intermediate_size, comm, kernels, dtype, device))
+            if cfg.attention_sinks:
+                self.targets[f"model.layers.{i}.self_attn.sinks"] = (mods["attn"], "sinks", None)
             layers.append((f"layer{i}", decoder_layer(mods)))
             for name, (key, part) in _LAYER_WEIGHTS.items():
                 if key not in mods:

@@ -1,0 +1,113 @@
+"""GPT-OSS (attention sinks, alternating sliding-window and global layers, qkv/o biases, YaRN,
+a biased top-k-softmax router over biased experts with a clamped SwiGLU) against
+transformers: greedy tokens and logits through the runner and the engine (chunked prefill,
+prefix cache across turns); its MXFP4 release format against transformers' dequantization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny
+from test_hf_parity import PROMPTS, assert_end_logits_match, hf_greedy, runner_for
+
+from agentspeed.engine.llm import LLM
+from agentspeed.engine.simple_generate import generate
+from agentspeed.modeling.layers.attention import PagedAttention
+from agentspeed.sampling_params import SamplingParams
+
+NEW = 16
+GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = make_tiny("gpt_oss", tmp_path_factory.mktemp("gpt_oss"))
+    # sinks large enough to matter beside these small attention logits
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    for name in tensors:
+        if name.endswith("sinks"):
+            tensors[name] = torch.linspace(-2.0, 2.0, tensors[name].numel())
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_layers_read_windows_and_sinks(gpt_oss: Path) -> None:
+    runner = runner_for(gpt_oss, page_size=5)
+    attn = [m for m in runner.model.modules() if isinstance(m, PagedAttention)]
+    assert [a.window for a in attn] == [7, None]
+    assert all(a.sinks is not None and a.sinks.abs().max() == 2.0 for a in attn)
+    assert runner.kernels.backends["paged_attention_prefill"] in ("cpu", "reference")
+
+
+def test_greedy_tokens_and_logits_match_transformers(gpt_oss: Path) -> None:
+    runner = runner_for(gpt_oss, page_size=5)
+    batched = generate(runner, PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, batched):
+        ref_tokens, ref_logits = hf_greedy(gpt_oss, prompt, NEW)
+        assert out.token_ids == ref_tokens
+        assert generate(runner, [prompt], GREEDY)[0].token_ids == ref_tokens
+        assert_end_logits_match(runner, prompt, ref_tokens, ref_logits, page_size=5)
+
+
+def test_engine_chunked_prefill_and_prefix_cache(gpt_oss: Path) -> None:
+    llm = LLM(str(gpt_oss), skip_tokenizer_init=True, page_size=8, max_num_batched_tokens=16, max_num_seqs=4)
+    try:
+        prompts = [list(range(3, 40)), [7, 8, 9], [11] * 5 + list(range(100, 150))]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+        for p, o in zip(prompts, outs):
+            assert o.outputs[0].token_ids == hf_greedy(gpt_oss, p, NEW)[0]
+        turn2 = prompts[2] + outs[2].outputs[0].token_ids + [42, 43, 44, 45]
+        o2 = llm.generate({"prompt_token_ids": turn2}, GREEDY)[0]
+        assert o2.num_cached_tokens == (len(prompts[2]) + NEW - 1) // 8 * 8
+        assert o2.outputs[0].token_ids == hf_greedy(gpt_oss, turn2, NEW)[0]
+        llm.engine.scheduler.pool.check_invariants()
+    finally:
+        llm.shutdown()
+
+
+FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An x @ W expert tensor [E, K, R] as GPT-OSS stores it: blocks [E, R, K / 32, 16] (two
+    e2m1 codes a byte, low nibble first) and e8m0 scales [E, R, K / 32]."""
+    wt = w.transpose(1, 2)
+    E, R, K = wt.shape
+    g = wt.reshape(E, R, K // 32, 32)
+    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
+    codes = ((g / torch.exp2(exp)[..., None])[..., None] - FP4).abs().argmin(-1)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (exp + 127).to(torch.uint8)
+
+
+def test_mxfp4_release_loads_as_transformers_dequantizes_it(gpt_oss: Path, tmp_path: Path) -> None:
+    """Experts stored as MXFP4 blocks and scales (quant_method mxfp4) load to the logits of
+    the same checkpoint dequantized by transformers' own converter (convert_moe_packed_tensors)."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    tensors = load_file(str(gpt_oss / "model.safetensors"))
+    packed, dequant = dict(tensors), dict(tensors)
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = to_mxfp4(t)
+            del packed[name]
+            packed[name + "_blocks"], packed[name + "_scales"] = blocks, scales
+            dequant[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+            assert dequant[name].shape == t.shape
+    cfg = json.loads((gpt_oss / "config.json").read_text())
+    for d, data, extra in ((tmp_path / "mxfp4", packed, {"quantization_config": {"quant_method": "mxfp4"}}),
+                           (tmp_path / "dequant", dequant, {})):
+        d.mkdir()
+        save_file(data, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps({**cfg, **extra}))
+    runner = runner_for(tmp_path / "mxfp4", page_size=5)
+    prompt = PROMPTS[1]
+    ref_tokens, ref_logits = hf_greedy(tmp_path / "dequant", prompt, NEW)
+    assert generate(runner, [prompt], GREEDY)[0].token_ids == ref_tokens
+    assert_end_logits_match(runner, prompt, ref_tokens, ref_logits, page_size=5)
