@@ -1,0 +1,54 @@
+"""Routed experts of one MoE layer in a decode step: the fused native call over the packed
+experts (kernels/native/ggml_moe.cpp) against the per-expert loop it replaced (two linear
+calls and a SiLU per expert with tokens), on a real-shape GGUF (make one with
+benchmarks/peers/make_gguf.py --shape qwen3-moe-8l). Random top-k routing, the router's
+own top_k; the fastest of --reps after a warm-up, both paths taking turns.
+
+    python benchmarks/kernels/bench_moe.py --model .cache/gguf/qwen3-moe-8l-Q4_K_M.gguf --tokens 1,4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from agentspeed.config import CacheConfig, EngineConfig
+from agentspeed.execution.model_runner import ModelRunner
+from agentspeed.modeling.layers.moe import SparseMoE
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tokens", default="1,4,8")
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+    runner = ModelRunner(EngineConfig(model=a.model, cache=CacheConfig(num_pages=16)))
+    moe = next(m for m in runner.model.modules() if isinstance(m, SparseMoE))
+    if moe._fused is None:
+        raise SystemExit("this model's experts do not take the fused call (not packed int16 types?)")
+    E, k, hidden = moe.cfg.num_experts, moe.cfg.top_k, moe.gate.shape[1]
+    print(f"{a.model}: {E} experts, top {k}, hidden {hidden}, expert size {moe.local}; "
+          f"{torch.get_num_threads()} threads; ms per layer call, fastest of {a.reps}")
+    g = torch.Generator().manual_seed(0)
+    fused = moe._fused
+    for T in (int(t) for t in a.tokens.split(",")):
+        x = torch.randn(T, hidden, generator=g)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        w = torch.rand(T, k, generator=g).softmax(-1)
+        best = {"fused": float("inf"), "loop": float("inf")}
+        for _ in range(a.reps + 1):
+            for name in best:
+                moe._fused = fused if name == "fused" else None
+                t0 = time.perf_counter()
+                moe._experts(x, w, ids)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        moe._fused = fused
+        print(f"tokens {T}: fused {best['fused'] * 1e3:.2f} ms, loop {best['loop'] * 1e3:.2f} ms "
+              f"({best['loop'] / best['fused']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
