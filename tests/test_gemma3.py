@@ -11,9 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny
-from test_hf_parity import PROMPTS, assert_end_logits_match, hf_greedy, runner_for
+from test_hf_parity import (
+    PROMPTS,
+    assert_end_logits_match,
+    check_engine_turns,
+    hf_greedy,
+    runner_for,
+)
 
-from agentspeed.engine.llm import LLM
 from agentspeed.engine.simple_generate import generate
 from agentspeed.modeling.layers.attention import PagedAttention
 from agentspeed.sampling_params import SamplingParams
@@ -36,8 +41,10 @@ def test_config_reads_windows_rope_bases_and_scale(gemma: Path) -> None:
     attn = [m for m in runner.model.modules() if isinstance(m, PagedAttention)]
     assert [(a.window, a.local_rope) for a in attn] == [(11, True), (None, False)]
     assert attn[0].scale == pytest.approx(24**-0.5)
-    # windowed layers: the torch attention (the native kernels decline the trait)
-    assert runner.kernels.backends["paged_attention_decode"] in ("cpu", "reference")
+    # the windowed layer takes the torch attention (the native kernels decline the trait); the
+    # global layer keeps the model's kernels
+    assert attn[0].kernels.backends["paged_attention_decode"] in ("cpu", "reference")
+    assert attn[1].kernels is runner.kernels
 
 
 def test_greedy_tokens_and_logits_match_transformers(gemma: Path) -> None:
@@ -68,19 +75,7 @@ def test_window_matters(gemma: Path, tmp_path: Path) -> None:
 
 
 def test_engine_chunked_prefill_and_prefix_cache(gemma: Path) -> None:
-    llm = LLM(str(gemma), skip_tokenizer_init=True, page_size=8, max_num_batched_tokens=16, max_num_seqs=4)
-    try:
-        prompts = [list(range(3, 40)), [7, 8, 9], [11] * 5 + list(range(100, 150))]
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
-        for p, o in zip(prompts, outs):
-            assert o.outputs[0].token_ids == hf_greedy(gemma, p, NEW)[0]
-        turn2 = prompts[2] + outs[2].outputs[0].token_ids + [42, 43, 44, 45]
-        o2 = llm.generate({"prompt_token_ids": turn2}, GREEDY)[0]
-        assert o2.num_cached_tokens == (len(prompts[2]) + NEW - 1) // 8 * 8
-        assert o2.outputs[0].token_ids == hf_greedy(gemma, turn2, NEW)[0]
-        llm.engine.scheduler.pool.check_invariants()
-    finally:
-        llm.shutdown()
+    check_engine_turns(gemma)
 
 
 def test_gguf_matches_transformers(tmp_path: Path) -> None:
@@ -108,3 +103,34 @@ def test_gguf_pattern_default_is_every_sixth_layer_global() -> None:
     out = _gemma3(lambda k, d=None: fields.get(k, d), 8, 2048)
     assert out["sliding_layers"] == tuple(i % 6 != 5 for i in range(12))
     assert out["attn_scale"] == 256**-0.5 and out["rope_local_theta"] == 10000.0
+
+
+def test_multimodal_checkpoint_serves_its_language_model(tmp_path: Path) -> None:
+    """Gemma 3 4B-27B ship as Gemma3ForConditionalGeneration (text_config, weights under
+    language_model., a vision tower beside): served text-only, equal to transformers' own
+    multimodal model on text."""
+    from test_hf_parity import hf_greedy_loop
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    text = make_tiny("gemma3", tmp_path / "text")
+    import json
+
+    tc = json.loads((text / "config.json").read_text())
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4, image_token_index=383,
+                       boi_token_index=381, eoi_token_index=382)
+    torch.manual_seed(0)
+    mm = Gemma3ForConditionalGeneration(cfg).eval()
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(text, dtype=torch.float32)
+    mm.model.language_model.load_state_dict(lm.model.state_dict())
+    path = tmp_path / "mm"
+    mm.save_pretrained(path)
+    runner = runner_for(path, page_size=5)
+    assert runner.model_config.architecture == "Gemma3ForCausalLM"
+    prompt = PROMPTS[1]
+    ref_tokens, ref_logits = hf_greedy_loop(mm, prompt, NEW)
+    assert generate(runner, [prompt], GREEDY)[0].token_ids == ref_tokens
+    assert_end_logits_match(runner, prompt, ref_tokens, ref_logits, page_size=5)

@@ -181,3 +181,25 @@ def test_bf16_weight_linear_backend_stays_close(smollm2_path: Path) -> None:
     # and their order can flip (measured: it does, and the answer changes), so only ask that
     # the top candidates stay the same set.
     assert set(a.topk(5).indices.tolist()) & set(b.topk(2).indices.tolist())
+
+
+def check_engine_turns(path: Path, new: int = 16) -> None:
+    """Through the whole engine: prompts past a 16-token budget (chunked prefill, windows and
+    page boundaries crossed at page size 8) equal transformers' greedy tokens, and a second
+    turn hits the first one's cached pages and still equals them; pool invariants hold."""
+    from agentspeed.engine.llm import LLM
+
+    greedy = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    llm = LLM(str(path), skip_tokenizer_init=True, page_size=8, max_num_batched_tokens=16, max_num_seqs=4)
+    try:
+        prompts = [list(range(3, 40)), [7, 8, 9], [11] * 5 + list(range(100, 150))]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy)
+        for p, o in zip(prompts, outs):
+            assert o.outputs[0].token_ids == hf_greedy(path, p, new)[0]
+        turn2 = prompts[2] + outs[2].outputs[0].token_ids + [42, 43, 44, 45]
+        o2 = llm.generate({"prompt_token_ids": turn2}, greedy)[0]
+        assert o2.num_cached_tokens == (len(prompts[2]) + new - 1) // 8 * 8
+        assert o2.outputs[0].token_ids == hf_greedy(path, turn2, new)[0]
+        llm.engine.scheduler.pool.check_invariants()
+    finally:
+        llm.shutdown()

@@ -11,11 +11,16 @@ import pytest
 import torch
 from conftest import make_tiny
 from gguf_writer import write_gguf
-from test_hf_parity import PROMPTS, assert_end_logits_match, hf_greedy, runner_for
+from test_hf_parity import (
+    PROMPTS,
+    assert_end_logits_match,
+    check_engine_turns,
+    hf_greedy,
+    runner_for,
+)
 
 from agentspeed.config import KernelConfig
 from agentspeed.control.plan import ScheduledChunk
-from agentspeed.engine.llm import LLM
 from agentspeed.engine.simple_generate import generate
 from agentspeed.kernels import cpu_native
 from agentspeed.kernels.ggml import GgmlLinear
@@ -107,20 +112,7 @@ def test_quantized_gguf_experts_stay_packed(tmp_path: Path, qtype: str) -> None:
 
 
 def test_engine_chunked_prefill_and_prefix_cache(models: dict[str, Path]) -> None:
-    path = models["renormalised"]
-    llm = LLM(str(path), skip_tokenizer_init=True, page_size=8, max_num_batched_tokens=16, max_num_seqs=4)
-    try:
-        prompts = [list(range(3, 40)), [7, 8, 9], [11] * 5 + list(range(100, 150))]
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
-        for p, o in zip(prompts, outs):
-            assert o.outputs[0].token_ids == hf_greedy(path, p, NEW)[0]
-        turn2 = prompts[2] + outs[2].outputs[0].token_ids + [42, 43, 44, 45]
-        o2 = llm.generate({"prompt_token_ids": turn2}, GREEDY)[0]
-        assert o2.num_cached_tokens == (len(prompts[2]) + NEW - 1) // 8 * 8
-        assert o2.outputs[0].token_ids == hf_greedy(path, turn2, NEW)[0]
-        llm.engine.scheduler.pool.check_invariants()
-    finally:
-        llm.shutdown()
+    check_engine_turns(models["renormalised"])
 
 
 def test_router_weights_follow_transformers_rule() -> None:

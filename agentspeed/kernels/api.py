@@ -183,6 +183,8 @@ class KernelSet:
         if unknown:
             raise KernelUnavailableError(f"unknown kernel op(s) in override: {', '.join(sorted(unknown))}")
         self.dtype = dtype
+        self._args = (device, dtype, dict(traits or {}), config)
+        self._variants: dict[tuple[tuple[str, Any], ...], KernelSet] = {}
         self.packed_rows: Callable[..., torch.Tensor] | None = None
         self.packed_moe: Callable[..., Any] | None = None  # see KernelImpl.packed_moe
         self.backends: dict[str, str] = {}
@@ -217,6 +219,25 @@ class KernelSet:
         self.mla_decode = self._fns["mla_decode"]
         self.mla_prefill = self._fns["mla_prefill"]
         self.sample = self._fns["sample"]
+
+    def variant(self, **traits: Any) -> KernelSet:
+        """The kernel set for these traits on top of this one's (e.g. the sliding-window
+        layers of a model whose other layers keep kernels without windows); made once each."""
+        key = tuple(sorted(traits.items()))
+        if key not in self._variants:
+            device, dtype, base, config = self._args
+            self._variants[key] = KernelSet(device, dtype, {**base, **traits}, config)
+        return self._variants[key]
+
+    def describe_variants(self) -> list[str]:
+        """One line per variant whose backends differ from this set's, for the load log."""
+        out = []
+        for key, ks in self._variants.items():
+            diff = {op: b for op, b in ks.backends.items() if self.backends.get(op) != b}
+            if diff:
+                what = ", ".join(f"{k}={v}" for k, v in key)
+                out.append(f"layers with {what}: " + ", ".join(f"{op}: {b}" for op, b in diff.items()))
+        return out
 
     def linear_prepare(self, weight: Any) -> Any:
         """The weight in the layout `self.linear` takes (the same tensor if no repacking). A

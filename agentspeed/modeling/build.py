@@ -94,8 +94,6 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         "page_size": cfg.cache.page_size,
         "kv_cache_dtype": cfg.cache.kv_cache_dtype,
         "mla": mcfg.mla is not None,
-        "sliding_window": mcfg.sliding_window is not None,
-        "attention_sinks": mcfg.attention_sinks,
     }
     if mcfg.mla is not None:
         traits.update(kv_lora_rank=mcfg.mla.kv_lora_rank, qk_rope_head_dim=mcfg.mla.qk_rope_head_dim)
@@ -119,6 +117,8 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         prepare = getattr(m, "prepare_weights", None)
         if prepare is not None:
             prepare(kernels)
+    for line in kernels.describe_variants():
+        log.info("kernels of %s", line)
     for kind, (n, nbytes) in kernels.widened.items():
         log.warning("%d packed %s weights dequantized for linear backend %s: +%.0f MiB resident",
                     n, kind, kernels.backends["linear"], nbytes / 2**20)

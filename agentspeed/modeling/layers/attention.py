@@ -46,6 +46,10 @@ class PagedAttention(SpmdModule):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
+        # Windowed or sink layers take kernels that can mask them; the model's other layers
+        # keep theirs (Gemma 3's global layers, for one, stay on the native kernels).
+        if window is not None or sinks:
+            kernels = kernels.variant(sliding_window=window is not None, attention_sinks=sinks)
         self.kernels = kernels
         self.qk_norm_eps = qk_norm_eps
         self.window = window

@@ -68,7 +68,20 @@ def _ids(value: Any) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (int(value),)
 
 
+def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal checkpoint's language model config (Gemma 3 4B-27B ship as
+    Gemma3ForConditionalGeneration): served text-only, its vision tower not loaded."""
+    if "Gemma3ForConditionalGeneration" in (cfg.get("architectures") or []):
+        text = dict(cfg.get("text_config") or {})
+        for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings"):
+            if text.get(key) is None and cfg.get(key) is not None:
+                text[key] = cfg[key]
+        return {"model_type": "gemma3_text", **text, "architectures": ["Gemma3ForCausalLM"]}
+    return cfg
+
+
 def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | None = None) -> ModelConfig:
+    cfg = text_config(cfg)
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:

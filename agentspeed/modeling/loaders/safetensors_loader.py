@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +116,37 @@ def _scale_names(where: dict[str, Any], quant: FP8Weights | MXFP4Weights | None)
     return set()
 
 
+# A multimodal checkpoint's language model, under the causal LM's names.
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+
+
+def _rename(path: Path) -> Callable[[str], str]:
+    cfg = json.loads((path / "config.json").read_text())
+    if "Gemma3ForConditionalGeneration" not in (cfg.get("architectures") or []):
+        return lambda name: name
+    log.info("%s: a multimodal checkpoint, served text-only (its vision tower is not loaded)", path.name)
+
+    def rename(name: str) -> str:
+        for old, new in _TEXT_PREFIXES:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    return rename
+
+
 def iter_safetensors(path: Path) -> Iterator[tuple[str, LazyTensor]]:
     """(name, lazy tensor) for every tensor of every shard, FP8 weights paired with their
     scales (wherever the shards put them) and read dequantized to fp32, MXFP4 blocks and
-    scales read as the dequantized tensor they stand for."""
+    scales read as the dequantized tensor they stand for; a multimodal checkpoint's language
+    model under the causal LM's names."""
+    rename = _rename(path)
+    for name, t in _iter_tensors(path):
+        yield rename(name), t
+
+
+def _iter_tensors(path: Path) -> Iterator[tuple[str, LazyTensor]]:
     quant = read_checkpoint_quant(path)
     fp8 = quant if isinstance(quant, FP8Weights) else None
     where = _index(path)
