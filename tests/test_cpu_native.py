@@ -76,6 +76,26 @@ SHAPES = [
 
 @needs_native
 @pytest.mark.parametrize("heads,kvh,d", SHAPES)
+@pytest.mark.parametrize("window", [None, 1, 7, SPLIT + 3])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_windows_and_sinks_match_reference(heads: int, kvh: int, d: int, window: int | None, sinks: bool) -> None:
+    """Sliding windows (the pages before a sequence's window are never read: they hold NaN
+    here) and sink logits (GPT-OSS), on the vectorised (64, 128) and scalar head sizes; a
+    windowed step verifying drafts takes the torch path."""
+    ctx = [1, 13, SPLIT, SPLIT + 1, 3 * SPLIT + 77]
+    q, k, v, meta = _case(ctx, heads, kvh, d, ps=16, seed=3)
+    sink = torch.linspace(-2.0, 3.0, heads) if sinks else None
+    want = reference._paged_attention(q, k, v, meta, d**-0.5, None, None, window, sink)
+    if window is not None:  # poison every page wholly before each window
+        for b, (L, pages) in enumerate(zip(meta.seq_lens_cpu, meta.pages_cpu)):
+            for p in pages[: max(0, L - window) // 16]:
+                k[p] = v[p] = float("nan")
+    got = cpu_native.paged_attention_decode(q, k, v, meta, d**-0.5, None, None, window, sink)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("heads,kvh,d", SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "fp8"])
 def test_matches_reference(heads: int, kvh: int, d: int, dtype: str) -> None:
     # 1 token, a partial block, exactly one span, one past it, several spans + remainder

@@ -55,7 +55,7 @@ MAX_GROUP, MAX_DIM = 32, 256  # the C++ kernel's stack buffers
 _P = ctypes.c_void_p
 _I = ctypes.c_int
 _ARGTYPES = (_P, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _I, _I, _I, _I, _I,
-             ctypes.c_float, _P, _I, _I)
+             ctypes.c_float, _P, _I, _I, _I, _P)
 _PREFILL_ARGTYPES = (_P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _P, _I, _I, _I, _I, _I,
                      ctypes.c_float, _P, _I)
 
@@ -80,8 +80,8 @@ def _cache_code(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _no_window(traits: Mapping[str, Any]) -> bool:
-    # The native attention kernels have no sliding-window mask or sink logits (yet): models
-    # with either select the `cpu` backend's torch attention, named in the load log.
+    # The native prefill kernel has no sliding-window mask or sink logits (yet): layers with
+    # either select the `cpu` backend's torch prefill, named in the load log.
     return not traits.get("sliding_window") and not traits.get("attention_sinks")
 
 
@@ -100,7 +100,8 @@ def paged_attention_decode(
     window: int | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    assert window is None and sinks is None, "windows and sinks are selected away from this kernel"
+    """window and sinks as the op API says; a windowed step with several query tokens per
+    sequence (verifying drafts) takes the `cpu` backend's masked path."""
     if _fn is None:
         raise RuntimeError(f"{BACKEND} is unavailable here: {_UNAVAILABLE}")
     code = _cache_code(q, k_cache, v_cache, k_scale, v_scale, "decode")
@@ -111,10 +112,14 @@ def paged_attention_decode(
     lens = meta.seq_lens.to(torch.int32).contiguous()
     # One query token per sequence needs no offsets (the common decode step).
     starts = None if q.shape[0] == B else meta.query_start_loc.to(torch.int32).contiguous()
+    if window is not None and starts is not None:
+        return cpu.paged_attention_decode(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window, sinks)
+    sinks32 = None if sinks is None else sinks.float().contiguous()
     out = torch.empty_like(q)
     rc = _fn(q.data_ptr(), _ptr(starts), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
              code, table.data_ptr(), table.stride(0), lens.data_ptr(), B, H, k_cache.shape[2], D,
-             k_cache.shape[1], scale, out.data_ptr(), SPLIT_TOKENS, torch.get_num_threads())
+             k_cache.shape[1], scale, out.data_ptr(), SPLIT_TOKENS, torch.get_num_threads(), window or 0,
+             _ptr(sinks32))
     if rc != 0:
         raise RuntimeError(f"{BACKEND} paged_decode_attention returned {rc}")
     return out
@@ -267,7 +272,7 @@ else:
         register_unavailable("linear", INT16_BACKEND, _UNAVAILABLE)
     else:
         register_kernel("paged_attention_decode", BACKEND, ("cpu",), (torch.float32,),
-                        priority=20, supports=_no_window)(paged_attention_decode)
+                        priority=20)(paged_attention_decode)
         _prefill = load().paged_prefill_attention
         _prefill.argtypes = _PREFILL_ARGTYPES
         _prefill.restype = _I

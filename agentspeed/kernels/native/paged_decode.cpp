@@ -90,8 +90,12 @@ struct Args {
     int B, H, KVH, D, page_size;
     float scale;
     float* out;  // [T, H, D]
+    int window;  // > 0: each sequence's (single) query sees only its last `window` keys
+    const float* sinks;  // [H] or null: a logit per head in the softmax's denominator, no value
 
     int first_row(int b) const { return qstart ? qstart[b] : b; }
+    // The first key sequence b attends (its single query's window start).
+    int first_key(int b) const { return window > 0 && seq_lens[b] > window ? seq_lens[b] - window : 0; }
     int num_queries(int b) const { return qstart ? qstart[b + 1] - qstart[b] : 1; }
 };
 
@@ -347,14 +351,14 @@ void run(const Args& a, int split, int threads) {
     for (int b = 0; b < a.B; ++b) qmax = std::max(qmax, a.num_queries(b));
     const int H = a.H * qmax;  // virtual heads per item (room for the most query tokens)
     std::vector<int> first(a.B + 1, 0);  // items [first[b], first[b+1]) are sequence b's spans
-    for (int b = 0; b < a.B; ++b) first[b + 1] = first[b] + (a.seq_lens[b] + split - 1) / split;
+    for (int b = 0; b < a.B; ++b) first[b + 1] = first[b] + (a.seq_lens[b] - a.first_key(b) + split - 1) / split;
     const int items = first[a.B];
     std::vector<float> m(static_cast<size_t>(items) * H), l(m.size()), acc(m.size() * D);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int it = 0; it < items; ++it) {
         int b = 0;
         while (first[b + 1] <= it) ++b;
-        const int t0 = (it - first[b]) * split;
+        const int t0 = a.first_key(b) + (it - first[b]) * split;
         const int t1 = t0 + split < a.seq_lens[b] ? t0 + split : a.seq_lens[b];
         const size_t o = static_cast<size_t>(it) * H;
         attend<DT>(a, b, t0, t1, &m[o], &l[o], &acc[o * D]);
@@ -378,6 +382,7 @@ void run(const Args& a, int split, int threads) {
 #pragma omp simd
             for (int d = 0; d < D; ++d) o[d] += w * ar[d];
         }
+        if (a.sinks) den += std::exp(a.sinks[kh * G + g] - mx);
         const float inv = 1.0f / den;
 #pragma omp simd
         for (int d = 0; d < D; ++d) o[d] *= inv;
@@ -388,24 +393,27 @@ void run(const Args& a, int split, int threads) {
 
 extern "C" {
 
-int agentspeed_abi_version() { return 5; }
+int agentspeed_abi_version() { return 6; }
 
 // Returns 0 on success, a negative code for arguments the kernel cannot take (the Python
 // wrapper checks these first; the codes are a second line of defence, never a crash).
 // query_start: [B + 1] row offsets of each sequence's query tokens (at most MAX_QUERY each,
-// the last ones of its context), or null for one token per sequence.
+// the last ones of its context), or null for one token per sequence. window > 0: a sliding
+// window (one query per sequence, which reads only its last `window` keys' pages); sinks: null
+// or [H] logits that join each head's softmax denominator (GPT-OSS).
 int paged_decode_attention(const float* q, const int32_t* query_start, const void* k_cache,
                            const void* v_cache, const float* k_scale, const float* v_scale, int dtype,
                            const int32_t* page_table, int64_t pt_stride, const int32_t* seq_lens,
                            int B, int H, int KVH, int D, int page_size, float scale, float* out,
-                           int split, int threads) {
-    if (KVH <= 0 || H % KVH != 0 || H / KVH > MAX_GROUP || D > MAX_DIM || split <= 0) return -1;
+                           int split, int threads, int window, const float* sinks) {
+    if (KVH <= 0 || H % KVH != 0 || H / KVH > MAX_GROUP || D > MAX_DIM || split <= 0 || window < 0) return -1;
     for (int b = 0; b < B; ++b) {
         const int nq = query_start ? query_start[b + 1] - query_start[b] : 1;
         if (seq_lens[b] <= 0 || nq < 1 || nq > MAX_QUERY || nq > seq_lens[b]) return -2;
+        if (window > 0 && nq != 1) return -5;  // windows: one query per sequence
     }
     Args a{q, query_start, k_cache, v_cache, k_scale, v_scale, page_table, pt_stride, seq_lens,
-           B, H, KVH, D, page_size, scale, out};
+           B, H, KVH, D, page_size, scale, out, window, sinks};
     switch (dtype) {
         case F32: run<F32>(a, split, threads); return 0;
         case BF16: run<BF16>(a, split, threads); return 0;
