@@ -87,7 +87,7 @@ def test_windows_and_sinks_match_reference(heads: int, kvh: int, d: int, window:
     sink = torch.linspace(-2.0, 3.0, heads) if sinks else None
     want = reference._paged_attention(q, k, v, meta, d**-0.5, None, None, window, sink)
     if window is not None:  # poison every page wholly before each window
-        for b, (L, pages) in enumerate(zip(meta.seq_lens_cpu, meta.pages_cpu)):
+        for L, pages in zip(meta.seq_lens_cpu, meta.pages_cpu):
             for p in pages[: max(0, L - window) // 16]:
                 k[p] = v[p] = float("nan")
     got = cpu_native.paged_attention_decode(q, k, v, meta, d**-0.5, None, None, window, sink)

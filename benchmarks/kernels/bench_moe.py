@@ -2,7 +2,9 @@
 experts (kernels/native/ggml_moe.cpp) against the per-expert loop it replaced (two linear
 calls and a SiLU per expert with tokens), on a real-shape GGUF (make one with
 benchmarks/peers/make_gguf.py --shape qwen3-moe-8l). Random top-k routing, the router's
-own top_k; the fastest of --reps after a warm-up, both paths taking turns.
+own top_k; the fastest of --reps after a warm-up, both paths taking turns. Then whole
+decode steps of one sequence (ModelRunner.forward after a 300-token prompt, no server), with
+every layer's experts fused and looped, --steps each, alternating in rounds of 10.
 
     python benchmarks/kernels/bench_moe.py --model .cache/gguf/qwen3-moe-8l-Q4_K_M.gguf --tokens 1,4,8
 """
@@ -15,6 +17,7 @@ import time
 import torch
 
 from agentspeed.config import CacheConfig, EngineConfig
+from agentspeed.control.plan import ScheduledChunk
 from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.modeling.layers.moe import SparseMoE
 
@@ -24,8 +27,9 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--tokens", default="1,4,8")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40, help="decode steps per path (0: skip)")
     a = ap.parse_args()
-    runner = ModelRunner(EngineConfig(model=a.model, cache=CacheConfig(num_pages=16)))
+    runner = ModelRunner(EngineConfig(model=a.model, cache=CacheConfig(num_pages=64)))
     moe = next(m for m in runner.model.modules() if isinstance(m, SparseMoE))
     if moe._fused is None:
         raise SystemExit("this model's experts do not take the fused call (not packed int16 types?)")
@@ -48,6 +52,33 @@ def main() -> None:
         moe._fused = fused
         print(f"tokens {T}: fused {best['fused'] * 1e3:.2f} ms, loop {best['loop'] * 1e3:.2f} ms "
               f"({best['loop'] / best['fused']:.2f}x)")
+    if a.steps:
+        decode_steps(runner, a.steps)
+
+
+def decode_steps(runner: ModelRunner, steps: int) -> None:
+    moes = [m for m in runner.model.modules() if isinstance(m, SparseMoE)]
+    fused = [m._fused for m in moes]
+    pages = list(range(1, 64))
+    prompt = list(range(100, 400))
+    runner.forward([ScheduledChunk("x", prompt, 0, pages)])
+    pos = len(prompt)
+    total = {"fused": 0.0, "loop": 0.0}
+    for r in range(-(-steps // 10) + 1):  # the first round warms up
+        for name in total:
+            for m, f in zip(moes, fused):
+                m._fused = f if name == "fused" else None
+            t0 = time.perf_counter()
+            for _ in range(10):
+                runner.forward([ScheduledChunk("x", (5,), pos, pages)])
+                pos += 1
+            if r:
+                total[name] += time.perf_counter() - t0
+    for m, f in zip(moes, fused):
+        m._fused = f
+    n = 10 * (-(-steps // 10))
+    print(f"decode step, 1 sequence, {len(moes)} MoE layers: fused {total['fused'] / n * 1e3:.1f} ms, "
+          f"loop {total['loop'] / n * 1e3:.1f} ms per token")
 
 
 if __name__ == "__main__":
