@@ -58,6 +58,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                   help="models with sliding-window layers (Gemma 3, GPT-OSS, Mistral): keep every "
+                        "layer's KV for the whole context in one pool (default: the window layers "
+                        "have their own pool and give back pages that fell out of the window)")
     ov = g.add_mutually_exclusive_group()
     ov.add_argument("--overlap", dest="overlap", action="store_const", const=True, default=None,
                     help="plan step N+1 while step N runs (default on GPUs without speculative decoding; on "
@@ -89,7 +93,8 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
         parallel=ParallelConfig(tp=args.tp, rank=rank, master_port=port),
         cache=CacheConfig(page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
                           gpu_memory_utilization=args.gpu_memory_utilization,
-                          kv_cache_dtype=args.kv_cache_dtype),
+                          kv_cache_dtype=args.kv_cache_dtype,
+                          hybrid_kv=not args.disable_hybrid_kv_cache_manager),
         kernels=KernelConfig.from_spec(args.kernel_backend),
         scheduling=SchedulingConfig(
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,

@@ -167,6 +167,11 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     cpu_memory_fraction: float = 0.25
     cpu_kv_cap: int = 4 << 30
+    # Hybrid models (sliding-window layers beside full ones): the window layers get their own
+    # pool and keep only the pages a query can still see (an engine's scheduler gives the rest
+    # back). window_num_pages sizes that pool (default: execution/kv_cache.py's split).
+    hybrid_kv: bool = True
+    window_num_pages: int | None = None
 
     def __post_init__(self) -> None:
         if self.page_size < 1:

@@ -81,7 +81,7 @@ SHAPES = [
 def test_windows_and_sinks_match_reference(heads: int, kvh: int, d: int, window: int | None, sinks: bool) -> None:
     """Sliding windows (the pages before a sequence's window are never read: they hold NaN
     here) and sink logits (GPT-OSS), on the vectorised (64, 128) and scalar head sizes; a
-    windowed step verifying drafts takes the torch path."""
+    windowed step verifying drafts takes the native prefill kernel."""
     ctx = [1, 13, SPLIT, SPLIT + 1, 3 * SPLIT + 77]
     q, k, v, meta = _case(ctx, heads, kvh, d, ps=16, seed=3)
     sink = torch.linspace(-2.0, 3.0, heads) if sinks else None
@@ -89,6 +89,15 @@ def test_windows_and_sinks_match_reference(heads: int, kvh: int, d: int, window:
     if window is not None:  # poison every page wholly before each window
         for L, pages in zip(meta.seq_lens_cpu, meta.pages_cpu):
             for p in pages[: max(0, L - window) // 16]:
+                k[p] = v[p] = float("nan")
+    got = cpu_native.paged_attention_decode(q, k, v, meta, d**-0.5, None, None, window, sink)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Three query tokens per sequence (verifying drafts): the native prefill kernel's masks.
+    q, k, v, meta = _prefill_case(ctx, [1, 3, 3, 2, 3], heads, kvh, d, ps=16, seed=4)
+    want = reference._paged_attention(q, k, v, meta, d**-0.5, None, None, window, sink)
+    if window is not None:
+        for L, n, pages in zip(meta.seq_lens_cpu, meta.query_lens_cpu, meta.pages_cpu):
+            for p in pages[: max(0, L - n - window + 1) // 16]:
                 k[p] = v[p] = float("nan")
     got = cpu_native.paged_attention_decode(q, k, v, meta, d**-0.5, None, None, window, sink)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -210,6 +219,26 @@ def test_prefill_matches_reference(heads: int, kvh: int, d: int, dtype: str) -> 
         want = reference._paged_attention(q, k, v, meta, d**-0.5, ks, vs)
         got = cpu_native.paged_attention_prefill(q, k, v, meta, d**-0.5, ks, vs)
         assert got.dtype == torch.float32 and got.shape == q.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"contexts {ctx}, new {ql}")
+
+
+@needs_native
+@pytest.mark.parametrize("heads,kvh,d", [(9, 3, 64), (8, 2, 128), (32, 1, 64)])
+@pytest.mark.parametrize("window,sinks", [(7, False), (100, True), (None, True), (300, False)])
+@pytest.mark.usefixtures("two_threads")
+def test_prefill_windows_and_sinks_match_reference(heads: int, kvh: int, d: int, window: int | None,
+                                                   sinks: bool) -> None:
+    """Windows shorter than a block of rows, than the new tokens and than a cached prefix
+    (the pages before every row's window hold NaN, so reading one shows), and sink logits."""
+    sink = torch.linspace(-2.0, 3.0, heads) if sinks else None
+    for i, (ctx, ql) in enumerate(PREFILL_CASES):
+        q, k, v, meta = _prefill_case(ctx, ql, heads, kvh, d, ps=16, seed=i)
+        want = reference._paged_attention(q, k, v, meta, d**-0.5, None, None, window, sink)
+        if window is not None:
+            for L, n, pages in zip(meta.seq_lens_cpu, meta.query_lens_cpu, meta.pages_cpu):
+                for p in pages[: max(0, L - n - window + 1) // 16]:
+                    k[p] = v[p] = float("nan")
+        got = cpu_native.paged_attention_prefill(q, k, v, meta, d**-0.5, None, None, window, sink)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"contexts {ctx}, new {ql}")
 
 

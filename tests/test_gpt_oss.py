@@ -46,7 +46,9 @@ def test_layers_read_windows_and_sinks(gpt_oss: Path) -> None:
     attn = [m for m in runner.model.modules() if isinstance(m, PagedAttention)]
     assert [a.window for a in attn] == [7, None]
     assert all(a.sinks is not None and a.sinks.abs().max() == 2.0 for a in attn)
-    assert all(a.kernels.backends["paged_attention_prefill"] in ("cpu", "reference") for a in attn)
+    # windows and sinks keep the model's attention kernels (every CPU backend takes both)
+    assert all(a.kernels.backends["paged_attention_prefill"] == runner.kernels.backends["paged_attention_prefill"]
+               for a in attn)
 
 
 def test_greedy_tokens_and_logits_match_transformers(gpt_oss: Path) -> None:

@@ -96,19 +96,23 @@ def test_quantized_gguf_experts_stay_packed(tmp_path: Path, qtype: str) -> None:
     chunk = [ScheduledChunk("x", PROMPTS[1], 0, [1, 2, 3])]
     want = dense.forward(chunk)
     assert (packed.forward(chunk) - want).abs().max() < 1e-2 * want.std()
-    # Decode steps (up to 8 tokens) take the fused routed-experts call: the per-expert loop's
+    # Steps of up to 64 tokens take the fused routed-experts call: the per-expert loop's
     # sums, with its int16 activations, in one native call.
     moe = moes[0]
-    assert moe._fused is not None and moe._fused[1] == 8
+    assert moe._fused is not None and moe._fused[1] == 64
     g = torch.Generator().manual_seed(0)
-    for T in (1, 3, 8):
+    for T in (1, 3, 8, 20, 64):
         x = torch.randn(T, 256, generator=g)
         w, ids = torch.rand(T, 2, generator=g), torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)])
         fused = moe._experts(x, w, ids)
         fn, moe._fused = moe._fused, None
         loop = moe._experts(x, w, ids)
         moe._fused = fn
-        torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
+        # Up to 8 tokens per expert the loop's products round x to int16 as the fused call
+        # does; an expert with more runs the loop's exact fp32 product, the fused call still
+        # int16 (relative error ~2^-15 per block of x: ggml_i16.cpp).
+        tol = 1e-5 if T <= 8 else 1e-3
+        torch.testing.assert_close(fused, loop, rtol=tol, atol=tol)
 
 
 def test_engine_chunked_prefill_and_prefix_cache(models: dict[str, Path]) -> None:

@@ -22,7 +22,8 @@ from agentspeed.control.scheduler import RequestRejected, Scheduler, SchedulerCo
 
 EOS = 0
 # What the stateful runs exercised (checked by test_stateful_run_exercised_pressure).
-COVERAGE = {"preemptions": 0, "evictions": 0, "overlapped_plans": 0, "prefix_hits": 0}
+COVERAGE = {"preemptions": 0, "evictions": 0, "overlapped_plans": 0, "prefix_hits": 0, "window_drops": 0,
+            "window_prefix_hits": 0, "window_preemptions": 0}
 
 
 def written_pages(plan: ExecutionPlan, pages: list[tuple[int, ...]], page_size: int) -> dict[int, str]:
@@ -37,11 +38,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     """Random submit/abort/plan/advance with overlap (a second plan while one is in flight),
     random finishes (EOS), a pool small enough to force preemption and eviction."""
 
+    WINDOW: int | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.ps = 4
         self.sched = Scheduler(SchedulerConfig(num_pages=12, page_size=self.ps, max_num_batched_tokens=16,
-                                               max_num_seqs=4, max_model_len=40))
+                                               max_num_seqs=4, max_model_len=40, window=self.WINDOW,
+                                               window_num_pages=11 if self.WINDOW else 0))
+        self.wpages: dict[int, list[tuple[int, ...]]] = {}
         self.rng = random.Random(0)
         self.in_flight: list[ExecutionPlan] = []
         self.mirror = PageRows()
@@ -62,7 +67,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         try:
             self.sched.submit(spec)
         except RequestRejected:
-            assert len(prompt) + max_tokens > 40 or -(-(len(prompt) + max_tokens) // self.ps) > 11
+            total = len(prompt) + max_tokens
+            wpool = self.sched.wpool
+            assert total > 40 or -(-total // self.ps) > 11 or (
+                wpool is not None and self.sched._window_pages_needed(total) > wpool.num_usable)
             return
         self.live.add(rid)
         self.outputs[rid] = []
@@ -82,14 +90,26 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert not plan.released and not plan.new_requests
             return
         pages = self.pages[plan.step_id] = self.mirror.apply(plan)
+        wpages = self.wpages[plan.step_id] = self.mirror.last_windows
         # Never reuse a page an in-flight step touches for another request's writes.
         for old in self.in_flight:
-            touched = {p: c.request_id for c, row in zip(old.chunks, self.pages[old.step_id]) for p in row}
-            for page, rid in written_pages(plan, pages, self.ps).items():
-                assert touched.get(page, rid) == rid, f"page {page} reused while fenced"
+            for rows, now in ((self.pages[old.step_id], pages), (self.wpages[old.step_id], wpages)):
+                if self.WINDOW is None and rows is self.wpages[old.step_id]:
+                    continue
+                touched = {p: c.request_id for c, row in zip(old.chunks, rows) for p in row if p}
+                for page, rid in written_pages(plan, now, self.ps).items():
+                    assert touched.get(page, rid) == rid, f"page {page} reused while fenced"
+        if self.WINDOW is not None:
+            # Every position a query of this step can see is in a live window page.
+            for c, row in zip(plan.chunks, wpages):
+                first = max(0, c.start - self.WINDOW + 1)
+                assert all(row[i] for i in range(first // self.ps, (c.start + len(c.token_ids) - 1) // self.ps + 1))
+                COVERAGE["window_drops"] += not row[0]
         for c in plan.chunks:
             assert all(t >= 0 for t in c.token_ids) or (len(c.token_ids) == 1 and self.in_flight)
-            COVERAGE["prefix_hits"] += self.sched.num_cached_tokens(c.request_id) > 0
+            hit = self.sched.num_cached_tokens(c.request_id) > 0
+            COVERAGE["prefix_hits"] += hit
+            COVERAGE["window_prefix_hits"] += hit and self.WINDOW is not None
         COVERAGE["overlapped_plans"] += bool(self.in_flight)
         self.in_flight.append(plan)
 
@@ -125,15 +145,27 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.sched.check_invariants()
         assert not self.sched.has_unfinished(), "scheduler did not drain (deadlock?)"
         COVERAGE["preemptions"] += self.sched.num_preemptions
+        COVERAGE["window_preemptions"] += self.sched.num_preemptions * (self.WINDOW is not None)
         COVERAGE["evictions"] += self.sched.pool.evictions
-        pool = self.sched.pool
-        assert pool.num_available() == pool.num_usable
-        pool.check_invariants()
+        for pool in (self.sched.pool, self.sched.wpool):
+            if pool is not None:
+                assert pool.num_available() == pool.num_usable
+                pool.check_invariants()
+
+
+class WindowSchedulerMachine(SchedulerMachine):
+    """The same with a hybrid model's second table: a 6-token sliding window, its own pool."""
+
+    WINDOW = 6
 
 
 TestSchedulerStateful = SchedulerMachine.TestCase
 TestSchedulerStateful.settings = settings(
     max_examples=150, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
+)
+TestWindowSchedulerStateful = WindowSchedulerMachine.TestCase
+TestWindowSchedulerStateful.settings = settings(
+    max_examples=100, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
 )
 
 

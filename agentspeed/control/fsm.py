@@ -6,8 +6,10 @@
 
 Each state is its own class and each transition a function whose parameter type is its legal
 source state(s), so `mypy --strict` rejects an illegal call at check time; at run time an
-illegal call raises IllegalTransition. States that hold KV own the request's BlockTable; the
-transitions that leave them hand it on or give it back.
+illegal call raises IllegalTransition. States that hold KV own the request's BlockTables (one
+for the full-attention layers, and one for the sliding-window layers of a hybrid model whose
+window pages are given back as the window moves); the transitions that leave them hand them
+on or give them back.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Prefilling:
     """Prompt (or recomputed context) partly computed; owns its pages."""
 
     blocks: BlockTable
+    window: BlockTable | None = None
 
 
 @dataclass(slots=True)
@@ -43,6 +46,7 @@ class PrefillDone:
     """Whole prompt computed; its first token is being sampled."""
 
     blocks: BlockTable
+    window: BlockTable | None = None
 
 
 @dataclass(slots=True)
@@ -50,6 +54,7 @@ class Decoding:
     """Generating one token per step."""
 
     blocks: BlockTable
+    window: BlockTable | None = None
 
 
 @dataclass(slots=True)
@@ -73,25 +78,25 @@ def _expect(state: object, allowed: tuple[type, ...], transition: str) -> None:
         raise IllegalTransition(f"{transition}: request is {type(state).__name__}, expected {names}")
 
 
-def start_prefill(state: Waiting, blocks: BlockTable) -> Prefilling:
+def start_prefill(state: Waiting, blocks: BlockTable, window: BlockTable | None = None) -> Prefilling:
     _expect(state, (Waiting,), "start_prefill")
-    return Prefilling(blocks)
+    return Prefilling(blocks, window)
 
 
 def complete_prefill(state: Prefilling) -> PrefillDone:
     _expect(state, (Prefilling,), "complete_prefill")
-    return PrefillDone(state.blocks)
+    return PrefillDone(state.blocks, state.window)
 
 
 def start_decode(state: PrefillDone) -> Decoding:
     _expect(state, (PrefillDone,), "start_decode")
-    return Decoding(state.blocks)
+    return Decoding(state.blocks, state.window)
 
 
-def preempt(state: Running) -> tuple[Preempted, BlockTable]:
-    """Returns the new state and the handle the caller must give back to the pool."""
+def preempt(state: Running) -> tuple[Preempted, BlockTable, BlockTable | None]:
+    """Returns the new state and the handles the caller must give back to their pools."""
     _expect(state, (Prefilling, PrefillDone, Decoding), "preempt")
-    return Preempted(), state.blocks
+    return Preempted(), state.blocks, state.window
 
 
 def requeue(state: Preempted) -> Waiting:
@@ -99,8 +104,9 @@ def requeue(state: Preempted) -> Waiting:
     return Waiting()
 
 
-def finish(state: Live, reason: FinishReason) -> tuple[Finished, BlockTable | None]:
-    """Returns Finished and the handle to give back (None if the state held no KV)."""
+def finish(state: Live, reason: FinishReason) -> tuple[Finished, BlockTable | None, BlockTable | None]:
+    """Returns Finished and the handles to give back (None where the state held none)."""
     _expect(state, (Waiting, Prefilling, PrefillDone, Decoding, Preempted), "finish")
-    blocks = state.blocks if isinstance(state, (Prefilling, PrefillDone, Decoding)) else None
-    return Finished(reason), blocks
+    if isinstance(state, (Prefilling, PrefillDone, Decoding)):
+        return Finished(reason), state.blocks, state.window
+    return Finished(reason), None, None

@@ -110,6 +110,23 @@ class PagePool:
             self.refcount[p] = 1
             pages.append(p)
 
+    def skip(self, bt: BlockTable, n: int) -> None:
+        """Append n null-page entries to bt: positions no step will read through it (the
+        pages before a sliding window)."""
+        bt.pages.extend([0] * n)
+
+    def drop(self, bt: BlockTable, lo: int, hi: int, fence: int | None = None) -> None:
+        """Give back bt's pages [lo, hi) and leave null entries in their place (a sliding
+        window moved past them). With a fence they stay held until clear_fence(fence)."""
+        pages = bt.pages
+        gone = [p for p in pages[lo:hi] if p]
+        pages[lo:hi] = [0] * (hi - lo)
+        if fence is not None:
+            self._fences.setdefault(fence, []).extend(gone)
+        else:
+            for p in reversed(gone):
+                self._unref(p)
+
     def share(self, bt: BlockTable, page: int) -> None:
         """Append a published or cached page (a prefix-cache hit) to bt."""
         st = self.state[page]
@@ -124,7 +141,7 @@ class PagePool:
     def release(self, bt: BlockTable, fence: int | None = None) -> None:
         """Give back every page of bt and invalidate it. With a fence (the id of a step in
         flight), the pages stay held until clear_fence(fence)."""
-        pages = bt.pages
+        pages = [p for p in bt.pages if p]
         bt._released = True
         self._tables.discard(bt)
         if fence is not None:

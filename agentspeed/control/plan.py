@@ -70,7 +70,10 @@ class ScheduledChunk(msgspec.Struct, frozen=True, gc=False):
     every page at offset 0; later ones only the pages added since (often none).
     sample: sample one token afterwards (logits of the last token). num_draft > 0 (with
     sample): the last num_draft token_ids are speculative drafts; the step verifies them
-    greedily and yields 1 to num_draft + 1 tokens (StepResult)."""
+    greedily and yields 1 to num_draft + 1 tokens (StepResult).
+    window_offset/window_pages: the same delta for the request's row of the sliding-window
+    layers' page table (hybrid models only): there, entries before the window are the null
+    page once their pages are given back, so a delta may restart before the row's end."""
 
     request_id: str
     token_ids: Sequence[int]
@@ -79,16 +82,18 @@ class ScheduledChunk(msgspec.Struct, frozen=True, gc=False):
     sample: bool = True
     num_draft: int = 0
     page_offset: int = 0
+    window_offset: int = 0
+    window_pages: Sequence[int] = ()
 
 
-def apply_pages(row: list[int], chunk: ScheduledChunk) -> None:
-    """Update a request's page-table row with a chunk's page delta, in place."""
-    if chunk.page_offset > len(row):
-        raise InvariantViolation(
-            f"request {chunk.request_id}: pages from {chunk.page_offset} sent for a row of {len(row)}"
-        )
-    del row[chunk.page_offset :]
-    row.extend(chunk.new_pages)
+def apply_pages(row: list[int], chunk: ScheduledChunk, window: bool = False) -> None:
+    """Update a request's page-table row (window: its sliding-window row) with a chunk's
+    page delta, in place."""
+    offset, new = (chunk.window_offset, chunk.window_pages) if window else (chunk.page_offset, chunk.new_pages)
+    if offset > len(row):
+        raise InvariantViolation(f"request {chunk.request_id}: pages from {offset} sent for a row of {len(row)}")
+    del row[offset:]
+    row.extend(new)
 
 
 class ExecutionPlan(msgspec.Struct, frozen=True):

@@ -16,6 +16,14 @@ back (num_computed, num_confirmed), so the rejected positions are simply rewritt
 next step. Pages for drafts come only from free memory: drafting never preempts. With
 adaptive_drafts each request drafts as many as its recent acceptance pays for at the current
 batch size (control/draft_policy.py), up to num_speculative_tokens.
+
+Hybrid models (window set: sliding-window layers beside full-attention ones) keep two page
+tables per request, in two pools: the full layers' table as above, and the window layers'
+table, which holds only the pages some future query can still see. Its pages are taken a
+chunk at a time (not for the whole prompt at admission) and the pages behind the window are
+given back as it moves (fenced like any release), published first so another request can
+still hit them. A prefix hit needs full pages for the whole prefix and window pages for the
+last window before it; the hit shrinks until both pools have what it needs.
 """
 
 from __future__ import annotations
@@ -58,11 +66,15 @@ class SchedulerConfig(SchedulingConfig):
     num_pages: int
     page_size: int
     max_model_len: int = 8192
+    window: int | None = None  # the sliding window of a hybrid model's window layers (tokens)
+    window_num_pages: int = 0  # pages in the window layers' pool (with window)
 
     @staticmethod
-    def of(s: SchedulingConfig, *, num_pages: int, page_size: int, max_model_len: int) -> SchedulerConfig:
+    def of(s: SchedulingConfig, *, num_pages: int, page_size: int, max_model_len: int,
+           window: int | None = None, window_num_pages: int = 0) -> SchedulerConfig:
         fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(SchedulingConfig)}
-        return SchedulerConfig(**fields, num_pages=num_pages, page_size=page_size, max_model_len=max_model_len)
+        return SchedulerConfig(**fields, num_pages=num_pages, page_size=page_size, max_model_len=max_model_len,
+                               window=window, window_num_pages=window_num_pages)
 
 
 _RUNNING = (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding)
@@ -88,6 +100,8 @@ class _Request:
     draft_stats: DraftStats = field(default_factory=DraftStats)
     pages_sent: int = 0  # leading pages of its table the execution plane has been sent
     announced: bool = False  # its NewRequest has been planned
+    wfloor: int = 0  # leading entries of its window table given back (null pages now)
+    wsent: int = 0  # leading entries of its window table execution has as they are now
 
     @property
     def num_tokens(self) -> int:
@@ -98,11 +112,18 @@ class _Request:
         s = self.state
         return s.blocks if isinstance(s, _RUNNING) else None
 
+    @property
+    def wblocks(self) -> BlockTable | None:
+        s = self.state
+        return s.window if isinstance(s, _RUNNING) else None
+
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig) -> None:
         self.cfg = cfg
         self.pool = PagePool(cfg.num_pages, cfg.page_size)
+        self.wpool = PagePool(cfg.window_num_pages, cfg.page_size) if cfg.window is not None else None
+        self._window = cfg.window or 0
         self._requests: dict[str, _Request] = {}
         self._waiting: list[tuple[int, int, str]] = []  # sorted (priority, arrival, id)
         self._running: list[_Request] = []  # admission order
@@ -138,6 +159,11 @@ class Scheduler:
             raise RequestRejected(
                 f"prompt + max_tokens ({total} tokens) exceeds the whole KV cache "
                 f"({self.pool.num_usable * self.cfg.page_size} tokens)"
+            )
+        if self.wpool is not None and self._window_pages_needed(total) > self.wpool.num_usable:
+            raise RequestRejected(
+                f"the sliding-window layers' KV pool ({self.wpool.num_usable} pages) cannot hold one "
+                f"window of {self._window} tokens plus a step's chunk"
             )
         r = _Request(spec, next(self._arrivals), spec.request_id, tokens=list(spec.prompt_token_ids))
         self._requests[spec.request_id] = r
@@ -182,8 +208,12 @@ class Scheduler:
             n_known = len(r.tokens)
             if r.num_outputs + r.pending >= r.spec.max_tokens or n_known + r.pending - r.num_computed != 1:
                 continue
-            if r.num_computed >= len(s.blocks.pages) * ps and not self._reserve(r, r.num_computed + 1, scheduled):
+            wb = s.window
+            if (r.num_computed >= len(s.blocks.pages) * ps or (wb is not None and r.num_computed >= len(wb.pages) * ps)) \
+                    and not self._reserve(r, r.num_computed + 1, scheduled):
                 continue
+            if wb is not None:
+                self._drop_window(r, wb)
             if k and r.pending == 0 and r.spec.speculate:
                 n = r.draft_stats.next_length(policy, batch) if policy is not None else k
                 draft = self._draft(r, min(n, budget - 1))
@@ -214,8 +244,14 @@ class Scheduler:
             self._waiting.pop(0)
             self._running.append(r)
             budget -= self._schedule_prefill(r, budget, chunks, scheduled)
+            if r.rid not in scheduled:  # the window pool is short: admit no more now
+                break
 
         if not chunks:  # an empty plan never runs: releases wait for one that does
+            if self.wpool is not None and len(self._running) > 1 and not self._unadvanced:
+                # Prefills wait for window pages that only other running prefills hold and
+                # nothing in flight will give back: the newest makes room (it is re-queued).
+                self._preempt(self._running[-1])
             return ExecutionPlan(step_id, ())
         released, self._released = tuple(self._released), []
         new, self._new = tuple(self._new), []
@@ -286,6 +322,8 @@ class Scheduler:
             updates.append(RequestUpdate(r.rid, toks, reason, n_cached if n_cached > 0 else 0, "",
                                          () if lp is None else (lp,)))
         self.pool.clear_fence(plan.step_id)
+        if self.wpool is not None:
+            self.wpool.clear_fence(plan.step_id)
         return updates
 
     def advance_idle(self) -> list[RequestUpdate]:
@@ -320,26 +358,39 @@ class Scheduler:
         r.pages_sent = len(pages)
         return sent, tuple(pages[sent:])
 
+    def _window_delta(self, r: _Request, wb: BlockTable | None) -> tuple[int, tuple[int, ...]]:
+        if wb is None:
+            return 0, ()
+        pages = wb.pages
+        sent = r.wsent
+        r.wsent = len(pages)
+        return sent, tuple(pages[sent:])
+
     def _chunk(self, r: _Request, tokens: tuple[int, ...], sample: bool, num_draft: int = 0) -> ScheduledChunk:
         s = r.state
         assert isinstance(s, _RUNNING)
         start = r.num_computed
         ps = self.cfg.page_size
-        pages = s.blocks.pages
-        state = self.pool.state
         # Published pages are immutable: every page this chunk writes must be owned.
-        for p in range(start // ps, (start + len(tokens) - 1) // ps + 1):
-            if state[pages[p]] != PageState.OWNED:
-                raise InvariantViolation(f"chunk would write published page {pages[p]}")
+        for pool, bt in ((self.pool, s.blocks), (self.wpool, s.window)):
+            if bt is None or pool is None:
+                continue
+            pages, state = bt.pages, pool.state
+            for p in range(start // ps, (start + len(tokens) - 1) // ps + 1):
+                if state[pages[p]] != PageState.OWNED or not pages[p]:
+                    raise InvariantViolation(f"chunk would write published page {pages[p]}")
         r.num_computed += len(tokens)
         if sample:
             r.pending += 1
         r.drafts = num_draft
-        offset, new = self._page_delta(r, pages)
-        return ScheduledChunk(r.rid, tokens, start, new, sample, num_draft, offset)
+        offset, new = self._page_delta(r, s.blocks.pages)
+        woffset, wnew = self._window_delta(r, s.window)
+        return ScheduledChunk(r.rid, tokens, start, new, sample, num_draft, offset, woffset, wnew)
 
     def _decode_chunk(self, r: _Request, blocks: BlockTable, tok: int) -> ScheduledChunk:
         """_chunk for one token that samples: the same checks, fewer steps."""
+        if self.wpool is not None:
+            return self._chunk(r, (tok,), True)
         start = r.num_computed
         pages = blocks.pages
         if self.pool.state[pages[start // self.cfg.page_size]] != PageState.OWNED:
@@ -361,13 +412,13 @@ class Scheduler:
         if r.drafter is None:
             r.drafter = NgramDrafter(r.tokens, self.cfg.ngram_max, self.cfg.ngram_min)
         draft = r.drafter.draft(k)
-        if draft:
-            bt = r.blocks
-            assert bt is not None
+        for pool, bt in ((self.pool, r.blocks), (self.wpool, r.wblocks)):
+            if not draft or pool is None or bt is None:
+                continue
             need = self._pages_for(r.num_computed + 1 + len(draft)) - len(bt.pages)
             if need > 0:
-                if self.pool.can_allocate(need):
-                    self.pool.allocate(bt, need)
+                if pool.can_allocate(need):
+                    pool.allocate(bt, need)
                 else:  # only what the pages it has can hold
                     del draft[max(0, len(bt.pages) * self.cfg.page_size - r.num_computed - 1) :]
         return draft
@@ -375,10 +426,15 @@ class Scheduler:
     def _reserve(self, r: _Request, n_tokens: int, scheduled: set[str]) -> bool:
         """Make r's pages cover n_tokens, preempting the running request that frees the most
         (never one already in this plan) while memory is short. False if r cannot run now."""
-        bt = r.blocks
+        bt, wb = r.blocks, r.wblocks
         assert bt is not None
         need = self._pages_for(n_tokens) - len(bt.pages)
-        while need > 0 and not self.pool.can_allocate(need):
+        wneed = 0
+        if wb is not None:
+            self._drop_window(r, wb)
+            wneed = self._pages_for(n_tokens) - len(wb.pages)
+        while (need > 0 and not self.pool.can_allocate(need)) or (
+                wneed > 0 and self.wpool is not None and not self.wpool.can_allocate(wneed)):
             victims = [v for v in self._running if v.rid not in scheduled]
             if not victims:
                 return False
@@ -388,15 +444,74 @@ class Scheduler:
                 return False
         if need > 0:
             self.pool.allocate(bt, need)
+        if wneed > 0 and self.wpool is not None and wb is not None:
+            self.wpool.allocate(wb, wneed)
         return True
+
+    # ---- the sliding-window table ---------------------------------------------------------
+    def _window_floor(self, start: int) -> int:
+        """Leading window-table entries no query at a position >= start reads. One page more
+        than the window needs is kept, so that a later turn's page-aligned prefix hit at
+        about `start` still finds every window page it needs (_window_hits)."""
+        ps = self.cfg.page_size
+        return max(0, start - self._window - ps + 1) // ps
+
+    def _window_lo(self, n_pages: int) -> int:
+        """The first window page a prefill resuming after n_pages cached pages reads."""
+        ps = self.cfg.page_size
+        return max(0, n_pages * ps - self._window + 1) // ps
+
+    def _window_pages_needed(self, total: int) -> int:
+        """Most window pages one request holds at once (a window, a chunk, the slack page)."""
+        chunk = min(total, self.cfg.max_num_batched_tokens)
+        return min(self._pages_for(total), self._pages_for(self._window + chunk) + 2)
+
+    def _drop_window(self, r: _Request, wb: BlockTable) -> None:
+        """Give back the window pages behind r's next chunk's window, publishing full ones
+        first (their tokens are known: they lie a window behind): another request's prefix
+        hit may need them as its own window."""
+        floor = self._window_floor(r.num_computed)
+        lo = r.wfloor
+        if floor <= lo:
+            return
+        wpool = self.wpool
+        assert wpool is not None
+        if self.cfg.enable_prefix_caching:
+            ps = self.cfg.page_size
+            extend_hashes(r.hashes, r.tokens[: floor * ps], ps, r.spec.cache_salt)
+            pages = wb.pages
+            for i in range(lo, floor):
+                if pages[i] and wpool.state[pages[i]] == PageState.OWNED:
+                    wpool.publish(pages[i], r.hashes[i])
+        wpool.drop(wb, lo, floor, self._fence())
+        r.wfloor = floor
+        if r.wsent > lo:
+            r.wsent = lo
+
+    def _window_hits(self, r: _Request, n: int) -> tuple[int, list[int]]:
+        """(n', pages): the longest prefix hit n' <= n whose window pages [lo(n'), n') are all
+        in the window pool, and those pages."""
+        wpool = self.wpool
+        assert wpool is not None
+        found = [wpool.lookup(h) for h in r.hashes[:n]]
+        last_miss = [-1] * (n + 1)  # last_miss[m]: the last i < m with no window page
+        for i, p in enumerate(found):
+            last_miss[i + 1] = i if p is None else last_miss[i]
+        for m in range(n, 0, -1):
+            lo = self._window_lo(m)
+            if last_miss[m] < lo:
+                return m, [p for p in found[lo:m] if p is not None]
+        return 0, []
 
     def _preempt(self, r: _Request) -> None:
         s = r.state
         assert isinstance(s, (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding))
-        preempted, bt = fsm.preempt(s)
+        preempted, bt, wb = fsm.preempt(s)
         self.pool.release(bt, self._fence())
+        if wb is not None and self.wpool is not None:
+            self.wpool.release(wb, self._fence())
         r.state = fsm.requeue(preempted)
-        r.num_computed = r.num_confirmed = r.num_published = r.pages_sent = 0
+        r.num_computed = r.num_confirmed = r.num_published = r.pages_sent = r.wfloor = r.wsent = 0
         self._running.remove(r)
         self._enqueue(r, front=True)
         self._preempted_now.add(r.rid)
@@ -417,15 +532,29 @@ class Scheduler:
                 if page is None:
                     break
                 hits.append(page)
+        whits: list[int] = []
+        wpool = self.wpool
+        if wpool is not None and hits:
+            n, whits = self._window_hits(r, len(hits))
+            del hits[n:]
         cached_hits = sum(1 for p in hits if self.pool.state[p] == PageState.CACHED)
         need = self._pages_for(r.num_tokens) - len(hits)
         if not self.pool.can_allocate(need + cached_hits):
             return False
+        wb = None
+        if wpool is not None:
+            if not wpool.can_allocate(1 + sum(1 for p in whits if wpool.state[p] == PageState.CACHED)):
+                return False
+            wb = wpool.new_table()
+            r.wfloor = len(hits) - len(whits)
+            wpool.skip(wb, r.wfloor)
+            for p in whits:
+                wpool.share(wb, p)
         bt = self.pool.new_table()
         for p in hits:
             self.pool.share(bt, p)
         self.pool.allocate(bt, need)
-        r.state = fsm.start_prefill(r.state, bt)
+        r.state = fsm.start_prefill(r.state, bt, wb)
         r.num_computed = r.num_confirmed = len(hits) * ps
         r.num_published = len(hits)
         if r.num_cached_tokens < 0:
@@ -437,15 +566,28 @@ class Scheduler:
     ) -> int:
         """Schedule as much of r's remaining prefill as budget and memory allow; returns the
         tokens used. Completing the prefill samples its first (next) token."""
-        assert isinstance(r.state, fsm.Prefilling)
+        s = r.state
+        assert isinstance(s, fsm.Prefilling)
         remaining = r.num_tokens - r.num_computed
         n = min(remaining, budget)
+        wb = s.window
+        if wb is not None and self.wpool is not None:
+            # Window pages a chunk at a time, as many as the pool has now (never preempting
+            # for a prefill); none at all: it waits for pages to come back.
+            self._drop_window(r, wb)
+            ps = self.cfg.page_size
+            n = min(n, (len(wb.pages) + self.wpool.num_available()) * ps - r.num_computed)
+            if n <= 0:
+                return 0
+            need = self._pages_for(r.num_computed + n) - len(wb.pages)
+            if need > 0:
+                self.wpool.allocate(wb, need)
         done = n == remaining
         toks = tuple(r.tokens[r.num_computed : r.num_computed + n])
         chunks.append(self._chunk(r, toks, sample=done))
         scheduled.add(r.rid)
         if done:
-            r.state = fsm.complete_prefill(r.state)
+            r.state = fsm.complete_prefill(s)
         return n
 
     def _publish(self, r: _Request) -> None:
@@ -463,6 +605,12 @@ class Scheduler:
         for i in range(r.num_published, n_full):
             if self.pool.state[pages[i]] == PageState.OWNED:
                 self.pool.publish(pages[i], r.hashes[i])
+        wb, wpool = r.wblocks, self.wpool
+        if wb is not None and wpool is not None:
+            wpages = wb.pages
+            for i in range(max(r.num_published, r.wfloor), min(n_full, len(wpages))):
+                if wpool.state[wpages[i]] == PageState.OWNED:
+                    wpool.publish(wpages[i], r.hashes[i])
         r.num_published = n_full
 
     def _stop_reason(self, r: _Request, tok: int) -> FinishReason | None:
@@ -475,9 +623,11 @@ class Scheduler:
     def _finish(self, r: _Request, reason: FinishReason) -> None:
         s = r.state
         assert not isinstance(s, fsm.Finished)
-        r.state, bt = fsm.finish(s, reason)
+        r.state, bt, wb = fsm.finish(s, reason)
         if bt is not None:
             self.pool.release(bt, self._fence())
+        if wb is not None and self.wpool is not None:
+            self.wpool.release(wb, self._fence())
         if r in self._running:
             self._running.remove(r)
         else:
@@ -492,6 +642,8 @@ class Scheduler:
     # ---- invariants ---------------------------------------------------------------------
     def check_invariants(self) -> None:
         self.pool.check_invariants()
+        if self.wpool is not None:
+            self.wpool.check_invariants()
         ps = self.cfg.page_size
         waiting_ids = [k[2] for k in self._waiting]
         if len(set(waiting_ids)) != len(waiting_ids):
@@ -517,6 +669,18 @@ class Scheduler:
                 raise InvariantViolation(f"request {r.rid}: drafts in flight without a step")
             if r.pending > len(self._unadvanced):
                 raise InvariantViolation(f"request {r.rid}: more samples in flight than steps")
+            wb = r.wblocks
+            if (wb is None) != (self.wpool is None):
+                raise InvariantViolation(f"request {r.rid}: a window table iff the model has window layers")
+            if wb is not None:
+                w = wb.pages
+                if len(w) * ps < r.num_computed or len(w) > len(bt.pages):
+                    raise InvariantViolation(f"request {r.rid}: window pages do not cover its KV")
+                if any(w[: r.wfloor]) or not all(w[r.wfloor :]) or r.wsent > len(w):
+                    raise InvariantViolation(f"request {r.rid}: window table has holes after its floor "
+                                             "or pages before it")
+                if r.wfloor > self._window_floor(max(r.num_computed - r.drafts, 0)):
+                    raise InvariantViolation(f"request {r.rid}: window pages given back that a query still reads")
         for rid, r in self._requests.items():
             if rid not in running_ids and rid not in waiting_ids and not isinstance(r.state, fsm.Finished):
                 raise InvariantViolation(f"request {rid} is lost (neither queued nor running)")

@@ -46,7 +46,7 @@ class EngineCore:
 
         ex = ThreadPoolExecutor(1, thread_name_prefix="agentspeed-exec")
         try:
-            runner = ex.submit(ModelRunner, cfg).result()
+            runner = ex.submit(ModelRunner, cfg, cfg.cache.hybrid_kv).result()
         except BaseException:
             ex.shutdown()
             raise
@@ -59,7 +59,8 @@ class EngineCore:
         self.cfg = cfg = resolve_defaults(cfg, runner.device)
         self.scheduler = Scheduler(SchedulerConfig.of(
             cfg.scheduling, num_pages=runner.kv.num_pages, page_size=runner.page_size,
-            max_model_len=runner.max_model_len))
+            max_model_len=runner.max_model_len, window=runner.kv.window,
+            window_num_pages=runner.kv.window_num_pages))
         # Steps always execute on this one thread, overlap or not: every OS thread that
         # enters torch gets its own OpenMP team, and two teams spinning on two cores halve
         # the speed of both.

@@ -54,6 +54,7 @@ class LLM:
         ngram_max: int = 3,
         ngram_min: int = 1,
         adaptive_drafts: bool = True,
+        disable_hybrid_kv_cache_manager: bool = False,
     ) -> None:
         """Keywords build the EngineConfig (vLLM's names); engine_config, if given, is the
         whole config instead (as `agentspeed generate` builds it from its flags)."""
@@ -65,7 +66,8 @@ class LLM:
             seed=seed,
             parallel=ParallelConfig(tp=tensor_parallel_size),
             cache=CacheConfig(page_size=page_size, num_pages=num_kv_pages, kv_cache_memory=kv_cache_memory,
-                              gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype),
+                              gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype,
+                              hybrid_kv=not disable_hybrid_kv_cache_manager),
             kernels=KernelConfig.from_spec(kernel_backend),
             scheduling=SchedulingConfig(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap,
                                         num_speculative_tokens, ngram_max, ngram_min, adaptive_drafts),

@@ -20,6 +20,7 @@ class ModelInputs:
     positions: torch.Tensor
     attn: AttentionMetadata
     logits_indices: torch.Tensor
+    attn_window: AttentionMetadata | None = None  # the sliding-window layers' (hybrid caches)
 
 
 def build_inputs(
@@ -32,7 +33,7 @@ def build_inputs(
     qstart = [0]
     seq_lens: list[int] = []
     logits_rows: list[int] = []
-    max_pages = 0
+    max_pages = max_wpages = 0
     for c, st in zip(chunks, states):
         n = len(c.token_ids)
         end = c.start + n
@@ -44,6 +45,8 @@ def build_inputs(
         seq_lens.append(end)
         if len(st.pages) > max_pages:
             max_pages = len(st.pages)
+        if len(st.wpages) > max_wpages:
+            max_wpages = len(st.wpages)
         if c.sample:
             if c.num_draft:
                 logits_rows.extend(range(qstart[-1] - 1 - c.num_draft, qstart[-1]))
@@ -60,18 +63,31 @@ def build_inputs(
         seq_of_token = torch.repeat_interleave(
             torch.arange(len(chunks), device=dev), torch.tensor(qlens, device=dev)
         )
-    slots = page_table[seq_of_token, pos // page_size].to(torch.int64) * page_size + pos % page_size
-    attn = AttentionMetadata(
-        slot_mapping=slots,
-        query_start_loc=torch.tensor(qstart, dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-        page_table=page_table,
-        query_lens_cpu=qlens,
-        seq_lens_cpu=tuple(seq_lens),
-        page_size=page_size,
-        pages_cpu=tuple(st.pages for st in states),
-    ).with_decode_split()
+    query_start_loc = torch.tensor(qstart, dtype=torch.int32, device=dev)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+    in_page = pos % page_size
+    page_of = pos // page_size
+
+    def metadata(table: torch.Tensor, pages: tuple[list[int], ...]) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=table[seq_of_token, page_of].to(torch.int64) * page_size + in_page,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens_t,
+            page_table=table,
+            query_lens_cpu=qlens,
+            seq_lens_cpu=tuple(seq_lens),
+            page_size=page_size,
+            pages_cpu=pages,
+        ).with_decode_split()
+
+    attn = metadata(page_table, tuple(st.pages for st in states))
+    attn_window = None
+    if table.wtable is not None:
+        for c, st in zip(chunks, states):
+            if len(st.wpages) * page_size < c.start + len(c.token_ids):
+                raise ValueError(f"request {c.request_id}: {len(st.wpages)} window pages cannot hold its chunk")
+        attn_window = metadata(table.rows(states, max_wpages, window=True), tuple(st.wpages for st in states))
     return ModelInputs(
         torch.tensor(ids, dtype=torch.int64, device=dev), pos, attn,
-        torch.tensor(logits_rows, dtype=torch.int64, device=dev),
+        torch.tensor(logits_rows, dtype=torch.int64, device=dev), attn_window,
     )

@@ -74,6 +74,41 @@ def kv_cache_bytes(cache: CacheConfig, device: str, useful_max: int) -> int:
     return min(int(available_cpu_memory() * cache.cpu_memory_fraction), cache.cpu_kv_cap, useful_max)
 
 
+def window_group(cfg: ModelConfig, max_model_len: int) -> tuple[int, tuple[int, ...]] | None:
+    """(window, layers) when the model's sliding-window layers can give pages back: they all
+    share one window, shorter than the context. None otherwise (one table for all layers)."""
+    if cfg.mla is not None:
+        return None
+    windows = {cfg.window(i) for i in range(cfg.num_layers)} - {None}
+    if len(windows) != 1:
+        return None
+    w = windows.pop()
+    assert w is not None
+    if w >= max_model_len:
+        return None
+    return w, tuple(i for i in range(cfg.num_layers) if cfg.window(i) is not None)
+
+
+# The window layers' pool gets this share of the full pool's page count (a window per
+# sequence is all a running request needs; the rest caches the last window of finished
+# turns for their next turn's prefix hit), and never less than one request needs.
+WINDOW_POOL_SHARE = 4
+
+
+def split_pages(budget: int, full_layers: int, window_layers: int, layer_page: int, min_window: int,
+                max_full: int) -> tuple[int, int]:
+    """(full pages, window pages) for `budget` bytes when a page of one layer costs
+    layer_page bytes: the window pool a WINDOW_POOL_SHARE-th of the full one's pages (at
+    least min_window, at most as many), the full one the rest. Without full layers the full
+    pool only keeps the prefix index (no memory): max_full pages."""
+    if full_layers == 0:
+        return max_full, min(max_full, budget // (window_layers * layer_page))
+    full = budget * WINDOW_POOL_SHARE // ((WINDOW_POOL_SHARE * full_layers + window_layers) * layer_page)
+    window = min(full, max(-(-full // WINDOW_POOL_SHARE), min_window))
+    full = min(full, (budget - window * window_layers * layer_page) // (full_layers * layer_page))
+    return full, min(window, full)
+
+
 class KVCache:
     def __init__(
         self,
@@ -83,45 +118,71 @@ class KVCache:
         dtype: torch.dtype,
         device: str,
         max_tokens_useful: int = 1 << 20,
+        window: tuple[int, tuple[int, ...]] | None = None,
+        chunk_tokens: int = 2048,
     ) -> None:
         """max_tokens_useful caps the automatic CPU sizing (no point in more KV than the
-        longest context times the most concurrent sequences)."""
+        longest context times the most concurrent sequences). window: (window, layers) from
+        window_group for a hybrid cache, whose window layers get their own, smaller pool
+        (chunk_tokens: a step's token budget, for the least that pool may have)."""
         per_page = bytes_per_page(cfg, cache, tp, dtype)
+        ps = cache.page_size
+        self.window: int | None = window[0] if window is not None else None
+        self.window_layers: tuple[int, ...] = window[1] if window is not None else ()
+        n_win = len(self.window_layers)
+        layer_page = per_page // cfg.num_layers
+        min_window = -(-((self.window or 0) + chunk_tokens) // ps) + 3
+        useful_pages = max_tokens_useful // ps + 2
         if cache.num_pages is not None:
             num_pages = cache.num_pages
+            wpages = min(num_pages, max(-(-num_pages // WINDOW_POOL_SHARE), min_window))
         else:
-            useful = (max_tokens_useful // cache.page_size + 2) * per_page
-            num_pages = kv_cache_bytes(cache, device, useful) // per_page
-        if num_pages < 2:
+            budget = kv_cache_bytes(cache, device, useful_pages * per_page)
+            if n_win:
+                num_pages, wpages = split_pages(budget, cfg.num_layers - n_win, n_win, layer_page, min_window,
+                                                useful_pages)
+            else:
+                num_pages, wpages = budget // per_page, 0
+        if cache.window_num_pages is not None:
+            wpages = cache.window_num_pages
+        if num_pages < 2 or (n_win and wpages < 2):
             raise ValueError(
                 f"KV cache memory too small for even one page of {per_page} bytes: "
                 "raise --kv-cache-memory / --gpu-memory-utilization"
             )
         self.num_pages = num_pages
-        self.page_size = cache.page_size
-        self.bytes_per_token = per_page // cache.page_size
+        self.window_num_pages = wpages if n_win else 0
+        self.page_size = ps
+        self.bytes_per_token = per_page // ps
         self.dtype = storage_dtype(cache, dtype)
         fp8 = cache.kv_cache_dtype == "fp8"
 
-        def new(*row: int) -> torch.Tensor:
-            return torch.zeros((num_pages, cache.page_size, *row), dtype=self.dtype, device=device)
+        def new(pages: int, *row: int) -> torch.Tensor:
+            return torch.zeros((pages, ps, *row), dtype=self.dtype, device=device)
 
-        def scales() -> torch.Tensor | None:
-            return torch.ones((num_pages, cache.page_size), dtype=_SCALE, device=device) if fp8 else None
+        def scales(pages: int) -> torch.Tensor | None:
+            return torch.ones((pages, ps), dtype=_SCALE, device=device) if fp8 else None
 
+        windowed = set(self.window_layers)
+        pages_of = [wpages if i in windowed else num_pages for i in range(cfg.num_layers)]
         if cfg.mla is not None:
-            self.layers = [LayerKV(new(cfg.mla.cache_dim), None, scales()) for _ in range(cfg.num_layers)]
+            self.layers = [LayerKV(new(n, cfg.mla.cache_dim), None, scales(n)) for n in pages_of]
             layout = f"latent {cfg.mla.kv_lora_rank}+{cfg.mla.qk_rope_head_dim}"
         else:
             row = (kv_heads_local(cfg, tp), cfg.head_dim)
-            self.layers = [LayerKV(new(*row), new(*row), scales(), scales()) for _ in range(cfg.num_layers)]
+            self.layers = [LayerKV(new(n, *row), new(n, *row), scales(n), scales(n)) for n in pages_of]
             layout = f"{row[0]} kv heads x {row[1]}"
+        total = sum(pages_of) * layer_page
         log.info(
             "KV cache: %d pages x %d tokens = %d tokens of KV (%.2f GiB on this rank); "
             "%s, %s, %d bytes/token",
-            num_pages - 1, cache.page_size, self.num_tokens, num_pages * per_page / (1 << 30),
+            num_pages - 1, ps, self.num_tokens, total / (1 << 30),
             layout, str(self.dtype).removeprefix("torch."), self.bytes_per_token,
         )
+        if n_win:
+            log.info("KV cache: %d sliding-window layers (window %d) keep only their window, in a pool of "
+                     "%d pages (%d tokens); %d full-attention layers", n_win, self.window, wpages - 1,
+                     (wpages - 1) * ps, cfg.num_layers - n_win)
 
     @property
     def num_tokens(self) -> int:

@@ -15,7 +15,7 @@ import torch
 from agentspeed.config import EngineConfig
 from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, ScheduledChunk, StepResult
 from agentspeed.execution.inputs import build_inputs
-from agentspeed.execution.kv_cache import KVCache
+from agentspeed.execution.kv_cache import KVCache, window_group
 from agentspeed.execution.request_state import RequestState, RequestTable
 from agentspeed.execution.sampler import Sampler
 from agentspeed.modeling.build import build_model
@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, hybrid_kv: bool = False) -> None:
+        """hybrid_kv: a hybrid model's sliding-window layers get their own page table and
+        pool (kv_cache.window_group), which only a scheduler that sends window page deltas
+        can drive (EngineCore passes cfg.cache.hybrid_kv); a bare runner, driven by hand
+        (tests, benchmarks), keeps one table for all layers."""
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         device_hint = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -48,12 +52,14 @@ class ModelRunner:
         self.max_model_len = min(
             cfg.max_model_len or built.config.max_position_embeddings, built.config.max_position_embeddings
         )
+        window = window_group(built.config, self.max_model_len) if hybrid_kv else None
         self.kv = KVCache(
             built.config, cfg.cache, self.comm.world_size, built.dtype, built.device,
             max_tokens_useful=self.max_model_len * cfg.scheduling.max_num_seqs,
+            window=window, chunk_tokens=cfg.scheduling.max_num_batched_tokens,
         )
         self.sampler = Sampler(built.kernels, built.device, cfg.seed)
-        self.requests = RequestTable(built.device)
+        self.requests = RequestTable(built.device, windowed=window is not None)
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
@@ -65,7 +71,8 @@ class ModelRunner:
 
     def _forward(self, chunks: Sequence[ScheduledChunk], states: list[RequestState]) -> torch.Tensor:
         inputs = build_inputs(chunks, states, self.requests, self.page_size)
-        ctx = ForwardContext(inputs.positions, inputs.attn, self.kv.layers, inputs.logits_indices)
+        ctx = ForwardContext(inputs.positions, inputs.attn, self.kv.layers, inputs.logits_indices,
+                             attn_window=inputs.attn_window)
         return self.model(inputs.input_ids, ctx)
 
     @torch.inference_mode()

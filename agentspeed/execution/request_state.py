@@ -31,6 +31,7 @@ class RequestState:
     prompt: tuple[int, ...]
     slot: int
     pages: list[int]
+    wpages: list[int]  # its sliding-window row (hybrid caches; empty otherwise)
     last_sampled: int = LAST_SAMPLED
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None  # [vocab] float32: times each token was sampled
@@ -46,12 +47,14 @@ class RequestState:
 
 
 class RequestTable:
-    """Live requests and the page table their rows live in (grown by doubling)."""
+    """Live requests and the page table their rows live in (grown by doubling); with
+    windowed, a second table for the sliding-window layers' rows (a hybrid cache)."""
 
-    def __init__(self, device: str, num_rows: int = 16, width: int = 64) -> None:
+    def __init__(self, device: str, num_rows: int = 16, width: int = 64, windowed: bool = False) -> None:
         self.device = device
         self.requests: dict[str, RequestState] = {}
         self.table = torch.zeros((num_rows, width), dtype=torch.int32, device=device)
+        self.wtable = torch.zeros((num_rows, width), dtype=torch.int32, device=device) if windowed else None
         self._free = list(range(num_rows - 1, -1, -1))
 
     def __len__(self) -> int:
@@ -66,8 +69,10 @@ class RequestTable:
         if not self._free:
             n = self.table.shape[0]
             self.table = torch.cat((self.table, torch.zeros_like(self.table)))
+            if self.wtable is not None:
+                self.wtable = torch.cat((self.wtable, torch.zeros_like(self.wtable)))
             self._free = list(range(2 * n - 1, n - 1, -1))
-        st = RequestState(rid, params, prompt, self._free.pop(), [])
+        st = RequestState(rid, params, prompt, self._free.pop(), [], [])
         self.requests[rid] = st
         return st
 
@@ -80,28 +85,41 @@ class RequestTable:
                 raise InvariantViolation(f"chunk for request {chunk.request_id}, which no plan registered")
             st = self._create(chunk.request_id, SamplingParams(), ())
         if chunk.new_pages or chunk.page_offset != len(st.pages):
-            old = len(st.pages)
-            apply_pages(st.pages, chunk)
-            n = len(st.pages)
-            if n > self.table.shape[1]:
-                width = max(n, 2 * self.table.shape[1])
-                grown = torch.zeros((self.table.shape[0], width), dtype=torch.int32, device=self.device)
-                grown[:, : self.table.shape[1]] = self.table
-                self.table = grown
-            off = chunk.page_offset
-            if chunk.new_pages:
-                self.table[st.slot, off:n] = torch.tensor(chunk.new_pages, dtype=torch.int32, device=self.device)
-            if old > n:  # a shorter row than before (a preempted request restarting)
-                self.table[st.slot, n:old] = 0
+            self.table = self._update(self.table, st.slot, st.pages, chunk, False)
+        if self.wtable is not None and (chunk.window_pages or chunk.window_offset != len(st.wpages)):
+            self.wtable = self._update(self.wtable, st.slot, st.wpages, chunk, True)
         return st
+
+    def _update(self, table: torch.Tensor, slot: int, row: list[int], chunk: ScheduledChunk,
+                window: bool) -> torch.Tensor:
+        """Apply the chunk's delta to row and to its table row; returns the (maybe grown) table."""
+        old = len(row)
+        apply_pages(row, chunk, window)
+        n = len(row)
+        if n > table.shape[1]:
+            width = max(n, 2 * table.shape[1])
+            grown = torch.zeros((table.shape[0], width), dtype=torch.int32, device=self.device)
+            grown[:, : table.shape[1]] = table
+            table = grown
+        off, new = (chunk.window_offset, chunk.window_pages) if window else (chunk.page_offset, chunk.new_pages)
+        if new:
+            table[slot, off:n] = torch.tensor(new, dtype=torch.int32, device=self.device)
+        if old > n:  # a shorter row than before (a preempted request restarting)
+            table[slot, n:old] = 0
+        return table
 
     def release(self, request_id: str) -> None:
         st = self.requests.pop(request_id, None)
         if st is not None:
             self.table[st.slot, : len(st.pages)] = 0
+            if self.wtable is not None:
+                self.wtable[st.slot, : len(st.wpages)] = 0
             self._free.append(st.slot)
 
-    def rows(self, states: list[RequestState], width: int) -> torch.Tensor:
-        """[len(states), width] int32: the page-table rows of a batch (zeros past a row's pages)."""
+    def rows(self, states: list[RequestState], width: int, window: bool = False) -> torch.Tensor:
+        """[len(states), width] int32: the page-table rows of a batch (zeros past a row's
+        pages); window: their sliding-window rows."""
         idx = torch.tensor([s.slot for s in states], dtype=torch.int64, device=self.device)
-        return self.table[:, :width].index_select(0, idx)
+        table = self.wtable if window else self.table
+        assert table is not None
+        return table[:, :width].index_select(0, idx)

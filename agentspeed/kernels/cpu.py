@@ -73,9 +73,7 @@ def paged_attention_prefill(
     """window: a sliding window (a token at position p sees keys in (p - window, p]).
     sinks (GPT-OSS): the reference's explicit softmax (SDPA has no sink logit)."""
     if sinks is not None:
-        from agentspeed.kernels.reference import _paged_attention
-
-        return _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window, sinks)
+        return _sink_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window, sinks)
     if window is not None:
         return _windowed_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window)
     out = torch.empty_like(q)
@@ -104,6 +102,26 @@ def paged_attention_prefill(
             mask = torch.arange(slen)[None, :] <= rows
             o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + qlen] = o[0].transpose(0, 1)
+        start += qlen
+    return out
+
+
+def _sink_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                  window: int | None, sinks: torch.Tensor) -> torch.Tensor:
+    # The reference's explicit softmax over the keys some row can see (masks are relative, so
+    # a context gathered from the first window's page on gives the same result).
+    from agentspeed.kernels.reference import _attend
+
+    out = torch.empty_like(q)
+    start = 0
+    ps = k_cache.shape[1]
+    for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        lo = max(0, slen - qlen - window + 1) // ps * ps if window is not None else 0
+        table = meta.page_table[b, lo // ps:]
+        k = gather_context(k_cache, table, slen - lo, k_scale, q.dtype)
+        v = gather_context(v_cache, table, slen - lo, v_scale, q.dtype)
+        out[start : start + qlen] = _attend(q[start : start + qlen], k, v, scale, window, sinks)
         start += qlen
     return out
 

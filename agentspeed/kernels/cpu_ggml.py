@@ -177,7 +177,7 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: st
 _moe_i16 = _lib.ggml_moe_i16
 _moe_i16.argtypes = (_P, _I, _L, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I)
 _moe_i16.restype = _I
-MOE_ROWS = I16_ROWS  # tokens per step the fused expert call takes (each expert gets at most that many)
+MOE_ROWS = 64  # most tokens per step the fused expert call takes (benchmarks/kernels/bench_moe.py)
 
 
 class MoEPlan:

@@ -30,8 +30,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -57,7 +55,7 @@ _I = ctypes.c_int
 _ARGTYPES = (_P, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _I, _I, _I, _I, _I,
              ctypes.c_float, _P, _I, _I, _I, _P)
 _PREFILL_ARGTYPES = (_P, _P, _P, _P, _P, _I, _P, ctypes.c_int64, _P, _P, _I, _I, _I, _I, _I,
-                     ctypes.c_float, _P, _I)
+                     ctypes.c_float, _P, _I, _I, _P)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -79,12 +77,6 @@ def _cache_code(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return code
 
 
-def _no_window(traits: Mapping[str, Any]) -> bool:
-    # The native prefill kernel has no sliding-window mask or sink logits (yet): layers with
-    # either select the `cpu` backend's torch prefill, named in the load log.
-    return not traits.get("sliding_window") and not traits.get("attention_sinks")
-
-
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
@@ -101,7 +93,7 @@ def paged_attention_decode(
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """window and sinks as the op API says; a windowed step with several query tokens per
-    sequence (verifying drafts) takes the `cpu` backend's masked path."""
+    sequence (verifying drafts) takes the native prefill kernel, which masks windows per row."""
     if _fn is None:
         raise RuntimeError(f"{BACKEND} is unavailable here: {_UNAVAILABLE}")
     code = _cache_code(q, k_cache, v_cache, k_scale, v_scale, "decode")
@@ -113,7 +105,7 @@ def paged_attention_decode(
     # One query token per sequence needs no offsets (the common decode step).
     starts = None if q.shape[0] == B else meta.query_start_loc.to(torch.int32).contiguous()
     if window is not None and starts is not None:
-        return cpu.paged_attention_decode(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window, sinks)
+        return paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window, sinks)
     sinks32 = None if sinks is None else sinks.float().contiguous()
     out = torch.empty_like(q)
     rc = _fn(q.data_ptr(), _ptr(starts), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
@@ -137,14 +129,15 @@ def paged_attention_prefill(
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head sizes the kernel has no tile for (it takes 64 and 128) run the `cpu` backend's
-    torch path, which computes the same attention."""
-    assert window is None and sinks is None, "windows and sinks are selected away from this kernel"
+    torch path, which computes the same attention. window and sinks as the op API says: a
+    row block reads keys from its first row's window on."""
     if _prefill is None or _prefill_supports is None:
         raise RuntimeError(f"{BACKEND} is unavailable here: {_UNAVAILABLE}")
     code = _cache_code(q, k_cache, v_cache, k_scale, v_scale, "prefill")
     H, D = q.shape[1:]
     if not _prefill_supports(H, k_cache.shape[2], D):
-        return cpu.paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
+        return cpu.paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale, v_scale, window, sinks)
+    sk = None if sinks is None else sinks.float().contiguous()
     q = q.contiguous()
     table = _contiguous(meta.page_table)
     starts = meta.query_start_loc.to(torch.int32).contiguous()
@@ -153,7 +146,7 @@ def paged_attention_prefill(
     rc = _prefill(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
                   code, table.data_ptr(), table.stride(0), starts.data_ptr(), lens.data_ptr(),
                   len(meta.seq_lens_cpu), H, k_cache.shape[2], D, k_cache.shape[1], scale,
-                  out.data_ptr(), torch.get_num_threads())
+                  out.data_ptr(), torch.get_num_threads(), window or 0, _ptr(sk))
     if rc != 0:
         raise RuntimeError(f"{BACKEND} paged_prefill_attention returned {rc}")
     return out
@@ -280,7 +273,7 @@ else:
         _prefill_supports.argtypes = (_I, _I, _I)
         _prefill_supports.restype = _I
         register_kernel("paged_attention_prefill", BACKEND, ("cpu",), (torch.float32,),
-                        priority=20, supports=_no_window)(paged_attention_prefill)
+                        priority=20)(paged_attention_prefill)
         from agentspeed.kernels import cpu_ggml
 
         register_kernel("linear", BACKEND, ("cpu",), (torch.float32,), priority=20,

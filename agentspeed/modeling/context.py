@@ -34,3 +34,6 @@ class ForwardContext:
     logits_indices: torch.Tensor  # [B'] rows of the flattened tokens whose logits are wanted
     rope: torch.Tensor | None = None  # [T, rot] cos|sin per token; the model fills it once
     rope_local: torch.Tensor | None = None  # the same from a second table (Gemma 3's sliding layers)
+    # The sliding-window layers' metadata when they have their own page table (a hybrid KV
+    # cache whose window pages are given back); None: they use attn like every layer.
+    attn_window: AttentionMetadata | None = None

@@ -1,6 +1,7 @@
-// Routed experts of a decode step in one call (Qwen3-MoE, DeepSeek): for every expert with
-// tokens, h = silu(x_e Wg_e^T) * (x_e Wu_e^T) and y[t] += w[t, e] * (h Wd_e^T), with the
-// packed int16 decode kernel (ggml_linear_i16) for the products.
+// Routed experts of a decode step (or a small batch: drafts being verified, a few streams)
+// in one call (Qwen3-MoE, DeepSeek): for every expert with tokens, h = silu(x_e Wg_e^T) *
+// (x_e Wu_e^T) and y[t] += w[t, e] * (h Wd_e^T), with the packed int16 decode kernel
+// (ggml_linear_i16) for the products, 8 of an expert's rows per product.
 //
 // Why: the Python loop over experts made 2 linear calls, a silu and the gathers per expert
 // (a top-8 router: 24 calls and their tensor temporaries per layer and token). Here the
@@ -8,9 +9,11 @@
 // thread): a decode step's experts stream the same bytes, so the split balances, and no
 // parallel region opens per product.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include <omp.h>
@@ -30,7 +33,8 @@ extern "C" {
 // x [T, K] fp32 (row stride ldx); ids/weights [T, topk]: each token's experts and their
 // weights. Expert e's gate|up weight is two parts of F rows (types13[2e + p], ws13[2e + p],
 // strides13[2e + p]) and its down weight one part of N rows with F columns (types2[e], ...).
-// y [T, N] is overwritten. At most 8 tokens may pick one expert (ggml_linear_i16's rows).
+// y [T, N] is overwritten. An expert picked by more than 8 tokens runs in groups of 8 rows
+// (ggml_linear_i16's most), each streaming its weights once.
 // Returns 0; -1 for bad arguments; a kernel's negative code (minus 10) if a product fails.
 int ggml_moe_i16(const float* x, int T, int64_t ldx, int K, int topk, const int32_t* ids, const float* weights,
                  int E, const int* types13, const uint8_t* const* ws13, const int64_t* strides13, int F,
@@ -45,11 +49,9 @@ int ggml_moe_i16(const float* x, int T, int64_t ldx, int K, int topk, const int3
             if (e < 0 || e >= E) return -1;
             rows[e].push_back(t * topk + j);
         }
-    std::vector<int> active;
-    for (int e = 0; e < E; ++e) {
-        if (rows[e].size() > 8) return -1;
-        if (!rows[e].empty()) active.push_back(e);
-    }
+    std::vector<std::pair<int, int>> active;  // (expert, first of its <= 8 rows)
+    for (int e = 0; e < E; ++e)
+        for (size_t r0 = 0; r0 < rows[e].size(); r0 += 8) active.emplace_back(e, static_cast<int>(r0));
     const int A = static_cast<int>(active.size());
     std::vector<float> out(static_cast<size_t>(T) * topk * N);  // one row per (token, choice)
     int rc = 0;
@@ -59,9 +61,9 @@ int ggml_moe_i16(const float* x, int T, int64_t ldx, int K, int topk, const int3
             h(static_cast<size_t>(8) * F), ye(static_cast<size_t>(8) * N);
 #pragma omp for schedule(dynamic, 1)
         for (int a = 0; a < A; ++a) {
-            const int e = active[a];
-            const std::vector<int>& sel = rows[e];
-            const int R = static_cast<int>(sel.size());
+            const int e = active[a].first;
+            const int* sel = rows[e].data() + active[a].second;
+            const int R = std::min(8, static_cast<int>(rows[e].size()) - active[a].second);
             for (int r = 0; r < R; ++r)
                 std::memcpy(&xe[static_cast<size_t>(r) * K], x + (sel[r] / topk) * ldx, sizeof(float) * K);
             const int rows13[2] = {F, F}, offs13[2] = {0, F};

@@ -16,6 +16,10 @@
 // tile O [MQ][D] accumulates in memory and is touched once per block of NK keys. Scores are
 // in base 2 (log2 e is folded into the query scale), so softmax uses exp2.
 //
+// Sliding windows (Gemma 3, GPT-OSS, Mistral): a row block's keys start at its first row's
+// window, so pages before it are never read, and the rows' window edges are masked like the
+// causal one. Sinks (GPT-OSS): one more logit per head in the denominator, added in the merge.
+//
 // Work split: items (sequence, KV head, block of MQ rows, span of keys), largest first,
 // shared by OpenMP threads. A row block's key spans are merged by log-sum-exp; spans are cut
 // only when there are too few blocks to keep every thread busy (a short tool output over a
@@ -61,6 +65,8 @@ struct Args {
     int B, H, KVH, page_size;
     float scale;
     float* out;  // [T, H, D]
+    int window;  // a row at position p sees keys in (p - window, p]; 0: no window
+    const float* sinks;  // [H] sink logits, or null
 };
 
 struct Item {
@@ -95,7 +101,8 @@ void attend_block(const Args& a, const Item& it, Partial<D>& res) {
         const float* qr = a.q + (static_cast<int64_t>(q0 + tok) * a.H + it.kh * G + g) * D;
         for (int d = 0; d < D; ++d) qt[d][r] = qr[d] * qscale;
     }
-    const int minpos = pos[0];
+    const int minpos = pos[0], maxpos = pos[MQ - 1];
+    const int wlen = a.window > 0 ? a.window : INT32_MAX;
     vf m[NQ], l[NQ];
     vi posv[NQ];
     for (int i = 0; i < NQ; ++i) {
@@ -146,11 +153,13 @@ void attend_block(const Args& a, const Item& it, Partial<D>& res) {
             for (int jj = 0; jj < JR; ++jj)
                 for (int i = 0; i < NQ; ++i) st(&s[j0 + jj][i * W], acc[jj][i]);
         }
-        if (k0 + n - 1 > minpos)  // some key lies after some row: causal mask
+        // Some key lies after some row (causal mask), or before some row's window.
+        if (k0 + n - 1 > minpos || (a.window > 0 && k0 <= maxpos - a.window))
             for (int j = 0; j < n; ++j)
                 for (int i = 0; i < NQ; ++i) {
                     const vf v = ld(&s[j][i * W]);
-                    st(&s[j][i * W], posv[i] < k0 + j ? vf{} + MASKED : v);
+                    const vi kk = vi{} + (k0 + j);
+                    st(&s[j][i * W], ((posv[i] < kk) | (posv[i] - kk >= wlen)) ? vf{} + MASKED : v);
                 }
 
         // Online softmax across the lanes: new max, rescale factor, probabilities, sums.
@@ -209,20 +218,21 @@ void run(const Args& a, int threads) {
         for (int kh = 0; kh < a.KVH; ++kh)
             for (int blk = 0; blk < nblk; ++blk) {
                 const int last = std::min(blk * MQ + MQ, qlen * G) - 1;
-                items.push_back({b, kh, blk, 0, P0 + last / G + 1, 0});
+                const int lo = a.window > 0 ? std::max(0, P0 + blk * MQ / G - a.window + 1) : 0;
+                items.push_back({b, kh, blk, lo, P0 + last / G + 1, 0});
             }
     }
     const int blocks = static_cast<int>(items.size());
     // Too few blocks for the threads: cut each one's keys into spans (whole NK blocks).
     int64_t keys = 0;
-    for (const Item& it : items) keys += it.k1;
+    for (const Item& it : items) keys += it.k1 - it.k0;
     const int64_t span = blocks >= 4 * threads ? INT32_MAX
         : std::max<int64_t>(4 * NK, (keys / (8 * threads) + NK - 1) / NK * NK);
     std::vector<int> first(blocks + 1, 0);  // block i's partials: [first[i], first[i + 1])
     std::vector<Item> work;
     for (int i = 0; i < blocks; ++i) {
         const Item& it = items[i];
-        for (int64_t k0 = 0; k0 < it.k1; k0 += span) {
+        for (int64_t k0 = it.k0; k0 < it.k1; k0 += span) {
             const int k1 = static_cast<int>(std::min<int64_t>(it.k1, k0 + span));
             work.push_back({it.b, it.kh, it.blk, static_cast<int>(k0), k1, static_cast<int>(work.size())});
         }
@@ -253,8 +263,10 @@ void run(const Args& a, int threads) {
             const int gr = it.blk * MQ + r, tok = gr / G, g = gr % G;
             float mx = NEG;
             for (int p = first[i]; p < first[i + 1]; ++p) mx = std::max(mx, parts[p].m[r]);
+            const float sink = a.sinks ? a.sinks[it.kh * G + g] * LOG2E : NEG;
+            mx = std::max(mx, sink);
             float o[D] = {};
-            float den = 0.0f;
+            float den = a.sinks ? std::exp2(sink - mx) : 0.0f;
             for (int p = first[i]; p < first[i + 1]; ++p) {
                 const float w = std::exp2(parts[p].m[r] - mx);
                 den += w * parts[p].l[r];
@@ -291,14 +303,15 @@ int paged_prefill_attention(const float* q, const void* k_cache, const void* v_c
                             const float* k_scale, const float* v_scale, int dtype,
                             const int32_t* page_table, int64_t pt_stride, const int32_t* query_start,
                             const int32_t* seq_lens, int B, int H, int KVH, int D, int page_size,
-                            float scale, float* out, int threads) {
+                            float scale, float* out, int threads, int window, const float* sinks) {
     if (!paged_prefill_supports(H, KVH, D)) return -1;
     for (int b = 0; b < B; ++b) {
         const int qlen = query_start[b + 1] - query_start[b];
         if (qlen < 0 || qlen > seq_lens[b]) return -2;
     }
+    if (window < 0) return -2;
     Args a{q, k_cache, v_cache, k_scale, v_scale, page_table, pt_stride, query_start, seq_lens,
-           B, H, KVH, page_size, scale, out};
+           B, H, KVH, page_size, scale, out, window, sinks};
     switch (dtype) {
         case F32: return dispatch<F32>(a, D, threads);
         case BF16: return dispatch<BF16>(a, D, threads);

@@ -83,8 +83,9 @@ class PagedAttention(SpmdModule):
             k = ks.rms_norm(k, self.k_norm, self.qk_norm_eps)
         q, k = ks.rotary_embedding(q, k, ctx.rope_local if self.local_rope else ctx.rope)
         kv = ctx.kv_caches[self.layer_idx]
-        ks.store_kv(k, v, kv.k, kv.v, ctx.attn.slot_mapping, kv.k_scale, kv.v_scale)
-        meta, w, sk = ctx.attn, self.window, self.sinks
+        w, sk = self.window, self.sinks
+        meta = ctx.attn_window if w is not None and ctx.attn_window is not None else ctx.attn
+        ks.store_kv(k, v, kv.k, kv.v, meta.slot_mapping, kv.k_scale, kv.v_scale)
         if meta.is_decode:
             out = ks.paged_attention_decode(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale, w, sk)
         elif meta.decode_split is not None:
