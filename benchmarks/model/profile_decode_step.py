@@ -1,0 +1,61 @@
+"""Where a single-stream decode step goes: ModelRunner.forward on one sequence after a prompt,
+timed plain (mean ms per step), then under cProfile, printing the functions that take most of
+the step in ms per step (native kernels are the ctypes wrappers that call them: cpu_ggml.linear
+for packed projections and the LM head, moe_i16 for routed experts, paged_attention_decode).
+cProfile adds overhead to every Python call, so its total exceeds the plain time; the gap
+between the named kernels and the plain step is the per-layer Python and small torch ops.
+
+    python benchmarks/model/profile_decode_step.py --model .cache/gguf/qwen3-moe-8l-Q4_K_M.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+from agentspeed.config import CacheConfig, EngineConfig
+from agentspeed.control.plan import ScheduledChunk
+from agentspeed.execution.model_runner import ModelRunner
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompt", type=int, default=300, help="prompt tokens before the decode steps")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--top", type=int, default=12, help="functions to print")
+    a = ap.parse_args()
+    page = 16
+    pages = list(range(1, (a.prompt + 3 * a.steps + 10) // page + 2))
+    runner = ModelRunner(EngineConfig(model=a.model, cache=CacheConfig(page_size=page, num_pages=len(pages) + 1)))
+    runner.forward([ScheduledChunk("x", list(range(100, 100 + a.prompt)), 0, pages)])
+    pos = a.prompt
+
+    def steps(n: int) -> None:
+        nonlocal pos
+        for _ in range(n):
+            runner.forward([ScheduledChunk("x", (5,), pos, pages)])
+            pos += 1
+
+    steps(10)  # warm-up
+    t0 = time.perf_counter()
+    steps(a.steps)
+    plain = (time.perf_counter() - t0) / a.steps * 1e3
+    prof = cProfile.Profile()
+    prof.enable()
+    steps(a.steps)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])  # type: ignore[attr-defined]
+    total = sum(v[2] for _, v in rows)
+    print(f"{a.model}: {plain:.1f} ms per decode step (mean of {a.steps}, {a.prompt}-token prompt); "
+          f"under cProfile {total / a.steps * 1e3:.1f} ms, of which (self time, ms per step):")
+    for (file, line, fn), (_, calls, tottime, _, _) in rows[: a.top]:
+        where = file.rsplit("/agentspeed/", 1)[-1] if "/agentspeed/" in file else file
+        print(f"  {tottime / a.steps * 1e3:6.2f}  {calls // a.steps:4d} calls  {where}:{line}({fn})")
+
+
+if __name__ == "__main__":
+    main()
