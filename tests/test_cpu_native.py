@@ -16,7 +16,7 @@ import agentspeed.kernels  # noqa: F401  (registers backends)
 from agentspeed.config import KernelConfig
 from agentspeed.errors import KernelUnavailableError
 from agentspeed.kernels import cpu_native, native, reference
-from agentspeed.kernels.api import KernelSet
+from agentspeed.kernels.api import AttentionMetadata, KernelSet
 from agentspeed.kernels.reference import quantize_fp8
 from agentspeed.kernels.registry import backends_for
 
@@ -66,6 +66,17 @@ def _case(ctx: list[int], heads: int, kvh: int, d: int, ps: int, seed: int = 0):
     return _prefill_case(ctx, [1] * len(ctx), heads, kvh, d, ps, seed)
 
 
+def _poison_before_windows(k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, window: int | None) -> None:
+    """NaN in every page wholly before each sequence's first query's window: a kernel that
+    reads one shows it in its output."""
+    if window is None:
+        return
+    ps = k.shape[1]
+    for L, n, pages in zip(meta.seq_lens_cpu, meta.query_lens_cpu, meta.pages_cpu):
+        for p in pages[: max(0, L - n - window + 1) // ps]:
+            k[p] = v[p] = float("nan")
+
+
 SPLIT = cpu_native.SPLIT_TOKENS
 SHAPES = [
     # (heads, kv heads, head dim): SmolLM2 (9/3/64), MHA, a large group, 128, and head
@@ -86,19 +97,13 @@ def test_windows_and_sinks_match_reference(heads: int, kvh: int, d: int, window:
     q, k, v, meta = _case(ctx, heads, kvh, d, ps=16, seed=3)
     sink = torch.linspace(-2.0, 3.0, heads) if sinks else None
     want = reference._paged_attention(q, k, v, meta, d**-0.5, None, None, window, sink)
-    if window is not None:  # poison every page wholly before each window
-        for L, pages in zip(meta.seq_lens_cpu, meta.pages_cpu):
-            for p in pages[: max(0, L - window) // 16]:
-                k[p] = v[p] = float("nan")
+    _poison_before_windows(k, v, meta, window)
     got = cpu_native.paged_attention_decode(q, k, v, meta, d**-0.5, None, None, window, sink)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # Three query tokens per sequence (verifying drafts): the native prefill kernel's masks.
     q, k, v, meta = _prefill_case(ctx, [1, 3, 3, 2, 3], heads, kvh, d, ps=16, seed=4)
     want = reference._paged_attention(q, k, v, meta, d**-0.5, None, None, window, sink)
-    if window is not None:
-        for L, n, pages in zip(meta.seq_lens_cpu, meta.query_lens_cpu, meta.pages_cpu):
-            for p in pages[: max(0, L - n - window + 1) // 16]:
-                k[p] = v[p] = float("nan")
+    _poison_before_windows(k, v, meta, window)
     got = cpu_native.paged_attention_decode(q, k, v, meta, d**-0.5, None, None, window, sink)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -234,10 +239,7 @@ def test_prefill_windows_and_sinks_match_reference(heads: int, kvh: int, d: int,
     for i, (ctx, ql) in enumerate(PREFILL_CASES):
         q, k, v, meta = _prefill_case(ctx, ql, heads, kvh, d, ps=16, seed=i)
         want = reference._paged_attention(q, k, v, meta, d**-0.5, None, None, window, sink)
-        if window is not None:
-            for L, n, pages in zip(meta.seq_lens_cpu, meta.query_lens_cpu, meta.pages_cpu):
-                for p in pages[: max(0, L - n - window + 1) // 16]:
-                    k[p] = v[p] = float("nan")
+        _poison_before_windows(k, v, meta, window)
         got = cpu_native.paged_attention_prefill(q, k, v, meta, d**-0.5, None, None, window, sink)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"contexts {ctx}, new {ql}")
 
