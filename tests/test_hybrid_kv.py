@@ -193,3 +193,33 @@ def test_small_window_pool_waits_and_preempts_without_deadlock(model: Path) -> N
             assert out[rid] == hf_greedy(model, p, GREEDY.max_tokens)[0], rid
     finally:
         core.shutdown()
+
+
+def test_metrics_report_the_window_pool(model: Path) -> None:
+    """/metrics (the same collector) shows the window pool beside the full one, parsed as
+    Prometheus text; a model without windows shows no window gauges."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agentspeed.engine.core_proc import _Core
+    from agentspeed.entrypoints.openai.metrics import Metrics
+
+    def gauges(core: EngineCore) -> dict[str, float]:
+        text = Metrics("m", _Core(core).stats).render().decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    core = engine(model)
+    try:
+        w = core.runner.kv.window
+        assert w is not None
+        core.add_request(RequestSpec("a", tuple(range(3, 3 + 4 * w)), 8, params=GREEDY))
+        core.step()
+        g = gauges(core)
+        assert g["agentspeed:kv_window_pages_total"] == core.scheduler.wpool.num_usable  # type: ignore[union-attr]
+        assert 0 < g["agentspeed:kv_window_pages_used"] <= g["agentspeed:kv_window_pages_total"]
+    finally:
+        core.shutdown()
+    plain = engine(model, hybrid=False)
+    try:
+        assert "agentspeed:kv_window_pages_total" not in gauges(plain)
+    finally:
+        plain.shutdown()

@@ -85,10 +85,13 @@ class _Core:
 
     def stats(self) -> EngineStats:
         s = self.engine.scheduler
+        w = s.wpool
         return EngineStats(
             num_running=s.num_running, num_waiting=s.num_waiting, kv_pages_used=s.pool.num_in_use(),
             kv_pages_total=s.pool.num_usable, num_preemptions=s.num_preemptions, steps=self.engine.steps,
             num_draft_tokens=s.num_draft_tokens, num_accepted_tokens=s.num_accepted_tokens,
+            kv_window_pages_used=w.num_in_use() if w is not None else 0,
+            kv_window_pages_total=w.num_usable if w is not None else 0,
         )
 
 

@@ -46,6 +46,8 @@ class EngineStats(msgspec.Struct, frozen=True, gc=False):
     steps: int  # since start
     num_draft_tokens: int = 0  # speculative drafts verified, since start
     num_accepted_tokens: int = 0  # of those, accepted
+    kv_window_pages_used: int = 0  # the sliding-window layers' pool (hybrid models; else 0)
+    kv_window_pages_total: int = 0
 
 
 class EngineReady(msgspec.Struct, tag=True, frozen=True):

@@ -41,6 +41,11 @@ class _EngineCollector(Collector):
         yield gauge("kv_pages_total", "KV cache pages in the pool", s.kv_pages_total)
         yield gauge("kv_cache_usage_perc", "Fraction of KV pages held by live requests",
                     s.kv_pages_used / s.kv_pages_total if s.kv_pages_total else 0.0)
+        if s.kv_window_pages_total:  # a hybrid model: its sliding-window layers' own pool
+            yield gauge("kv_window_pages_used", "Sliding-window layers' KV pages held by live requests",
+                        s.kv_window_pages_used)
+            yield gauge("kv_window_pages_total", "KV pages in the sliding-window layers' pool",
+                        s.kv_window_pages_total)
         yield gauge("generation_tokens_per_second", "Generated tokens per second over the last 10 s",
                     self._throughput())
         c = CounterMetricFamily("agentspeed:num_preemptions", "Requests preempted (recomputed) by the engine",
