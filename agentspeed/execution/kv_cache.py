@@ -95,6 +95,12 @@ def window_group(cfg: ModelConfig, max_model_len: int) -> tuple[int, tuple[int, 
 WINDOW_POOL_SHARE = 4
 
 
+def window_pages(full: int, min_window: int) -> int:
+    """The window pool's pages beside a full pool of `full`: a WINDOW_POOL_SHARE-th of it,
+    at least min_window, at most as many."""
+    return min(full, max(-(-full // WINDOW_POOL_SHARE), min_window))
+
+
 def split_pages(budget: int, full_layers: int, window_layers: int, layer_page: int, min_window: int,
                 max_full: int) -> tuple[int, int]:
     """(full pages, window pages) for `budget` bytes when a page of one layer costs
@@ -104,7 +110,7 @@ def split_pages(budget: int, full_layers: int, window_layers: int, layer_page: i
     if full_layers == 0:
         return max_full, min(max_full, budget // (window_layers * layer_page))
     full = budget * WINDOW_POOL_SHARE // ((WINDOW_POOL_SHARE * full_layers + window_layers) * layer_page)
-    window = min(full, max(-(-full // WINDOW_POOL_SHARE), min_window))
+    window = window_pages(full, min_window)
     full = min(full, (budget - window * window_layers * layer_page) // (full_layers * layer_page))
     return full, min(window, full)
 
@@ -135,7 +141,7 @@ class KVCache:
         useful_pages = max_tokens_useful // ps + 2
         if cache.num_pages is not None:
             num_pages = cache.num_pages
-            wpages = min(num_pages, max(-(-num_pages // WINDOW_POOL_SHARE), min_window))
+            wpages = window_pages(num_pages, min_window)
         else:
             budget = kv_cache_bytes(cache, device, useful_pages * per_page)
             if n_win:
