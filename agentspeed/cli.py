@@ -16,6 +16,7 @@ from agentspeed.config import (
     ParallelConfig,
     SchedulingConfig,
 )
+from agentspeed.entrypoints.parsers.select import REASONING_PARSERS, TOOL_PARSERS
 from agentspeed.errors import AgentspeedError, ConfigError
 
 log = logging.getLogger("agentspeed")
@@ -126,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser(
         "serve",
-        help="serve a model over an OpenAI-compatible HTTP API",
-        description="Start the OpenAI-compatible server (/v1/chat/completions, /v1/completions, "
-                    "/v1/models, /health, /metrics, /tokenize, /detokenize). The engine runs in its own "
+        help="serve a model over OpenAI- and Anthropic-compatible HTTP APIs",
+        description="Start the HTTP server: OpenAI's /v1/chat/completions, /v1/completions and "
+                    "/v1/responses, Anthropic's /v1/messages (and /v1/messages/count_tokens), plus "
+                    "/v1/models, /health, /metrics, /tokenize, /detokenize. Reasoning (<think>) and tool "
+                    "calls are parsed from the model's output in all of them. The engine runs in its own "
                     "process; tensor-parallel ranks in further processes. Ctrl-C or SIGTERM drains "
                     "in-flight requests (up to --drain-timeout) and stops everything.",
     )
@@ -137,16 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
     g = srv.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    g.add_argument("--served-model-name", default=None,
-                   help="model name clients send and /v1/models lists (default: the model file or directory name)")
+    g.add_argument("--served-model-name", default=None, nargs="+", metavar="NAME",
+                   help="model name(s) clients may send; the first is the one /v1/models lists and "
+                        "responses carry (default: the model file or directory name)")
+    g.add_argument("--model-alias", action="append", default=[], metavar="GLOB",
+                   help="also accept model names matching this fnmatch pattern, e.g. 'claude-*' for "
+                        "agents that send their own model ids (repeatable; other names get a 404)")
     g.add_argument("--api-key", default=os.environ.get("AGENTSPEED_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes "
                         "(default: $AGENTSPEED_API_KEY, else no key)")
     g.add_argument("--chat-template", default=None, help="a Jinja chat template (file path or inline text) "
                    "replacing the model's")
-    g.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
-                   help="how tool calls are read from model output (default: llama3_json for Llama 3 "
-                        "templates, else hermes)")
+    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="how tool calls are read from model output (default: the format the chat "
+                        "template uses: deepseek_v3, kimi_k2, qwen3_coder, mistral or llama3_json markers, "
+                        "else hermes)")
+    g.add_argument("--reasoning-parser", default="auto", choices=["auto", "none", *REASONING_PARSERS],
+                   help="split <think>...</think> into reasoning (reasoning_content, thinking blocks, "
+                        "reasoning items); auto: qwen3 or deepseek_r1 when the chat template knows "
+                        "</think>, else none")
+    g.add_argument("--responses-store-size", type=int, default=1000, metavar="N",
+                   help="responses kept for previous_response_id (in memory, oldest dropped; default 1000)")
     g.add_argument("--max-queue", type=int, default=1024,
                    help="most live requests; more get 503 instead of queueing without bound (default 1024)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
@@ -208,7 +222,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from agentspeed.entrypoints.openai.api_server import build_app, serve_forever
     from agentspeed.entrypoints.openai.metrics import Metrics
     from agentspeed.entrypoints.openai.serving import ServerState
-    from agentspeed.entrypoints.openai.tool_parsers import default_tool_parser
+    from agentspeed.entrypoints.parsers.select import default_reasoning_parser, default_tool_parser
 
     if args.model_path is not None:
         if args.model is not None and args.model != args.model_path:
@@ -221,23 +235,29 @@ def _run_serve(args: argparse.Namespace) -> int:
     cfg = engine_config(args)  # fails here, before any process starts, on a bad combination
 
     async def run() -> None:
-        engine = await AsyncLLM.start(cfg, served_model_name=args.served_model_name,
+        names = args.served_model_name or []
+        engine = await AsyncLLM.start(cfg, served_model_name=names[0] if names else None,
                                       chat_template=template, max_queue=args.max_queue,
                                       log_level=args.log_level)
         try:
             assert engine.info is not None and engine.tokenizer is not None
             name = engine.info.model_name
-            parser = args.tool_call_parser or default_tool_parser(
-                "", getattr(engine.tokenizer.hf, "chat_template", None))
+            tmpl = getattr(engine.tokenizer.hf, "chat_template", None)
+            tmpl = tmpl if isinstance(tmpl, str) else None
+            parser = args.tool_call_parser or default_tool_parser(tmpl)
+            reasoning = (default_reasoning_parser(tmpl) if args.reasoning_parser == "auto" else
+                         None if args.reasoning_parser == "none" else args.reasoning_parser)
             state = ServerState(engine, name, Metrics(name, lambda: engine.stats), parser,
-                                args.enable_test_hooks, args.api_key)
+                                args.enable_test_hooks, args.api_key, reasoning,
+                                tuple(names[1:]) + tuple(args.model_alias), args.responses_store_size)
             info = engine.info
             kv_tokens = (info.num_pages - 1) * info.page_size
             k = info.num_speculative_tokens
             spec = f"n-gram drafts up to {k}{' adaptive' if args.adaptive_drafts else ''}" if k else "no speculation"
             print(f"agentspeed: serving {name} on http://{args.host}:{args.port}/v1 (context "
                   f"{info.max_model_len}, KV cache {kv_tokens} tokens at {info.kv_bytes_per_token} "
-                  f"bytes/token, {spec}, overlap {'on' if info.overlap else 'off'}, tool parser {parser})",
+                  f"bytes/token, {spec}, overlap {'on' if info.overlap else 'off'}, tool parser {parser}, "
+                  f"reasoning parser {reasoning or 'none'})",
                   file=sys.stderr, flush=True)
             if info.linear_note:
                 print(f"agentspeed: {info.linear_note}", file=sys.stderr, flush=True)

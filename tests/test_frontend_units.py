@@ -3,7 +3,6 @@ parsers, and the engine <-> frontend message encoding."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import msgspec
@@ -22,7 +21,6 @@ from agentspeed.engine.messages import (
     EngineOutputs,
     EngineStats,
 )
-from agentspeed.entrypoints.openai.tool_parsers import HermesToolParser, Llama3JsonToolParser
 from agentspeed.sampling_params import SamplingParams
 
 
@@ -68,28 +66,6 @@ def test_partial_stop_string_is_held_back() -> None:
     assert d.update(list(b"AY"), False) == " S"  # the last 3 characters are always held
     assert d.update(list(b" ok"), True) == "TAY ok"  # finished: everything goes out
     assert d.text == "hello STAY ok" and d.stop_reason is None
-
-
-def test_hermes_parser() -> None:
-    p = HermesToolParser()
-    text = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>{"name": "g", "arguments": {}}</tool_call>'
-    content, calls = p.parse(text)
-    assert content == "Sure."
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("f", {"x": 1}), ("g", {})]
-    assert len({c["id"] for c in calls}) == 2
-    assert p.parse("no calls here") == ("no calls here", [])
-    assert p.parse("<tool_call>{not json}</tool_call>")[1] == []  # malformed stays content
-    assert p.tools_start("abc <tool") == 4 and p.tools_start("abc <tool_call>{") == 4 and p.tools_start("abc") is None
-
-
-def test_llama3_json_parser() -> None:
-    p = Llama3JsonToolParser()
-    content, calls = p.parse('<|python_tag|>{"name": "f", "parameters": {"q": "x"}}; {"name": "g", "parameters": {}}')
-    assert content is None and [c["function"]["name"] for c in calls] == ["f", "g"]
-    assert json.loads(calls[0]["function"]["arguments"]) == {"q": "x"}
-    assert p.parse("Plain answer.") == ("Plain answer.", [])
-    assert p.parse('{"not": "a call"}')[1] == []
-    assert p.tools_start("  {") == 0 and p.tools_start("Hello") is None
 
 
 def test_messages_round_trip_msgpack() -> None:

@@ -110,18 +110,21 @@ def test_tool_calls_parsed_from_model_output(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(**kw)
     ch = r.choices[0]
     assert ch.finish_reason == "tool_calls"
-    assert ch.message.content == "Let me check."
+    assert ch.message.content == "Let me check. "
     [call] = ch.message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
-    # Streaming: content before the call streams, the call arrives whole, the finish says so.
+    # Streaming: content before the call streams, then the call: id and name first, then
+    # its arguments in pieces that add up to the non-streamed arguments.
     content, calls, finish = [], [], None
     for chunk in client.chat.completions.create(stream=True, **kw):
         for c in chunk.choices:
             content.append(c.delta.content or "")
             calls += c.delta.tool_calls or []
             finish = c.finish_reason or finish
-    assert "".join(content).strip() == "Let me check."
-    assert [c.function.name for c in calls] == ["get_weather"] and finish == "tool_calls"
+    assert "".join(content) == "Let me check. "
+    assert calls[0].id and calls[0].function.name == "get_weather" and not calls[0].function.arguments
+    assert len(calls) > 2 and all(c.index == 0 and c.id is None for c in calls[1:])
+    assert "".join(c.function.arguments for c in calls) == call.function.arguments and finish == "tool_calls"
     # Without tools in the request the same text is plain content.
     plain = client.chat.completions.create(model=MODEL, messages=kw["messages"], temperature=0,
                                            extra_body={"agentspeed_test_output": forced})

@@ -12,17 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agentspeed.entrypoints.errors import APIError
+from agentspeed.entrypoints.prompt import template_tool_call
 
-class APIError(Exception):
-    """An error returned to the client as OpenAI's error JSON with this HTTP status."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+__all__ = ["APIError"]  # re-exported: endpoints raise it from here
 
 
 class _Base(BaseModel):
@@ -76,11 +69,8 @@ class ChatMessage(_Base):
         if self.name is not None:
             msg["name"] = self.name
         if self.tool_calls:
-            msg["tool_calls"] = [
-                {"id": c.id, "type": "function",
-                 "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                for c in self.tool_calls
-            ]
+            msg["tool_calls"] = [template_tool_call(c.id, c.function.name, c.function.arguments)
+                                 for c in self.tool_calls]
         if self.tool_call_id is not None:
             msg["tool_call_id"] = self.tool_call_id
         return msg

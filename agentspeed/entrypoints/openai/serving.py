@@ -1,15 +1,17 @@
-"""What the chat and completion endpoints share: turning a request into SamplingParams
-(with the context-length check), running it on AsyncLLM with timing, metrics and the
-one-line request log, and the usage / logprob / SSE formatting."""
+"""What every endpoint (chat, completions, messages, responses) shares: the server state,
+the context-length budget, turning a request into SamplingParams, the output parsers,
+running a request on AsyncLLM with timing, metrics and the one-line request log, and the
+usage / logprob / SSE formatting."""
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,9 @@ from agentspeed.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from agentspeed.entrypoints.parsers.output import OutputParser
+from agentspeed.entrypoints.parsers.reasoning import ReasoningSplitter
+from agentspeed.entrypoints.parsers.select import TOOL_PARSERS
 from agentspeed.errors import AgentspeedError
 from agentspeed.sampling_params import SamplingParams
 from agentspeed.tokenizer import Tokenizer
@@ -41,6 +46,12 @@ class ServerState:
     tool_parser: str
     enable_test_hooks: bool = False
     api_key: str | None = None
+    reasoning_parser: str | None = None
+    # Further names clients may send for the model: exact names and fnmatch globs
+    # ('claude-*'): agents send their own model ids.
+    model_aliases: tuple[str, ...] = ()
+    responses_store_size: int = 1000
+    extras: dict[str, Any] = field(default_factory=dict)  # per-API state (the responses store)
 
     @property
     def max_model_len(self) -> int:
@@ -61,47 +72,93 @@ class ServerState:
         return tok
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`).",
-                           param="model", code="model_not_found")
+        if name is None or name == self.model_name or name in self.model_aliases:
+            return
+        if any(fnmatch.fnmatchcase(name, a) for a in self.model_aliases):
+            return
+        raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.model_name}`; "
+                            "--served-model-name and --model-alias add names).", param="model",
+                       code="model_not_found")
 
 
-def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, state: ServerState,
-                    max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """Raises APIError(400) for a prompt that does not fit, or invalid combinations."""
+def token_budget(state: ServerState, prompt_len: int, max_tokens: int | None, prompt_param: str,
+                 max_param: str) -> int:
+    """The completion's token limit: max_tokens if prompt + max_tokens fits the context and
+    the KV cache, else a 400 naming the parameter; None means as much as fits."""
     limit = state.max_model_len
     if prompt_len >= limit:
         raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your "
                             f"prompt has {prompt_len} tokens. Please reduce the length of the prompt.",
-                       param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-                       code="context_length_exceeded")
+                       param=prompt_param, code="context_length_exceeded")
     if max_tokens is None:  # as much as the context and the KV cache allow
         max_tokens = min(limit, state.kv_tokens) - prompt_len
         if max_tokens < 1:
             raise APIError(400, f"the prompt ({prompt_len} tokens) fills the KV cache of this server "
-                                f"({state.kv_tokens} tokens)", param="messages", code="context_length_exceeded")
+                                f"({state.kv_tokens} tokens)", param=prompt_param, code="context_length_exceeded")
     elif prompt_len + max_tokens > limit:
         raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                             f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
-                            "completion). Please reduce the prompt or max_tokens.",
-                       param="max_tokens", code="context_length_exceeded")
+                            f"completion). Please reduce the prompt or {max_param}.",
+                       param=max_param, code="context_length_exceeded")
     if prompt_len + max_tokens > state.kv_tokens:
-        raise APIError(400, f"prompt + max_tokens ({prompt_len + max_tokens} tokens) exceeds the KV cache "
-                            f"of this server ({state.kv_tokens} tokens)", param="max_tokens")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        raise APIError(400, f"prompt + {max_param} ({prompt_len + max_tokens} tokens) exceeds the KV cache "
+                            f"of this server ({state.kv_tokens} tokens)", param=max_param)
+    return max_tokens
+
+
+def make_params(**kw: Any) -> SamplingParams:
+    """SamplingParams, with the engine's refusals as 400s."""
     try:
-        return SamplingParams(
-            n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k, 0), min_p=req.min_p,
-            seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
-            ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
-            skip_special_tokens=req.skip_special_tokens, logprobs=logprobs,
-            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-        )
+        return SamplingParams(**kw)
     except (AgentspeedError, ValueError) as e:
         raise APIError(400, str(e)) from None
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, state: ServerState,
+                    max_tokens: int | None, logprobs: int | None, skip_special_tokens: bool = True
+                    ) -> SamplingParams:
+    """Raises APIError(400) for a prompt that does not fit, or invalid combinations."""
+    chat = isinstance(req, ChatCompletionRequest)
+    named = ("max_completion_tokens" if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens
+             is not None else "max_tokens")
+    max_tokens = token_budget(state, prompt_len, max_tokens, "messages" if chat else "prompt", named)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return make_params(
+        n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k, 0), min_p=req.min_p,
+        seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
+        skip_special_tokens=req.skip_special_tokens and skip_special_tokens, logprobs=logprobs,
+        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSetup:
+    """How one request's output is parsed: a fresh OutputParser per sample, and whether
+    special tokens must stay in the text (tool formats framed by special tokens)."""
+
+    new: Callable[[], OutputParser]
+    skip_special_tokens: bool
+
+
+def output_setup(state: ServerState, tools: list[dict[str, Any]] | None, prompt: Sequence[int]) -> OutputSetup:
+    """tools: the function definitions ({"name", "description", "parameters"}) offered to the
+    model, or None (tool calls are not parsed)."""
+    tool_cls = TOOL_PARSERS[state.tool_parser] if tools else None
+    tail = ""
+    if state.reasoning_parser is not None and state.engine.tokenizer is not None:
+        # Whether the prompt opened (or closed) a think block decides where the output starts.
+        tail = state.engine.tokenizer.decode(list(prompt[-16:]), skip_special_tokens=False)
+    rp = state.reasoning_parser
+
+    def new() -> OutputParser:
+        return OutputParser(ReasoningSplitter(rp, tail) if rp is not None else None,
+                            tool_cls(tools) if tool_cls is not None else None)
+
+    return OutputSetup(new, tool_cls is None or tool_cls.skip_special_tokens)
 
 
 def session_key(raw: Request) -> str | None:
@@ -132,11 +189,13 @@ class RunStats:
 
 async def run_request(state: ServerState, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                       raw: Request, stats: RunStats, forced_output: str | None = None, *,
-                      cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestDelta]:
+                      cache_salt: str | None = None, priority: int = 0, session: str | None = None
+                      ) -> AsyncIterator[RequestDelta]:
     """Yield the request's deltas; record metrics and log one line when it ends. Raises
     APIError before the first delta for overload, a dead engine or an engine rejection.
     cache_salt: only requests with the same salt share prefix-cache pages. priority: lower
-    runs first among waiting requests (ties by arrival), as in vLLM."""
+    runs first among waiting requests (ties by arrival), as in vLLM. session: the session
+    key when no routing header names one (a body field such as prompt_cache_key)."""
     t0 = time.monotonic()
     last: float | None = None
     itls: list[float] = []
@@ -147,7 +206,8 @@ async def run_request(state: ServerState, request_id: str, prompt_ids: Sequence[
         assert state.engine.tokenizer is not None
         forced = state.engine.tokenizer.encode(forced_output, add_special_tokens=False)
     try:
-        gen = state.engine.generate(request_id, prompt_ids, params, session_key(raw), cache_salt, priority,
+        gen = state.engine.generate(request_id, prompt_ids, params, session_key(raw) or session, cache_salt,
+                                    priority,
                                     forced_output=forced)
         async for d in gen:
             now = time.monotonic()

@@ -1,65 +1,69 @@
-"""POST /v1/chat/completions: chat template, tools, streaming (SSE) and non-streaming."""
+"""POST /v1/chat/completions: chat template, tools, reasoning, streaming (SSE) and not.
+
+Reasoning goes to `reasoning_content`; tool calls stream as OpenAI's tool_call deltas (the
+id, type and name first, then argument pieces) as soon as the model writes them."""
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from agentspeed.entrypoints.openai.protocol import APIError, ChatCompletionRequest
+from agentspeed.entrypoints.openai.protocol import ChatCompletionRequest
 from agentspeed.entrypoints.openai.serving import (
     SSE_DONE,
+    OutputSetup,
     RunStats,
     ServerState,
     chat_logprobs,
     collect,
     new_id,
+    output_setup,
     run_request,
     sampling_params,
     sse,
 )
-from agentspeed.entrypoints.openai.tool_parsers import TOOL_PARSERS, ToolParser
-from agentspeed.errors import ConfigError
+from agentspeed.entrypoints.parsers.output import (
+    Event,
+    OutputParser,
+    Reasoning,
+    Text,
+    ToolCallStart,
+)
+from agentspeed.entrypoints.prompt import render
 
 
-def _prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    tok = state.tokenizer("use /v1/completions with token ids")
-    messages = [m.to_template() for m in req.messages]
-    tools = None
-    if req.tools and req.tool_choice != "none":
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
-    try:
-        return tok.apply_chat_template(
-            messages, req.add_generation_prompt and not req.continue_final_message, tools=tools,
-            **(req.chat_template_kwargs or {}),
-        )
-    except (ConfigError, ValueError) as e:
-        raise APIError(400, str(e), param="messages") from None
-
-
-def _parser(state: ServerState, req: ChatCompletionRequest) -> ToolParser | None:
+def _tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     if not req.tools or req.tool_choice == "none":
         return None
-    return TOOL_PARSERS[state.tool_parser]()
+    return [t.model_dump(exclude_none=True) for t in req.tools]
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request) -> Any:
     state.check_model(req.model)
-    prompt = _prompt(state, req)
+    tok = state.tokenizer("use /v1/completions with token ids")
+    tools = _tools(req)
+    prompt = render(tok, [m.to_template() for m in req.messages], tools,
+                    req.add_generation_prompt and not req.continue_final_message, **(req.chat_template_kwargs or {}))
+    setup = output_setup(state, [t["function"] for t in tools] if tools else None, prompt)
     top = req.top_logprobs or 0
     params = sampling_params(req, len(prompt), state, req.max_completion_tokens or req.max_tokens,
-                             top if req.logprobs else None)
+                             top if req.logprobs else None, setup.skip_special_tokens)
     rid = new_id("chatcmpl")
     stats = RunStats(len(prompt))
     gen = run_request(state, rid, prompt, params, raw, stats, req.agentspeed_test_output,
                       cache_salt=req.cache_salt, priority=req.priority)
-    parser = _parser(state, req)
     if req.stream:
         first = await anext(gen)  # errors before the first token are still plain HTTP errors
-        return StreamingResponse(_stream(state, req, rid, gen, first, stats, parser, top),
+        return StreamingResponse(_stream(state, req, rid, gen, first, stats, setup, top),
                                  media_type="text/event-stream")
     deltas = await collect(raw, gen)
     texts: dict[int, str] = {}
@@ -73,14 +77,16 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
             stop[d.index] = d.stop_reason
     choices = []
     for i in range(req.n):
-        text = texts.get(i, "")
-        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        out = setup.new().parse(texts.get(i, ""))
         finish = stats.finish_reasons.get(i, "abort")
-        if parser is not None:
-            content, calls = parser.parse(text)
-            if calls:
-                msg = {"role": "assistant", "content": content, "tool_calls": calls}
-                finish = "tool_calls"
+        msg: dict[str, Any] = {"role": "assistant", "content": out.content}
+        if out.reasoning:
+            msg["reasoning_content"] = out.reasoning
+        if out.calls:
+            msg["content"] = out.content if out.content.strip() else None
+            msg["tool_calls"] = [{"id": call_id(), "type": "function", "function": {"name": n, "arguments": a}}
+                                 for n, a in out.calls]
+            finish = "tool_calls"
         choice: dict[str, Any] = {"index": i, "message": msg, "logprobs": None, "finish_reason": finish,
                                   "stop_reason": stop.get(i)}
         if req.logprobs:
@@ -90,8 +96,19 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                          "model": state.model_name, "choices": choices, "usage": stats.usage()})
 
 
+def _delta(e: Event) -> dict[str, Any]:
+    if isinstance(e, Text):
+        return {"content": e.text}
+    if isinstance(e, Reasoning):
+        return {"reasoning_content": e.text}
+    if isinstance(e, ToolCallStart):
+        return {"tool_calls": [{"index": e.index, "id": call_id(), "type": "function",
+                                "function": {"name": e.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": e.index, "function": {"arguments": e.delta}}]}
+
+
 async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, gen: AsyncIterator[Any], first: Any,
-                  stats: RunStats, parser: ToolParser | None, top: int) -> AsyncIterator[str]:
+                  stats: RunStats, setup: OutputSetup, top: int) -> AsyncIterator[str]:
     created = int(time.time())
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
 
@@ -99,12 +116,10 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, gen:
         return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                          "finish_reason": finish}]})
 
+    parsers: list[OutputParser] = [setup.new() for _ in range(req.n)]
+    called = [False] * req.n
     for i in range(req.n):
         yield chunk(i, {"role": "assistant", "content": ""})
-    # With tools: content streams until a tool-call section may begin; the rest is held
-    # and parsed when the sample finishes.
-    full: dict[int, str] = {}
-    shown: dict[int, int] = {}
 
     async def deltas() -> AsyncIterator[Any]:
         yield first
@@ -115,28 +130,16 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, gen:
         async for d in deltas():
             i = d.index
             lp = {"content": chat_logprobs(state, d.logprobs, top)} if req.logprobs and d.logprobs else None
-            if parser is None:
-                if d.text or lp:
-                    yield chunk(i, {"content": d.text}, None, lp)
-            else:
-                full[i] = text = full.get(i, "") + d.text
-                start = parser.tools_start(text)
-                upto = len(text) if start is None else start
-                if upto > shown.get(i, 0):
-                    yield chunk(i, {"content": text[shown.get(i, 0) : upto]}, None, lp)
-                    shown[i] = upto
+            events = parsers[i].feed(d.text)
             if d.finish_reason is not None:
-                finish = d.finish_reason
-                if parser is not None:
-                    text = full.get(i, "")
-                    _, calls = parser.parse(text)
-                    if calls:
-                        finish = "tool_calls"
-                        tool_deltas = [{"index": k, **c} for k, c in enumerate(calls)]
-                        yield chunk(i, {"tool_calls": tool_deltas})
-                    elif len(text) > shown.get(i, 0):
-                        yield chunk(i, {"content": text[shown.get(i, 0) :]})
-                yield chunk(i, {}, finish)
+                events += parsers[i].finish()
+            for k, e in enumerate(events):
+                called[i] |= isinstance(e, ToolCallStart)
+                yield chunk(i, _delta(e), None, lp if k == 0 else None)
+            if not events and lp:
+                yield chunk(i, {"content": ""}, None, lp)
+            if d.finish_reason is not None:
+                yield chunk(i, {}, "tool_calls" if called[i] else d.finish_reason)
     except Exception as e:  # after the 200 went out, errors travel in the stream
         status = getattr(e, "status", 500)
         message = getattr(e, "message", str(e))
