@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from agentspeed.entrypoints.errors import APIError
 from agentspeed.entrypoints.prompt import template_tool_call
@@ -120,7 +120,7 @@ class _SamplingFields(_Base):
     top_k: Annotated[int, Field(ge=-1)] = 0
     min_p: Probability = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Only requests with the same salt share prefix-cache pages (tenants isolate their KV).
@@ -163,7 +163,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Strict: JSON booleans and floats are not token ids ([[false]] is a 400, not token 0).
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     return_token_ids: bool = False  # vLLM extension: each choice also carries its token ids
     echo: bool = False
@@ -190,4 +191,17 @@ class TokenizeRequest(_Base):
 
 class DetokenizeRequest(_Base):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[StrictInt]
+
+
+class ErrorDetail(_Base):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Base):
+    """OpenAI's error body, as every OpenAI route returns it."""
+
+    error: ErrorDetail

@@ -174,9 +174,11 @@ class OutputParser:
             return [Text(text)] if text else []
         return self.tools.feed(text)
 
-    def parse(self, text: str) -> Parsed:
+    def run(self, text: str) -> list[Event]:
         """The non-streaming path: the whole text at once."""
+        return self.feed(text) + self.finish()
+
+    def parse(self, text: str) -> Parsed:
         p = Parsed()
-        p.add(self.feed(text))
-        p.add(self.finish())
+        p.add(self.run(text))
         return p
