@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -260,3 +261,57 @@ def test_schema_violations_and_health(server: ServerProcess) -> None:
     spec = httpx.get(f"{server.url}/openapi.json", headers=h).json()
     for path in ("/v1/messages", "/v1/responses", "/v1/chat/completions"):
         assert {"200", "400", "401", "404", "500", "503"} <= set(spec["paths"][path]["post"]["responses"]), path
+
+
+# ---- requests of real agent size -----------------------------------------------------------
+def make_long_context_model(root: Path) -> Path:
+    """A random-weight 2-layer Llama with 32K positions and SmolLM2's tokenizer and chat
+    template, so prompts of real agent size (tens of thousands of tokens) can be served."""
+    from conftest import make_tiny
+
+    from agentspeed.model_source import default_model_path
+    from agentspeed.tokenizer import _gguf_tokenizer
+
+    hf = _gguf_tokenizer(default_model_path())
+    path = make_tiny("llama", root, vocab_size=len(hf), max_position_embeddings=32768,
+                     bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id)
+    hf.save_pretrained(path)  # the engine loads it from the directory like any HF model's
+    return path
+
+
+def agent_system_prompt(tokens: int) -> str:
+    rules = [f"Rule {i}: when editing file src/module_{i % 97}.py keep the public function "
+             f"handler_{i}() stable, run the tests in tests/test_{i % 31}.py and report any failure "
+             f"with its traceback; never touch vendored code under third_party/{i % 13}/."
+             for i in range(tokens // 40 + 1)]
+    return "You are a coding agent working in a large repository.\n" + "\n".join(rules)
+
+
+AGENT_TOOLS = [{"name": f"tool_{i}", "description": f"Tool number {i}: does step {i} of the workflow.",
+                "input_schema": {"type": "object", "properties": {
+                    "path": {"type": "string", "description": "a file path"},
+                    "line": {"type": "integer"}, "dry_run": {"type": "boolean"}}, "required": ["path"]}}
+               for i in range(24)]
+
+
+def test_agent_sized_requests_on_a_long_context_model(tmp_path: Path) -> None:
+    model = make_long_context_model(tmp_path)
+    srv = ServerProcess([str(model), "--served-model-name", "long", "--kv-cache-memory", "64MiB"])
+    try:
+        claude = anthropic.Anthropic(base_url=srv.url, api_key="x", max_retries=0, timeout=600)
+        system = agent_system_prompt(20_000)
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "Fix the failing test in tests/test_3.py."}]
+        count = claude.messages.count_tokens(model="long", system=system, tools=AGENT_TOOLS, messages=messages)
+        assert 20_000 <= count.input_tokens <= 32_000
+        first = claude.messages.create(model="long", max_tokens=8, system=system, tools=AGENT_TOOLS,
+                                       messages=messages, metadata={"user_id": "agent-1"})
+        assert first.usage.input_tokens + first.usage.cache_read_input_tokens == count.input_tokens
+        assert first.usage.output_tokens > 0
+        messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                     {"role": "user", "content": "Go on."}]
+        second = claude.messages.create(model="long", max_tokens=8, system=system, tools=AGENT_TOOLS,
+                                        messages=messages, metadata={"user_id": "agent-1"})
+        # turn 2 re-sends turn 1: all but the last page or so comes from the prefix cache
+        assert second.usage.cache_read_input_tokens >= count.input_tokens - 64
+    finally:
+        assert srv.stop() == 0, srv.log()

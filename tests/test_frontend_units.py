@@ -82,3 +82,19 @@ def test_messages_round_trip_msgpack() -> None:
 def test_sampling_params_reject_bad_values() -> None:
     with pytest.raises(Exception, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_openapi_hides_test_fields_unless_test_hooks() -> None:
+    from types import SimpleNamespace
+
+    from agentspeed.entrypoints.openai.api_server import build_app
+    from agentspeed.entrypoints.openai.serving import ServerState
+
+    def props(hooks: bool) -> set[str]:
+        state = ServerState(SimpleNamespace(), "m", SimpleNamespace(), "hermes", enable_test_hooks=hooks)  # type: ignore[arg-type]
+        schemas = build_app(state).openapi()["components"]["schemas"]
+        return {p for name in ("ChatCompletionRequest", "MessagesRequest", "ResponsesRequest")
+                for p in schemas[name]["properties"]}
+
+    assert "agentspeed_test_output" not in props(False)
+    assert "agentspeed_test_output" in props(True)

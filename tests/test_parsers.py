@@ -189,3 +189,16 @@ def test_default_parsers_from_the_template() -> None:
     assert default_reasoning_parser("<|im_start|></think>") == "qwen3"
     assert default_reasoning_parser("<｜Assistant｜></think>") == "deepseek_r1"
     assert default_reasoning_parser("<|im_start|>") is None
+
+
+def test_long_arguments_stream_in_token_sized_pieces() -> None:
+    """A file-writing call: most pieces take the open-arguments fast path (no rescan), and
+    the result equals the whole-text parse."""
+    content = "def f(x):\n    return {'a': [x, 2]}  # <- brackets and a < sign\n" * 40
+    body = json.dumps({"name": "read_file", "arguments": {"path": "a.py", "content": content}})
+    text = f"Writing.\n<tool_call>\n{body}\n</tool_call>\nDone?"
+    whole = check("hermes", text)
+    assert calls(whole) == [("read_file", {"path": "a.py", "content": content})]
+    assert whole.content == "Writing.\nDone?"
+    for step in (4, 5):
+        assert streamed("hermes", text, step) == whole

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from agentspeed.entrypoints.parsers.reasoning import ReasoningSplitter
-from agentspeed.entrypoints.parsers.tool_parsers import PartialCall, ToolParser
+from agentspeed.entrypoints.parsers.tool_parsers import OPEN_STOPS, PartialCall, ToolParser
 
 log = logging.getLogger("agentspeed.parsers")
 
@@ -56,6 +56,7 @@ class ToolStream:
         self.section: int | None = None  # where the tool-call section begins in buf
         self.started: list[str] = []  # names of the calls that have started
         self.sent: list[int] = []  # argument characters sent per call
+        self.open_tail = False  # the last call's arguments run verbatim to the end of buf
         self.finished = False
 
     def feed(self, text: str) -> list[Event]:
@@ -71,6 +72,12 @@ class ToolStream:
                 return out  # a marker may be forming: hold it
             self.section = start
             return out + self._diff(final=False)
+        if self.open_tail and not any(c in text for c in OPEN_STOPS):
+            # Measured: rescanning a 16K-token argument object on every token cost ~90 us
+            # per token (json raw_decode over the whole object); this path is O(delta).
+            k = len(self.started) - 1
+            self.sent[k] += len(text)
+            return [ToolCallArgs(k, text)]
         return self._diff(final=False)
 
     def finish(self) -> list[Event]:
@@ -101,7 +108,14 @@ class ToolStream:
     def _diff(self, final: bool) -> list[Event]:
         assert self.section is not None
         scan = self.parser.scan(self.buf[self.section :], final)
-        return self._emit(scan[0]) if scan is not None else []
+        if scan is None:
+            return []
+        calls = scan[0]
+        out = self._emit(calls)
+        last = calls[-1] if calls else None
+        self.open_tail = (last is not None and last.open and len(calls) == len(self.started)
+                          and self.sent[-1] == len(last.args))
+        return out
 
     def _emit(self, calls: list[PartialCall]) -> list[Event]:
         out: list[Event] = []

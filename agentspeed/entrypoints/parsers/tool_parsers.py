@@ -28,6 +28,12 @@ from agentspeed.entrypoints.parsers.reasoning import _partial_suffix
 class PartialCall:
     name: str | None  # None until the name is complete
     args: str  # the arguments' JSON text written so far
+    # True: args is an unfinished object or array running to the end of the section, so
+    # text without any of OPEN_STOPS only extends it (ToolStream then skips the rescan).
+    open: bool = False
+
+
+OPEN_STOPS = "}]<["  # what could end an open argument container, or begin a marker
 
 
 Scan = tuple[list[PartialCall], str]  # calls, trailing content
@@ -94,7 +100,8 @@ def json_call(s: str, i: int, final: bool, args_keys: tuple[str, ...] = ("argume
     if name is None:
         return None, obj.end
     v = next((obj.members[k] for k in args_keys if k in obj.members), None)
-    return PartialCall(name, args_text(s, v, obj.end is not None or final)), obj.end
+    is_open = v is not None and v.end is None and not final and s[v.start : v.start + 1] in ("{", "[")
+    return PartialCall(name, args_text(s, v, obj.end is not None or final), is_open), obj.end
 
 
 class HermesToolParser(ToolParser):
@@ -115,6 +122,7 @@ class HermesToolParser(ToolParser):
             body, after = block_body(section, i + len(self.OPEN), self.CLOSE, final)
             call, _ = json_call(body, 0, final or after is not None)
             if call is not None:
+                call.open = call.open and i + len(self.OPEN) + len(body) == len(section)
                 calls.append(call)
             elif after is not None or final:  # a block that is not a call stays text
                 trailing.append(section[i : after if after is not None else len(section)])
