@@ -224,6 +224,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     from agentspeed.entrypoints.openai.serving import ServerState
     from agentspeed.entrypoints.parsers.select import default_reasoning_parser, default_tool_parser
 
+    names = args.served_model_name or []
+    if args.model_path is None and any(os.path.exists(n) for n in names):
+        raise ConfigError(f"--served-model-name took the model path as a name ({' '.join(names)}): put MODEL "
+                          "before the flag, or write --served-model-name=NAME")
     if args.model_path is not None:
         if args.model is not None and args.model != args.model_path:
             raise ConfigError("give the model once: as MODEL or as --model")
@@ -235,7 +239,6 @@ def _run_serve(args: argparse.Namespace) -> int:
     cfg = engine_config(args)  # fails here, before any process starts, on a bad combination
 
     async def run() -> None:
-        names = args.served_model_name or []
         engine = await AsyncLLM.start(cfg, served_model_name=names[0] if names else None,
                                       chat_template=template, max_queue=args.max_queue,
                                       log_level=args.log_level)

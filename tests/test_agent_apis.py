@@ -216,6 +216,10 @@ def test_responses_store_and_unknown_ids(oai: openai.OpenAI) -> None:
         oai.responses.create(model=MODEL, input="again", max_output_tokens=2, previous_response_id=r.id)
     with pytest.raises(openai.NotFoundError):
         oai.responses.retrieve("resp_missing")
+    kept = [oai.responses.create(model=MODEL, input="hi", max_output_tokens=1).id for _ in range(9)]
+    with pytest.raises(openai.NotFoundError):  # --responses-store-size 8: the oldest is gone
+        oai.responses.retrieve(kept[0])
+    assert oai.responses.retrieve(kept[-1]).id == kept[-1]
     with pytest.raises(openai.BadRequestError):
         oai.responses.create(model=MODEL, max_output_tokens=2, input=[{"role": "user", "content": [
             {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}])
@@ -250,6 +254,8 @@ def test_chat_reasoning_content(oai: openai.OpenAI) -> None:
             reasoning.append((c.delta.model_extra or {}).get("reasoning_content") or "")
             content.append(c.delta.content or "")
     assert "".join(reasoning) == "The user wants weather." and "".join(content) == "It is sunny."
+    back = {"role": "assistant", "content": m.content, "reasoning_content": m.model_extra["reasoning_content"]}
+    assert oai.chat.completions.create(model=MODEL, max_tokens=2, messages=[*HELLO, back, *HELLO]).choices
 
 
 def test_schema_violations_and_health(server: ServerProcess) -> None:

@@ -52,6 +52,7 @@ class ChatMessage(_Base):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an assistant turn's reasoning, as this server returns it
 
     def to_template(self) -> dict[str, Any]:
         """The message as a chat template expects it (content flattened to text)."""
@@ -73,6 +74,8 @@ class ChatMessage(_Base):
                                  for c in self.tool_calls]
         if self.tool_call_id is not None:
             msg["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content:
+            msg["reasoning_content"] = self.reasoning_content
         return msg
 
 

@@ -26,6 +26,7 @@ from agentspeed.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from agentspeed.entrypoints.openai.response_store import ResponseStore
 from agentspeed.entrypoints.parsers.output import OutputParser
 from agentspeed.entrypoints.parsers.reasoning import ReasoningSplitter
 from agentspeed.entrypoints.parsers.select import TOOL_PARSERS
@@ -51,7 +52,10 @@ class ServerState:
     # ('claude-*'): agents send their own model ids.
     model_aliases: tuple[str, ...] = ()
     responses_store_size: int = 1000
-    extras: dict[str, Any] = field(default_factory=dict)  # per-API state (the responses store)
+    responses: ResponseStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.responses = ResponseStore(self.responses_store_size)
 
     @property
     def max_model_len(self) -> int:

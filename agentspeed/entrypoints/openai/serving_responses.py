@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -28,6 +26,7 @@ from agentspeed.entrypoints.openai.protocol_responses import (
     template_messages,
     template_tools,
 )
+from agentspeed.entrypoints.openai.response_store import Stored
 from agentspeed.entrypoints.openai.serving import (
     RunStats,
     ServerState,
@@ -48,44 +47,9 @@ from agentspeed.entrypoints.parsers.output import (
 from agentspeed.entrypoints.prompt import render, template_tool_call
 
 
-@dataclass(slots=True)
-class Stored:
-    response: dict[str, Any]
-    history: list[dict[str, Any]]  # template messages through this response's output
-
-
-class ResponseStore:
-    """The newest `size` stored responses."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.items: OrderedDict[str, Stored] = OrderedDict()
-
-    def put(self, rid: str, item: Stored) -> None:
-        self.items[rid] = item
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-
-    def get(self, rid: str) -> Stored:
-        item = self.items.get(rid)
-        if item is None:
-            raise APIError(404, f"Previous response with id '{rid}' not found (not stored, or dropped from "
-                                f"the newest {self.size} this server keeps).", param="previous_response_id",
-                           code="previous_response_not_found")
-        return item
-
-
-def _store(state: ServerState) -> ResponseStore:
-    store = state.extras.get("responses")
-    if store is None:
-        store = state.extras["responses"] = ResponseStore(state.responses_store_size)
-    assert isinstance(store, ResponseStore)
-    return store
-
-
 def get_response(state: ServerState, rid: str) -> dict[str, Any]:
     try:
-        return _store(state).get(rid).response
+        return state.responses.get(rid).response
     except APIError:
         raise APIError(404, f"No response with id '{rid}' is stored here.", param="response_id",
                        code="not_found") from None
@@ -217,7 +181,7 @@ def _history_out(items: Items) -> dict[str, Any]:
 async def create_response(state: ServerState, req: ResponsesRequest, raw: Request) -> Any:
     state.check_model(req.model)
     tok = state.tokenizer()
-    history = list(_store(state).get(req.previous_response_id).history) if req.previous_response_id else []
+    history = list(state.responses.get(req.previous_response_id).history) if req.previous_response_id else []
     history += template_messages(req.input)
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
     tools, custom = template_tools(req)
@@ -270,7 +234,7 @@ def _finish(state: ServerState, req: ResponsesRequest, head: dict[str, Any], his
                                                if reasoning else 0},
                      "total_tokens": stats.prompt_tokens + stats.completion_tokens}}
     if req.store:
-        _store(state).put(out["id"], Stored(out, [*history, _history_out(items)]))
+        state.responses.put(out["id"], Stored(out, [*history, _history_out(items)]))
     return out
 
 
