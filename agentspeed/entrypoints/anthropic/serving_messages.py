@@ -33,6 +33,7 @@ from agentspeed.entrypoints.openai.serving import (
     output_setup,
     run_request,
     token_budget,
+    with_first,
 )
 from agentspeed.entrypoints.parsers.output import (
     Event,
@@ -194,13 +195,8 @@ async def _stream(state: ServerState, head: dict[str, Any], gen: AsyncIterator[R
         "usage": {**_usage(stats), "output_tokens": 0}}})
     yield _sse("ping", {"type": "ping"})
 
-    async def deltas() -> AsyncIterator[RequestDelta]:
-        yield first
-        async for d in gen:
-            yield d
-
     try:
-        async for d in deltas():
+        async for d in with_first(first, gen):
             events = parser.feed(d.text)
             if d.finish_reason is not None:
                 events += parser.finish()

@@ -265,6 +265,14 @@ async def collect(raw: Request, gen: AsyncIterator[RequestDelta]) -> list[Reques
         watcher.cancel()
 
 
+async def with_first(first: RequestDelta, rest: AsyncIterator[RequestDelta]) -> AsyncIterator[RequestDelta]:
+    """The deltas of a stream whose first delta was awaited before the response began (so
+    errors before it are still plain HTTP errors)."""
+    yield first
+    async for d in rest:
+        yield d
+
+
 def token_text(state: ServerState, token_id: int) -> str:
     tok = state.engine.tokenizer
     return tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)

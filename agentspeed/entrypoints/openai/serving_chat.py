@@ -26,6 +26,7 @@ from agentspeed.entrypoints.openai.serving import (
     run_request,
     sampling_params,
     sse,
+    with_first,
 )
 from agentspeed.entrypoints.parsers.output import (
     Event,
@@ -121,13 +122,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, gen:
     for i in range(req.n):
         yield chunk(i, {"role": "assistant", "content": ""})
 
-    async def deltas() -> AsyncIterator[Any]:
-        yield first
-        async for d in gen:
-            yield d
-
     try:
-        async for d in deltas():
+        async for d in with_first(first, gen):
             i = d.index
             lp = {"content": chat_logprobs(state, d.logprobs, top)} if req.logprobs and d.logprobs else None
             events = parsers[i].feed(d.text)

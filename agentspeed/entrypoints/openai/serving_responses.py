@@ -35,6 +35,7 @@ from agentspeed.entrypoints.openai.serving import (
     output_setup,
     run_request,
     token_budget,
+    with_first,
 )
 from agentspeed.entrypoints.parsers.output import (
     Event,
@@ -253,13 +254,8 @@ async def _stream(state: ServerState, req: ResponsesRequest, head: dict[str, Any
     yield ev("response.in_progress", {"response": head})
     items = Items(custom)
 
-    async def deltas() -> AsyncIterator[RequestDelta]:
-        yield first
-        async for d in gen:
-            yield d
-
     try:
-        async for d in deltas():
+        async for d in with_first(first, gen):
             events = parser.feed(d.text)
             if d.finish_reason is not None:
                 events += parser.finish()
