@@ -81,6 +81,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-adaptive-drafts", dest="adaptive_drafts", action="store_false",
                    help="always draft K tokens when there is a match (default: each request drafts 0-K, "
                         "as many as its recent acceptance pays for at the current batch size)")
+    g.add_argument("--structured-output-backend", default="auto", choices=["auto", "xgrammar", "guidance"],
+                   help="grammar library for constrained decoding (response_format, structured_outputs, "
+                        "forced tool calls): xgrammar or llguidance (auto: xgrammar)")
     g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
@@ -102,6 +105,7 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
             enable_prefix_caching=not args.no_prefix_caching, overlap=args.overlap,
             num_speculative_tokens=args.num_speculative_tokens, ngram_max=args.ngram_max,
             ngram_min=args.ngram_min, adaptive_drafts=args.adaptive_drafts),
+        structured_output_backend=args.structured_output_backend,
     )
 
 

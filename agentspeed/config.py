@@ -267,6 +267,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    # Grammar library for constrained decoding: auto (xgrammar, else llguidance) | xgrammar | guidance
+    structured_output_backend: str = "auto"
 
 
 def resolve_defaults(cfg: EngineConfig, device: str) -> EngineConfig:

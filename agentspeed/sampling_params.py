@@ -9,6 +9,38 @@ import msgspec.structs
 from agentspeed.errors import ConfigError
 
 
+class StructuredOutputs(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One decoding constraint (vLLM's StructuredOutputsParams): exactly one of json (a JSON
+    schema, as JSON text), json_object (any JSON object), regex, choice (one of these strings)
+    or grammar (EBNF in the GBNF dialect llama.cpp and xgrammar read). The grammar backend
+    (agentspeed/structured) compiles it once per distinct constraint."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ConfigError("structured outputs take exactly one of json, json_object, regex, choice or "
+                              f"grammar; got {', '.join(given) or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ConfigError("structured outputs choice must list at least one string")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None) \
+            if not self.json_object else "json_object"
+
+    def key(self) -> tuple[str, str]:
+        """A hashable identity (the grammar cache's key, with the tokenizer fixed per engine)."""
+        value = getattr(self, self.kind)
+        return self.kind, "\x00".join(value) if isinstance(value, list) else str(value)
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """temperature 0 = greedy. top_k 0 (or -1), top_p 1.0 and min_p 0 disable those filters.
     With a seed, a request's samples depend only on the seed, not on the batch it ran in.
@@ -31,6 +63,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Constrained decoding: tokens outside the constraint are masked before sampling.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -20,6 +20,8 @@ from agentspeed.control.fsm import FinishReason
 from agentspeed.control.plan import ExecutionPlan, RequestSpec, RequestUpdate, StepResult
 from agentspeed.control.scheduler import RequestRejected, Scheduler, SchedulerConfig
 from agentspeed.sampling_params import SamplingParams
+from agentspeed.structured.backend import GrammarError
+from agentspeed.structured.manager import StructuredOutputManager
 
 if TYPE_CHECKING:  # the server process imports this module without torch
     from agentspeed.config import EngineConfig
@@ -68,21 +70,40 @@ class EngineCore:
         self._in_flight: tuple[ExecutionPlan, Future[StepResult]] | None = None
         self.steps = 0
         self._rejected: list[RequestUpdate] = []
+        self.structured = StructuredOutputManager(
+            cfg.structured_output_backend, runner.source, runner.model_config.vocab_size,
+            runner.model_config.eos_token_ids)
+        # Constrained requests that would have drafted: their drafts would need checking
+        # against the grammar, so they decode without (the metric says how many).
+        self.num_spec_disabled_structured = 0
+        # Grammar masks are filled during the forward where steps overlap planning.
+        runner.grammar.overlap = bool(cfg.scheduling.overlap)
 
     def add_request(self, spec: RequestSpec, params: SamplingParams | None = None) -> None:
         """Queue a request (params, if given, replace spec.params). One that can never be
         served (RequestRejected) ends with an ERROR update from the next step() instead."""
         params = spec.params if params is None else params
-        spec = msgspec.structs.replace(
-            spec, params=params,
-            speculate=bool(self.cfg.scheduling.num_speculative_tokens and speculation_exact(params)))
+        speculate = bool(self.cfg.scheduling.num_speculative_tokens and speculation_exact(params))
+        if params.structured_outputs is not None:
+            try:
+                compiled = self.structured.compile(params.structured_outputs)
+            except GrammarError as e:
+                self._rejected.append(RequestUpdate(spec.request_id, (), FinishReason.ERROR, 0, str(e)))
+                return
+            if self.runner.comm.rank == 0:  # the other ranks' samples are replaced by rank 0's
+                self.runner.expect_matcher(spec.request_id, self.structured.matcher(compiled))
+            self.num_spec_disabled_structured += speculate
+            speculate = False
+        spec = msgspec.structs.replace(spec, params=params, speculate=speculate)
         try:
             self.scheduler.submit(spec)
         except RequestRejected as e:
+            self.runner.drop_matcher(spec.request_id)
             self._rejected.append(RequestUpdate(spec.request_id, (), FinishReason.ERROR, 0, str(e)))
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
+        self.runner.drop_matcher(request_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None or bool(self._rejected)

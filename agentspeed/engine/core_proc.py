@@ -92,6 +92,9 @@ class _Core:
             num_draft_tokens=s.num_draft_tokens, num_accepted_tokens=s.num_accepted_tokens,
             kv_window_pages_used=w.num_in_use() if w is not None else 0,
             kv_window_pages_total=w.num_usable if w is not None else 0,
+            num_spec_disabled_structured=self.engine.num_spec_disabled_structured,
+            num_structured_requests=self.engine.structured.hits + self.engine.structured.misses,
+            num_grammar_cache_hits=self.engine.structured.hits,
         )
 
 

@@ -55,6 +55,7 @@ class LLM:
         ngram_min: int = 1,
         adaptive_drafts: bool = True,
         disable_hybrid_kv_cache_manager: bool = False,
+        structured_output_backend: str = "auto",
     ) -> None:
         """Keywords build the EngineConfig (vLLM's names); engine_config, if given, is the
         whole config instead (as `agentspeed generate` builds it from its flags)."""
@@ -71,6 +72,7 @@ class LLM:
             kernels=KernelConfig.from_spec(kernel_backend),
             scheduling=SchedulingConfig(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap,
                                         num_speculative_tokens, ngram_max, ngram_min, adaptive_drafts),
+            structured_output_backend=structured_output_backend,
         )
         if cfg.parallel.tp > 1 and engine_config is None:
             raise ConfigError(

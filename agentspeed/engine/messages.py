@@ -48,6 +48,9 @@ class EngineStats(msgspec.Struct, frozen=True, gc=False):
     num_accepted_tokens: int = 0  # of those, accepted
     kv_window_pages_used: int = 0  # the sliding-window layers' pool (hybrid models; else 0)
     kv_window_pages_total: int = 0
+    num_spec_disabled_structured: int = 0  # constrained requests that decoded without drafts
+    num_structured_requests: int = 0  # constrained requests admitted, since start
+    num_grammar_cache_hits: int = 0  # of those, whose grammar was already compiled
 
 
 class EngineReady(msgspec.Struct, tag=True, frozen=True):

@@ -18,9 +18,11 @@ from agentspeed.execution.inputs import build_inputs
 from agentspeed.execution.kv_cache import KVCache, window_group
 from agentspeed.execution.request_state import RequestState, RequestTable
 from agentspeed.execution.sampler import Sampler
+from agentspeed.execution.structured import GrammarStep
 from agentspeed.modeling.build import build_model
 from agentspeed.modeling.comm import Communicator
 from agentspeed.modeling.context import ForwardContext
+from agentspeed.structured.backend import Matcher
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,16 @@ class ModelRunner:
         )
         self.sampler = Sampler(built.kernels, built.device, cfg.seed)
         self.requests = RequestTable(built.device, windowed=window is not None)
+        self.grammar = GrammarStep(built.config.vocab_size)  # EngineCore sets its overlap
+        self._matchers: dict[str, Matcher] = {}
+
+    def expect_matcher(self, request_id: str, matcher: Matcher) -> None:
+        """The grammar matcher of a constrained request not yet in a plan (EngineCore hands
+        it over at admission; the request's first plan attaches it to its state)."""
+        self._matchers[request_id] = matcher
+
+    def drop_matcher(self, request_id: str) -> None:
+        self._matchers.pop(request_id, None)
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
@@ -84,7 +96,11 @@ class ModelRunner:
         for rid in plan.released:  # finished before this plan was made: no chunk of it needs them
             table.release(rid)
         for new in plan.new_requests:
-            table.add(new)
+            st = table.add(new)
+            if new.params.structured_outputs is not None:
+                # Absent on TP ranks > 0 (their samples are replaced by rank 0's) and for a
+                # request aborted before this plan ran.
+                st.matcher = self._matchers.pop(new.request_id, None)
         chunks: list[ScheduledChunk] = []
         states: list[RequestState] = []
         for c in plan.chunks:
@@ -97,8 +113,10 @@ class ModelRunner:
         return self._sample(chunks, states, plan.step_id) if chunks else StepResult(plan.step_id)
 
     def _sample(self, chunks: list[ScheduledChunk], states: list[RequestState], step_id: int) -> StepResult:
-        logits = self._forward(chunks, states)
         sampling = [(c, st) for c, st in zip(chunks, states) if c.sample]
+        constrained = [(i, st.matcher) for i, (_, st) in enumerate(sampling) if st.matcher is not None]
+        pending = self.grammar.start(constrained) if constrained else None  # fills during the forward
+        logits = self._forward(chunks, states)
         if not sampling:
             return StepResult(step_id)
         drafts = any(c.num_draft for c, _ in sampling)
@@ -111,7 +129,8 @@ class ModelRunner:
                 first.append(rows)
                 rows += 1 + c.num_draft
             firsts = logits[torch.tensor(first, device=logits.device)]
-        out = self.sampler.sample(firsts, [st for _, st in sampling])
+        mask = (lambda lg: self.grammar.apply(lg, pending)) if pending is not None else None
+        out = self.sampler.sample(firsts, [st for _, st in sampling], mask)
         n = len(sampling)
         if not drafts:
             ids = self.comm.broadcast(out.token_ids, src=0).tolist()
@@ -128,11 +147,14 @@ class ModelRunner:
             st.last_sampled = more[-1] if more else t
             if st.counts is not None:
                 st.record([t, *more])
+            if st.matcher is not None:
+                self.grammar.accept(c.request_id, st.matcher, [t, *more])
         lps = out.logprobs
         logprobs = {c.request_id: lp for (c, _), lp in zip(sampling, lps) if lp is not None} if lps else {}
         return StepResult(step_id, sampled, logprobs, accepted)
 
     def shutdown(self) -> None:
+        self.grammar.shutdown()
         self.comm.shutdown()
 
 

@@ -18,6 +18,7 @@ import torch
 from agentspeed.control.errors import InvariantViolation
 from agentspeed.control.plan import LAST_SAMPLED, NewRequest, ScheduledChunk, apply_pages
 from agentspeed.sampling_params import SamplingParams
+from agentspeed.structured.backend import Matcher
 
 
 @dataclass(slots=True)
@@ -36,6 +37,7 @@ class RequestState:
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None  # [vocab] float32: times each token was sampled
     seen: torch.Tensor | None = None  # [vocab] bool: in the prompt or sampled (repetition penalty)
+    matcher: Matcher | None = None  # its grammar's state (constrained requests, on rank 0)
 
     def record(self, tokens: list[int]) -> None:
         """Note tokens this request produced (for its penalties)."""

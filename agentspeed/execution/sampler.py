@@ -1,12 +1,13 @@
 """Batched sampling: turns the batch's SamplingParams into one SamplingTensors and calls the
 `sample` kernel once per step. Seeded requests own a generator for their whole life (kept in
 their RequestState). Penalties are applied to the rows that ask for them from the
-persistent per-request counts; logprobs are of the model's raw distribution (before
-penalties, temperature and filters), as in vLLM's default."""
+persistent per-request counts; grammar masks after them (execution/structured.py);
+logprobs are of the model's raw distribution (before penalties, masks, temperature and
+filters), as in vLLM's default."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,11 @@ class Sampler:
             if p.frequency_penalty or p.presence_penalty:
                 logits[i] -= p.frequency_penalty * st.counts + p.presence_penalty * (st.counts > 0).to(logits.dtype)
 
-    def sample(self, logits: torch.Tensor, states: Sequence[RequestState]) -> SampleOutput:
+    def sample(self, logits: torch.Tensor, states: Sequence[RequestState],
+               mask: Callable[[torch.Tensor], None] | None = None) -> SampleOutput:
         """One token per row; row i belongs to states[i]. Counts are not updated here (the
-        caller records the tokens that stand, after verification)."""
+        caller records the tokens that stand, after verification). mask: applies the
+        constrained rows' grammar masks in place, after penalties and before sampling."""
         params = [st.params for st in states]
         want_lp = [p.logprobs for p in params]
         raw_lp = logits.log_softmax(-1) if any(k is not None for k in want_lp) else None
@@ -68,6 +71,8 @@ class Sampler:
         if penalised:
             logits = logits.clone()
             self._apply_penalties(logits, penalised, states)
+        if mask is not None:
+            mask(logits)
         all_greedy = all(p.greedy for p in params)
         if all_greedy:  # the common agent case: skip building per-row tensors
             ids = logits.argmax(-1)

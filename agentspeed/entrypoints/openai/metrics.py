@@ -55,10 +55,17 @@ class _EngineCollector(Collector):
         for name, doc, v in (
             ("spec_decode_num_draft_tokens", "Speculative draft tokens verified", s.num_draft_tokens),
             ("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted", s.num_accepted_tokens),
+            ("structured_output_requests", "Requests with a decoding constraint", s.num_structured_requests),
+            ("structured_output_grammar_cache_hits", "Constrained requests whose grammar was cached",
+             s.num_grammar_cache_hits),
         ):
             c = CounterMetricFamily(f"agentspeed:{name}", doc, labels=labels)
             c.add_metric([self._model], v)
             yield c
+        c = CounterMetricFamily("agentspeed:spec_decode_disabled_requests",
+                                "Requests that would have drafted but decoded without, by reason", labels=[*labels, "reason"])
+        c.add_metric([self._model, "structured_output"], s.num_spec_disabled_structured)
+        yield c
 
 
 class Metrics:
