@@ -144,9 +144,10 @@ def test_messages_errors_in_anthropic_shape(server: ServerProcess, claude: anthr
     with pytest.raises(anthropic.BadRequestError) as bad:
         claude.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": [image]}])
     assert bad.value.body["error"]["type"] == "invalid_request_error" and "image" in bad.value.body["error"]["message"]
-    with pytest.raises(anthropic.BadRequestError):
+    with pytest.raises(anthropic.BadRequestError) as bad:
         claude.messages.create(model=MODEL, max_tokens=4, messages=HELLO, tools=[WEATHER],
-                               tool_choice={"type": "any"})
+                               tool_choice={"type": "tool", "name": "nope"})
+    assert "not among the tools" in bad.value.body["error"]["message"]
     raw = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY}, json={"model": MODEL, "messages": HELLO})
     assert raw.status_code == 400 and raw.json()["error"] == {"type": "invalid_request_error",
                                                               "message": "max_tokens: Field required"}
@@ -224,7 +225,8 @@ def test_responses_store_and_unknown_ids(oai: openai.OpenAI) -> None:
         oai.responses.create(model=MODEL, max_output_tokens=2, input=[{"role": "user", "content": [
             {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}])
     with pytest.raises(openai.BadRequestError):
-        oai.responses.create(model=MODEL, input="x", text={"format": {"type": "json_object"}})
+        oai.responses.create(model=MODEL, input="x", text={"format": {"type": "json_schema", "name": "x",
+                                                                      "schema": {"type": "nope"}}})
 
 
 def test_responses_reasoning_custom_and_hosted_tools(server: ServerProcess, oai: openai.OpenAI) -> None:

@@ -48,8 +48,8 @@ class XGrammarBackend:
         try:
             if c.json is not None:
                 return self.compiler.compile_json_schema(c.json, any_whitespace=False, strict_mode=True)
-            if c.json_object:
-                return self.compiler.compile_builtin_json_grammar()
+            if c.json_object:  # an object, not any JSON value (the builtin grammar takes arrays)
+                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if c.regex is not None:
                 return self.compiler.compile_regex(c.regex)
             if c.choice is not None:

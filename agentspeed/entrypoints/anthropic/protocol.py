@@ -5,14 +5,14 @@ Every field of the published API is accepted (and the sampling fields older clie
 `cache_control` (top-level, on blocks and on tools: the prefix cache is automatic),
 `citations`, `service_tier`, `speed`, `inference_geo`, `container`, `context_management`,
 `diagnostics`, `user_profile_id`, `workspace_id`, `output_config.effort`,
-`thinking.budget_tokens`, `tool_choice.disable_parallel_tool_use`, tools' `strict`,
+`thinking.budget_tokens`, tools' `strict`,
 `defer_loading`, `eager_input_streaming`, `input_examples`, `allowed_callers`, `metadata`
 (except `user_id`, the session key when no routing header is sent), and the
 `anthropic-version` / `anthropic-beta` headers and `?beta=true` query. `thinking` turns the
 template's thinking switch on or off (Qwen3, DeepSeek V3.1). 400s are for what would change
 the answer and cannot be honoured: images, documents and other non-text blocks (the models
-served here read text), `tool_choice` any/tool and `output_config.format` (both need
-constrained decoding), MCP servers.
+served here read text), MCP servers. `tool_choice` any / tool and `output_config.format`
+(or `output_format`) constrain decoding (entrypoints/structured.py).
 """
 
 from __future__ import annotations
@@ -113,17 +113,14 @@ class MessagesRequest(_Base):
     thinking: Thinking | None = None
     mcp_servers: list[dict[str, Any]] | None = None
     output_config: OutputConfig | None = None
+    output_format: dict[str, Any] | None = None  # the structured-outputs beta's name for output_config.format
     # Test hook (only with --enable-test-hooks): show this text instead of the sampled tokens.
     agentspeed_test_output: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> MessagesRequest:
-        if self.tool_choice is not None and self.tool_choice.type in ("any", "tool"):
-            raise ValueError(f"tool_choice {self.tool_choice.type!r} needs constrained decoding, which is not "
-                             "implemented; use 'auto' or 'none'")
-        if self.output_config is not None and self.output_config.format is not None:
-            raise ValueError("output_config.format (structured output) needs constrained decoding, which is not "
-                             "implemented")
+        if self.tool_choice is not None and self.tool_choice.type == "tool" and not self.tool_choice.name:
+            raise ValueError("tool_choice of type 'tool' needs a name")
         if self.mcp_servers:
             raise ValueError("mcp_servers are not supported (this server cannot reach MCP servers)")
         return self

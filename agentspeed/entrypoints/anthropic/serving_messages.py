@@ -44,6 +44,11 @@ from agentspeed.entrypoints.parsers.output import (
     ToolCallStart,
 )
 from agentspeed.entrypoints.prompt import render
+from agentspeed.entrypoints.structured import (
+    forced_tool_calls,
+    from_response_format,
+    one_constraint,
+)
 
 log = logging.getLogger("agentspeed.server")
 
@@ -137,11 +142,10 @@ class Blocks:
 
 
 def _stop(stats: RunStats, stop_reason: int | str | None, tool_use: bool) -> tuple[str, str | None]:
+    if stats.finish_reasons.get(0) == "length":  # a call cut off here may not parse
+        return "max_tokens", None
     if tool_use:
         return "tool_use", None
-    finish = stats.finish_reasons.get(0)
-    if finish == "length":
-        return "max_tokens", None
     if isinstance(stop_reason, str):
         return "stop_sequence", stop_reason
     return "end_turn", None
@@ -159,12 +163,23 @@ def _sse(event: str, data: dict[str, Any]) -> str:
 async def create_message(state: ServerState, req: MessagesRequest, raw: Request) -> Any:
     state.check_model(req.model)
     prompt, tools = _prompt(state, req)
-    setup = output_setup(state, [t["function"] for t in tools] if tools else None, prompt)
+    functions = [t["function"] for t in tools] if tools else None
+    choice = req.tool_choice
+    forced = None
+    if choice is not None and choice.type in ("any", "tool"):
+        forced = forced_tool_calls(functions or [], choice.name if choice.type == "tool" else None,
+                                   not choice.disable_parallel_tool_use)
+    fmt = req.output_config.format if req.output_config is not None else None
+    constraint = one_constraint(("output_config.format", from_response_format(fmt, "output_config.format")),
+                                ("output_format", from_response_format(req.output_format, "output_format")),
+                                ("tool_choice", forced))
+    setup = output_setup(state, functions, prompt, constrained=constraint is not None, forced=forced is not None)
     params = make_params(
         max_tokens=token_budget(state, len(prompt), req.max_tokens, "messages", "max_tokens"),
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-        stop=list(req.stop_sequences or []), skip_special_tokens=setup.skip_special_tokens)
+        stop=list(req.stop_sequences or []), skip_special_tokens=setup.skip_special_tokens,
+        structured_outputs=constraint)
     mid = f"msg_{uuid.uuid4().hex[:24]}"
     stats = RunStats(len(prompt))
     session = req.metadata.user_id if req.metadata is not None else None

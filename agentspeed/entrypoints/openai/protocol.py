@@ -2,7 +2,7 @@
 
 Validation happens here, so a bad field is a 400 naming the field before anything reaches
 the engine. Unknown fields are accepted and ignored (agent clients send many: `store`,
-`metadata`, `parallel_tool_calls`, ...), as vLLM and SGLang do; fields we cannot honour are
+`metadata`, `user`, ...), as vLLM and SGLang do; fields we cannot honour are
 rejected explicitly instead of being silently ignored.
 """
 
@@ -94,9 +94,14 @@ class NamedToolChoice(_Base):
     type: Literal["function"] = "function"
     function: dict[str, str]
 
+    @property
+    def name(self) -> str:
+        return self.function["name"]
+
 
 class ResponseFormat(_Base):
     type: str
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict", "description"}
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -126,6 +131,9 @@ class _SamplingFields(_Base):
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
+    # vLLM's constraint extension: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    structured_outputs: dict[str, Any] | None = None
     # Only requests with the same salt share prefix-cache pages (tenants isolate their KV).
     cache_salt: Annotated[str, Field(min_length=1)] | None = None
     priority: int = 0  # lower first among waiting requests (vLLM's convention)
@@ -146,20 +154,15 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(
-                f"response_format {self.response_format.type!r} is not supported (structured output "
-                "is not implemented); omit it or use {'type': 'text'}")
-        if self.tool_choice is not None and self.tool_choice not in ("auto", "none"):
-            raise ValueError("tool_choice 'required' or a named function needs constrained decoding, "
-                             "which is not implemented; use 'auto' or 'none'")
+        if isinstance(self.tool_choice, NamedToolChoice) and not self.tool_choice.function.get("name"):
+            raise ValueError("a named tool_choice needs function.name")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self

@@ -1,16 +1,16 @@
 """OpenAI Responses API request bodies (pydantic), and their conversion to chat-template
 messages.
 
-Every field of the published API is accepted. No effect here: `include`,
-`parallel_tool_calls` (the model decides), `reasoning` (effort and summary: a model thinks
+Every field of the published API is accepted. No effect here: `include`, `reasoning` (effort and summary: a model thinks
 as its template says), `text.verbosity`, `metadata`, `user`, `safety_identifier`,
 `service_tier`, `truncation`, `prompt_cache_key` (except as the session key when no
 routing header is sent), `stream_options`, tools' `strict`. Hosted tools (web search, file
 search, computer use, code interpreter, image generation, MCP, local shell) are not offered
 to the model and are named in a warning log line. 400s are for what would change the
-answer and cannot be honoured: image and file inputs, `tool_choice` required or named and
-`text.format` json_schema / json_object (both need constrained decoding), `background`,
-`conversation`, `item_reference` items.
+answer and cannot be honoured: image and file inputs, `background`, `conversation`,
+`item_reference` items. `tool_choice` required or named and `text.format` json_schema /
+json_object constrain decoding (entrypoints/structured.py); `parallel_tool_calls` false
+limits a forced call to one.
 """
 
 from __future__ import annotations
@@ -109,6 +109,12 @@ class OtherTool(_Base):
 
 class TextFormat(_Base):
     type: str = "text"
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **({"schema": self.schema_} if self.schema_ is not None else {})}
 
 
 class TextConfig(_Base):
@@ -139,18 +145,26 @@ class ResponsesRequest(_Base):
     @model_validator(mode="after")
     def _check(self) -> ResponsesRequest:
         choice = self.tool_choice
-        if choice == "required" or (isinstance(choice, dict) and choice.get("type") not in ("auto", "none")):
-            raise ValueError("tool_choice 'required' or a named tool needs constrained decoding, which is not "
-                             "implemented; use 'auto' or 'none'")
-        fmt = self.text.format.type if self.text is not None and self.text.format is not None else "text"
-        if fmt != "text":
-            raise ValueError(f"text.format {fmt!r} needs constrained decoding, which is not implemented; "
-                             "use {'type': 'text'}")
+        if isinstance(choice, dict) and choice.get("type") not in ("auto", "none", "required", "function"):
+            raise ValueError(f"tool_choice of type {choice.get('type')!r} is not supported (auto, none, required "
+                             "or {'type': 'function', 'name': ...})")
+        if isinstance(choice, dict) and choice.get("type") == "function" and not choice.get("name"):
+            raise ValueError("a tool_choice of type function needs a name")
         if self.background:
             raise ValueError("background responses are not supported")
         if self.conversation is not None:
             raise ValueError("conversation objects are not supported; use previous_response_id")
         return self
+
+    @property
+    def forced_tool(self) -> tuple[bool, str | None]:
+        """(a call is forced, the function it must be: None for any)."""
+        c = self.tool_choice
+        if c == "required" or (isinstance(c, dict) and c.get("type") == "required"):
+            return True, None
+        if isinstance(c, dict) and c.get("type") == "function":
+            return True, str(c["name"])
+        return False, None
 
     @property
     def tools_off(self) -> bool:

@@ -30,8 +30,14 @@ from agentspeed.entrypoints.openai.response_store import ResponseStore
 from agentspeed.entrypoints.parsers.output import OutputParser
 from agentspeed.entrypoints.parsers.reasoning import ReasoningSplitter
 from agentspeed.entrypoints.parsers.select import TOOL_PARSERS
+from agentspeed.entrypoints.parsers.tool_parsers import ForcedCallsParser, ToolParser
+from agentspeed.entrypoints.structured import (
+    from_response_format,
+    from_structured_outputs,
+    one_constraint,
+)
 from agentspeed.errors import AgentspeedError
-from agentspeed.sampling_params import SamplingParams
+from agentspeed.sampling_params import SamplingParams, StructuredOutputs
 from agentspeed.tokenizer import Tokenizer
 
 log = logging.getLogger("agentspeed.requests")
@@ -119,9 +125,10 @@ def make_params(**kw: Any) -> SamplingParams:
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, state: ServerState,
-                    max_tokens: int | None, logprobs: int | None, skip_special_tokens: bool = True
-                    ) -> SamplingParams:
-    """Raises APIError(400) for a prompt that does not fit, or invalid combinations."""
+                    max_tokens: int | None, logprobs: int | None, skip_special_tokens: bool = True,
+                    structured: StructuredOutputs | None = None) -> SamplingParams:
+    """Raises APIError(400) for a prompt that does not fit, or invalid combinations.
+    structured: the request's decoding constraint (request_constraint)."""
     chat = isinstance(req, ChatCompletionRequest)
     named = ("max_completion_tokens" if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens
              is not None else "max_tokens")
@@ -135,8 +142,17 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: 
         ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
         skip_special_tokens=req.skip_special_tokens and skip_special_tokens, logprobs=logprobs,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
+        frequency_penalty=req.frequency_penalty, structured_outputs=structured,
     )
+
+
+def request_constraint(req: ChatCompletionRequest | CompletionRequest,
+                       forced: tuple[str, StructuredOutputs | None] = ("tool_choice", None)
+                       ) -> StructuredOutputs | None:
+    """The one constraint among response_format, structured_outputs and a forced tool call."""
+    rf = req.response_format.model_dump(exclude_none=True) if req.response_format is not None else None
+    return one_constraint(("response_format", from_response_format(rf)),
+                          ("structured_outputs", from_structured_outputs(req.structured_outputs)), forced)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,15 +164,18 @@ class OutputSetup:
     skip_special_tokens: bool
 
 
-def output_setup(state: ServerState, tools: list[dict[str, Any]] | None, prompt: Sequence[int]) -> OutputSetup:
+def output_setup(state: ServerState, tools: list[dict[str, Any]] | None, prompt: Sequence[int],
+                 constrained: bool = False, forced: bool = False) -> OutputSetup:
     """tools: the function definitions ({"name", "description", "parameters"}) offered to the
-    model, or None (tool calls are not parsed)."""
-    tool_cls = TOOL_PARSERS[state.tool_parser] if tools else None
+    model, or None (tool calls are not parsed). constrained: a grammar writes the whole
+    output (no reasoning to split off); forced: that grammar is a forced tool call's."""
+    tool_cls: type[ToolParser] | None = ForcedCallsParser if forced else TOOL_PARSERS[state.tool_parser] \
+        if tools and not constrained else None
     tail = ""
-    if state.reasoning_parser is not None and state.engine.tokenizer is not None:
+    rp = None if constrained else state.reasoning_parser
+    if rp is not None and state.engine.tokenizer is not None:
         # Whether the prompt opened (or closed) a think block decides where the output starts.
         tail = state.engine.tokenizer.decode(list(prompt[-16:]), skip_special_tokens=False)
-    rp = state.reasoning_parser
 
     def new() -> OutputParser:
         return OutputParser(ReasoningSplitter(rp, tail) if rp is not None else None,

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from agentspeed.entrypoints.openai.protocol import ChatCompletionRequest
+from agentspeed.entrypoints.openai.protocol import ChatCompletionRequest, NamedToolChoice
 from agentspeed.entrypoints.openai.serving import (
     SSE_DONE,
     OutputSetup,
@@ -23,6 +23,7 @@ from agentspeed.entrypoints.openai.serving import (
     collect,
     new_id,
     output_setup,
+    request_constraint,
     run_request,
     sampling_params,
     sse,
@@ -36,6 +37,7 @@ from agentspeed.entrypoints.parsers.output import (
     ToolCallStart,
 )
 from agentspeed.entrypoints.prompt import render
+from agentspeed.entrypoints.structured import forced_tool_calls
 
 
 def _tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
@@ -54,10 +56,16 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     tools = _tools(req)
     prompt = render(tok, [m.to_template() for m in req.messages], tools,
                     req.add_generation_prompt and not req.continue_final_message, **(req.chat_template_kwargs or {}))
-    setup = output_setup(state, [t["function"] for t in tools] if tools else None, prompt)
+    functions = [t["function"] for t in tools] if tools else None
+    forced = None
+    if req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice):
+        name = req.tool_choice.name if isinstance(req.tool_choice, NamedToolChoice) else None
+        forced = forced_tool_calls(functions or [], name, req.parallel_tool_calls)
+    constraint = request_constraint(req, ("tool_choice", forced))
+    setup = output_setup(state, functions, prompt, constrained=constraint is not None, forced=forced is not None)
     top = req.top_logprobs or 0
     params = sampling_params(req, len(prompt), state, req.max_completion_tokens or req.max_tokens,
-                             top if req.logprobs else None, setup.skip_special_tokens)
+                             top if req.logprobs else None, setup.skip_special_tokens, constraint)
     rid = new_id("chatcmpl")
     stats = RunStats(len(prompt))
     gen = run_request(state, rid, prompt, params, raw, stats, req.agentspeed_test_output,
@@ -87,7 +95,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
             msg["content"] = out.content if out.content.strip() else None
             msg["tool_calls"] = [{"id": call_id(), "type": "function", "function": {"name": n, "arguments": a}}
                                  for n, a in out.calls]
-            finish = "tool_calls"
+            # A call cut off by max_tokens stays "length": its arguments may not parse.
+            finish = "tool_calls" if finish == "stop" else finish
         choice: dict[str, Any] = {"index": i, "message": msg, "logprobs": None, "finish_reason": finish,
                                   "stop_reason": stop.get(i)}
         if req.logprobs:
@@ -135,7 +144,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, gen:
             if not events and lp:
                 yield chunk(i, {"content": ""}, None, lp)
             if d.finish_reason is not None:
-                yield chunk(i, {}, "tool_calls" if called[i] else d.finish_reason)
+                yield chunk(i, {}, "tool_calls" if called[i] and d.finish_reason == "stop" else d.finish_reason)
     except Exception as e:  # after the 200 went out, errors travel in the stream
         status = getattr(e, "status", 500)
         message = getattr(e, "message", str(e))

@@ -20,6 +20,7 @@ from agentspeed.entrypoints.openai.serving import (
     ServerState,
     collect,
     new_id,
+    request_constraint,
     run_request,
     sampling_params,
     sse,
@@ -66,10 +67,12 @@ def _logprobs(state: ServerState, lps: list[TokenLogprob], offset: int) -> dict[
 async def create_completion(state: ServerState, req: CompletionRequest, raw: Request) -> Any:
     state.check_model(req.model)
     prompts = _prompts(state, req)
+    constraint = request_constraint(req)
     rid = new_id("cmpl")
     runs = []
     for k, ids in enumerate(prompts):
-        params = sampling_params(req, len(ids), state, req.max_tokens or 16, req.logprobs)
+        params = sampling_params(req, len(ids), state, req.max_tokens or 16, req.logprobs,
+                                 structured=constraint)
         stats = RunStats(len(ids))
         sub = rid if len(prompts) == 1 else f"{rid}-p{k}"
         runs.append((k, stats, run_request(state, sub, ids, params, raw, stats, req.agentspeed_test_output,

@@ -46,6 +46,11 @@ from agentspeed.entrypoints.parsers.output import (
     ToolCallStart,
 )
 from agentspeed.entrypoints.prompt import render, template_tool_call
+from agentspeed.entrypoints.structured import (
+    forced_tool_calls,
+    from_response_format,
+    one_constraint,
+)
 
 
 def get_response(state: ServerState, rid: str) -> dict[str, Any]:
@@ -187,11 +192,23 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
     tools, custom = template_tools(req)
     prompt = render(tok, system + history, tools, param="input")
-    setup = output_setup(state, [t["function"] for t in tools] if tools else None, prompt)
+    functions = [t["function"] for t in tools] if tools else None
+    must_call, name = req.forced_tool
+    forced = None
+    if must_call:
+        if name is not None and name in custom:
+            raise APIError(400, f"tool_choice names the custom tool {name!r}; only function tools can be forced",
+                           param="tool_choice")
+        forced = forced_tool_calls([f for f in functions or [] if f["name"] not in custom], name,
+                                   req.parallel_tool_calls is not False)
+    fmt = req.text.format.as_dict() if req.text is not None and req.text.format is not None else None
+    constraint = one_constraint(("text.format", from_response_format(fmt, "text.format")), ("tool_choice", forced))
+    setup = output_setup(state, functions, prompt, constrained=constraint is not None, forced=forced is not None)
     params = make_params(
         max_tokens=token_budget(state, len(prompt), req.max_output_tokens, "input", "max_output_tokens"),
         temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, skip_special_tokens=setup.skip_special_tokens)
+        top_p=1.0 if req.top_p is None else req.top_p, skip_special_tokens=setup.skip_special_tokens,
+        structured_outputs=constraint)
     rid = _uid("resp")
     stats = RunStats(len(prompt))
     gen = run_request(state, rid, prompt, params, raw, stats, req.agentspeed_test_output,
@@ -215,7 +232,9 @@ def _head(state: ServerState, req: ResponsesRequest, rid: str) -> dict[str, Any]
             "temperature": req.temperature, "top_p": req.top_p, "tool_choice": req.tool_choice or "auto",
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
             "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
-            "store": req.store, "metadata": req.metadata or {}, "text": {"format": {"type": "text"}},
+            "store": req.store, "metadata": req.metadata or {},
+            "text": {"format": req.text.format.model_dump(by_alias=True, exclude_none=True)
+                     if req.text is not None and req.text.format is not None else {"type": "text"}},
             "truncation": "disabled", "error": None, "incomplete_details": None, "usage": None}
 
 
@@ -224,7 +243,8 @@ def _finish(state: ServerState, req: ResponsesRequest, head: dict[str, Any], his
     """The completed response object; stored when asked."""
     tok = state.tokenizer()
     reasoning = "".join(p["text"] for it in items.output if it["type"] == "reasoning" for p in it["content"])
-    incomplete = stats.finish_reasons.get(0) == "length" and not items.has_calls
+    # Cut off by max_output_tokens, calls included: their arguments may not parse.
+    incomplete = stats.finish_reasons.get(0) == "length"
     out = {**head, "status": "incomplete" if incomplete else "completed", "output": items.output,
            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
            "usage": {"input_tokens": stats.prompt_tokens,

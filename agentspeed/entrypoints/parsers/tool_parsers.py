@@ -104,6 +104,45 @@ def json_call(s: str, i: int, final: bool, args_keys: tuple[str, ...] = ("argume
     return PartialCall(name, args_text(s, v, obj.end is not None or final), is_open), obj.end
 
 
+def call_array(s: str, i: int, final: bool) -> tuple[list[PartialCall], int | None]:
+    """The calls of a JSON array of {"name", "arguments"} objects starting at s[i] ("["), and
+    the index just past its "]" (None while unfinished)."""
+    calls: list[PartialCall] = []
+    i += 1
+    while True:
+        i = skip_ws(s, i)
+        if i < len(s) and s[i] == ",":
+            i = skip_ws(s, i + 1)
+        if i >= len(s) or s[i] != "{":
+            return calls, (i + 1 if i < len(s) and s[i] == "]" else None)
+        call, end = json_call(s, i, final)
+        if call is None:
+            return calls, None
+        calls.append(call)
+        if end is None:
+            return calls, None
+        i = end
+
+
+class ForcedCallsParser(ToolParser):
+    """The output of a forced tool call (tool_choice required or named): a JSON array of
+    {"name", "arguments"} objects and nothing else, whatever the model's own tool format,
+    because a grammar built from the tools' schemas (entrypoints/structured.py) wrote it."""
+
+    name = "forced"
+    markers = ("[",)
+
+    def find(self, buf: str, frm: int) -> tuple[int, bool] | None:
+        return (0, True) if frm == 0 and buf.lstrip().startswith("[") else None
+
+    def scan(self, section: str, final: bool) -> Scan | None:
+        i = skip_ws(section, 0)
+        calls, after = call_array(section, i, final)
+        if not calls:
+            return None if final else ([], "")
+        return calls, section[after:].strip() if after is not None else ""
+
+
 class HermesToolParser(ToolParser):
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -185,22 +224,10 @@ class MistralToolParser(ToolParser):
             if i >= len(chunk):
                 continue
             if chunk[i] == "[":  # a JSON array of calls
-                i += 1
-                while True:
-                    i = skip_ws(chunk, i)
-                    if i < len(chunk) and chunk[i] == ",":
-                        i = skip_ws(chunk, i + 1)
-                    if i >= len(chunk) or chunk[i] != "{":
-                        if i < len(chunk) and chunk[i] == "]":
-                            trailing += chunk[i + 1 :]
-                        break
-                    call, end = json_call(chunk, i, final)
-                    if call is None:
-                        break
-                    calls.append(call)
-                    if end is None:
-                        break
-                    i = end
+                more, after = call_array(chunk, i, final)
+                calls += more
+                if after is not None:
+                    trailing += chunk[after:]
                 continue
             j = chunk.find(self.ARGS, i)
             if j < 0:
