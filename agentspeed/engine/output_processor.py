@@ -91,7 +91,7 @@ class OutputProcessor:
                     forced_output: Sequence[int] | None = None) -> RequestSpec:
         """Register a request; returns the engine request to submit now (its first sample).
         forced_output (a test hook): the engine runs that many tokens, EOS ignored, and the
-        deltas show these tokens instead of the sampled ones."""
+        deltas show these tokens instead of the sampled ones, ending with finish "stop"."""
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         req = _Request(request_id)
@@ -137,6 +137,8 @@ class OutputProcessor:
             new = s.forced[s.num_tokens : s.num_tokens + len(new)]
         s.num_tokens += len(new)
         finish = u.finish_reason.value if u.finish_reason is not None else None
+        if finish == "length" and s.forced is not None and s.num_tokens >= len(s.forced):
+            finish = "stop"  # the forced text stands for a whole answer: the model ended there
         stop_ids = s.spec.stop_token_ids
         ends_with_stop = finish == "stop" and bool(new) and new[-1] in stop_ids
         stop_reason: int | str | None = new[-1] if ends_with_stop and new[-1] not in self.eos else None
