@@ -27,6 +27,7 @@ class GrammarStep:
         self.vocab_size = vocab_size
         self.overlap = overlap
         self.mask = allocate(8, vocab_size)  # host memory: the libraries fill it there
+        self._rows: list[int] = []  # the sampling rows of the fill in progress
         self._pool: ThreadPoolExecutor | None = None
 
     def start(self, rows: Sequence[tuple[int, Matcher]]) -> Future[None] | None:

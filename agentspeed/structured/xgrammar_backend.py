@@ -5,6 +5,7 @@ otherwise spend its whole budget on spaces and newlines inside an object."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +66,4 @@ class XGrammarBackend:
 
 def choice_ebnf(choices: list[str]) -> str:
     """A grammar accepting exactly one of the strings (JSON string escapes are EBNF's)."""
-    import json
-
     return "root ::= " + " | ".join(json.dumps(s) for s in choices)
