@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = srv.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--grpc-port", type=int, default=None, metavar="P",
+                   help="also serve the gRPC worker API a gateway drives (SMG's TokenSpeedScheduler service: "
+                        "token ids in and out, loads, tokenizer, prefix-cache events) on port P, beside the "
+                        "HTTP server, on the same engine")
     g.add_argument("--served-model-name", default=None, nargs="+", metavar="NAME",
                    help="model name(s) clients may send; the first is the one /v1/models lists and "
                         "responses carry (default: the model file or directory name)")
@@ -241,11 +246,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         with open(template) as f:
             template = f.read()
     cfg = engine_config(args)  # fails here, before any process starts, on a bad combination
+    kv_events = args.grpc_port is not None and cfg.scheduling.enable_prefix_caching
+    if kv_events:  # the gRPC worker streams them to the gateway's cache-aware router
+        cfg = dataclasses.replace(cfg, scheduling=dataclasses.replace(cfg.scheduling, kv_events=True))
 
     async def run() -> None:
         engine = await AsyncLLM.start(cfg, served_model_name=names[0] if names else None,
                                       chat_template=template, max_queue=args.max_queue,
                                       log_level=args.log_level)
+        grpc_worker = None
         try:
             assert engine.info is not None and engine.tokenizer is not None
             name = engine.info.model_name
@@ -256,7 +265,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                          None if args.reasoning_parser == "none" else args.reasoning_parser)
             state = ServerState(engine, name, Metrics(name, lambda: engine.stats), parser,
                                 args.enable_test_hooks, args.api_key, reasoning,
-                                tuple(names[1:]) + tuple(args.model_alias), args.responses_store_size)
+                                tuple(names[1:]) + tuple(args.model_alias), args.responses_store_size,
+                                kv_events)
             info = engine.info
             kv_tokens = (info.num_pages - 1) * info.page_size
             k = info.num_speculative_tokens
@@ -268,8 +278,19 @@ def _run_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             if info.linear_note:
                 print(f"agentspeed: {info.linear_note}", file=sys.stderr, flush=True)
-            await serve_forever(build_app(state), args.host, args.port, args.drain_timeout,
-                                args.log_level if args.log_level != "warning" else "info")
+            if args.grpc_port is not None:
+                from agentspeed.entrypoints.grpc.servicer import GrpcWorker
+
+                grpc_worker = await GrpcWorker.start(state, args.host, args.grpc_port)
+                print(f"agentspeed: gRPC worker (tokenspeed.grpc.scheduler.TokenSpeedScheduler) on "
+                      f"{args.host}:{args.grpc_port}, KV events {'on' if kv_events else 'off'}",
+                      file=sys.stderr, flush=True)
+            try:
+                await serve_forever(build_app(state), args.host, args.port, args.drain_timeout,
+                                    args.log_level if args.log_level != "warning" else "info")
+            finally:
+                if grpc_worker is not None:
+                    await grpc_worker.stop(args.drain_timeout)
         finally:
             await engine.shutdown(args.drain_timeout)
 

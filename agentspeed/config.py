@@ -236,6 +236,9 @@ class SchedulingConfig:
     ngram_max: int = 3  # drafts follow the latest earlier match of the last ngram_max..ngram_min tokens
     ngram_min: int = 1
     adaptive_drafts: bool = True  # per-request draft length from its acceptance (control/draft_policy.py)
+    # Report every page the prefix cache publishes or evicts (control/kv_events.py), for a
+    # cache-aware gateway; on when the gRPC worker serves (it streams them to subscribers).
+    kv_events: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from enum import IntEnum
 
 from agentspeed.control.errors import HandleReleased, InvariantViolation, OutOfPages
+from agentspeed.control.kv_events import KvEventLog
 from agentspeed.control.prefix_cache import PageKey
 
 
@@ -70,6 +71,7 @@ class PagePool:
         self.state[0] = PageState.OWNED  # the null page is permanently taken
         self.refcount[0] = 1
         self.evictions = 0
+        self.events = KvEventLog()  # evictions are reported here when enabled
 
     # ---- capacity ---------------------------------------------------------------------
     @property
@@ -174,6 +176,8 @@ class PagePool:
         self.state[p] = PageState.FREE
         self._free.append(p)
         self.evictions += 1
+        if self.events.enabled:
+            self.events.removed(h)
 
     # ---- prefix index -------------------------------------------------------------------
     def publish(self, page: int, h: PageKey) -> bool:

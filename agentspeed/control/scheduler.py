@@ -139,6 +139,8 @@ class Scheduler:
         self.num_accepted_tokens = 0  # of those, accepted
         self._drafts = k = cfg.num_speculative_tokens or 0  # None (unresolved) means none
         self._draft_policy = DraftPolicy(k) if k and cfg.adaptive_drafts else None
+        self.kv_events = self.pool.events
+        self.kv_events.enabled = cfg.kv_events and cfg.enable_prefix_caching
 
     # ---- public interface ---------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> None:
@@ -602,9 +604,17 @@ class Scheduler:
             return
         extend_hashes(r.hashes, r.tokens[: n_full * ps], ps, r.spec.cache_salt)
         pages = bt.pages
+        events = self.kv_events
+        first = -1  # start of the run of pages published now (reported as one event)
         for i in range(r.num_published, n_full):
-            if self.pool.state[pages[i]] == PageState.OWNED:
-                self.pool.publish(pages[i], r.hashes[i])
+            if self.pool.state[pages[i]] == PageState.OWNED and self.pool.publish(pages[i], r.hashes[i]):
+                if first < 0:
+                    first = i
+            elif first >= 0 and events.enabled:
+                self._report_stored(r, first, i)
+                first = -1
+        if first >= 0 and events.enabled:
+            self._report_stored(r, first, n_full)
         wb, wpool = r.wblocks, self.wpool
         if wb is not None and wpool is not None:
             wpages = wb.pages
@@ -612,6 +622,19 @@ class Scheduler:
                 if wpool.state[wpages[i]] == PageState.OWNED:
                     wpool.publish(wpages[i], r.hashes[i])
         r.num_published = n_full
+
+    def _report_stored(self, r: _Request, lo: int, hi: int) -> None:
+        ps = self.cfg.page_size
+        self.kv_events.stored(r.hashes[lo:hi], r.hashes[lo - 1] if lo else None, r.tokens[lo * ps : hi * ps], ps)
+
+    def flush_cache(self) -> int:
+        """Evict every cached (unused) prefix page, in both pools; pages that live requests
+        hold stay. Returns the number of full-attention pages evicted."""
+        before = self.pool.evictions
+        self.pool.drop_cache()
+        if self.wpool is not None:
+            self.wpool.drop_cache()
+        return self.pool.evictions - before
 
     def _stop_reason(self, r: _Request, tok: int) -> FinishReason | None:
         if tok in r.spec.stop_token_ids and r.num_outputs >= r.spec.min_tokens:

@@ -22,13 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from agentspeed.config import EngineConfig
+from agentspeed.control.kv_events import KvEvent
 from agentspeed.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -37,6 +38,7 @@ from agentspeed.engine.messages import (
     EngineOutputs,
     EngineReady,
     EngineStats,
+    FlushCache,
     Shutdown,
 )
 from agentspeed.engine.output_processor import OutputProcessor, RequestDelta
@@ -78,6 +80,10 @@ class AsyncLLM:
         self._queues: dict[str, asyncio.Queue[RequestDelta]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.generation_tokens = 0
+        self.started_at = time.time()
+        # Called with each step's prefix-cache events (with the engine's stats already
+        # updated), when the engine reports them (SchedulingConfig.kv_events).
+        self.kv_event_listeners: list[Callable[[list[KvEvent]], None]] = []
 
     # ---- lifecycle ----------------------------------------------------------------------
     @classmethod
@@ -197,6 +203,27 @@ class AsyncLLM:
                 with contextlib.suppress(zmq.ZMQError):
                     await self._in.send(self._enc.encode(AbortRequests(unfinished)))
 
+    async def abort(self, request_id: str) -> bool:
+        """End a live request now: its unfinished samples get a finish_reason "abort" delta
+        (so its generate() iterator ends normally) and the engine frees their pages. False
+        if no such request is live."""
+        q = self._queues.get(request_id)
+        if q is None:
+            return False
+        running, deltas = self.processor.abort_deltas(request_id)
+        for d in deltas:
+            q.put_nowait(d)
+        if running and self.dead is None:
+            await self._in.send(self._enc.encode(AbortRequests(running)))
+        return True
+
+    async def flush_cache(self) -> None:
+        """Evict every cached prefix page no live request holds (applied before any request
+        sent after this call)."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is not running ({self.dead})")
+        await self._in.send(self._enc.encode(FlushCache()))
+
     # ---- engine outputs -----------------------------------------------------------------
     async def _output_loop(self) -> None:
         while True:
@@ -213,6 +240,9 @@ class AsyncLLM:
                         q.put_nowait(d)
                 if done.abort:
                     await self._in.send(self._enc.encode(AbortRequests(done.abort)))
+                if msg.kv_events:
+                    for listener in self.kv_event_listeners:
+                        listener(msg.kv_events)
             elif isinstance(msg, EngineFailed):
                 self._engine_gone(msg.message)
                 return

@@ -45,6 +45,7 @@ from agentspeed.engine.messages import (
     EngineOutputs,
     EngineReady,
     EngineStats,
+    FlushCache,
     Shutdown,
     StepInputs,
 )
@@ -75,6 +76,9 @@ class _Core:
             elif isinstance(m, AbortRequests):
                 for rid in m.request_ids:
                     self.engine.abort(rid)
+            elif isinstance(m, FlushCache):
+                n = self.engine.scheduler.flush_cache()
+                log.info("prefix cache flushed: %d pages evicted", n)
             elif isinstance(m, Shutdown):
                 return False
         return True
@@ -135,7 +139,9 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig) -> int:
             name, str(runner.source.path), runner.max_model_len, runner.page_size, runner.kv.num_pages,
             list(runner.model_config.eos_token_ids), runner.kv.bytes_per_token,
             engine.cfg.scheduling.num_speculative_tokens or 0, bool(engine.cfg.scheduling.overlap),
-            "; ".join(runner.kernels.numerics_notes()),
+            "; ".join(runner.kernels.numerics_notes()), runner.model_config.architecture,
+            runner.model_config.vocab_size, str(runner.dtype).removeprefix("torch."), str(runner.device),
+            engine.cfg.scheduling.max_num_seqs,
         )))
     except Exception as e:
         out.send(enc.encode(EngineFailed(f"engine startup failed: {e}")))
@@ -171,8 +177,9 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig) -> int:
             if not running:
                 break
             updates = core.step()
-            if updates:
-                out.send(enc.encode(EngineOutputs(updates, core.stats())))
+            events = engine.scheduler.kv_events.drain() if engine.scheduler.kv_events.enabled else []
+            if updates or events:
+                out.send(enc.encode(EngineOutputs(updates, core.stats(), events)))
     except Exception as e:
         log.error("engine step failed:\n%s", traceback.format_exc())
         out.send(enc.encode(EngineFailed(f"engine step failed: {type(e).__name__}: {e}")))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import msgspec
 
+from agentspeed.control.kv_events import KvEvent
 from agentspeed.control.plan import RequestSpec, RequestUpdate
 
 
@@ -25,7 +26,11 @@ class Shutdown(msgspec.Struct, tag=True, frozen=True):
     pass
 
 
-EngineInput = AddRequest | AbortRequests | Shutdown
+class FlushCache(msgspec.Struct, tag=True, frozen=True):
+    """Evict every cached prefix page that no live request holds."""
+
+
+EngineInput = AddRequest | AbortRequests | Shutdown | FlushCache
 
 
 class StepInputs(msgspec.Struct, tag=True, frozen=True):
@@ -66,13 +71,20 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     num_speculative_tokens: int = 0  # as resolved by the engine (its default depends on the device)
     overlap: bool = False
     linear_note: str = ""  # KernelSet.numerics_notes(): linears that are not plain fp32
+    architecture: str = ""  # e.g. LlamaForCausalLM
+    vocab_size: int = 0  # rows of the model's output layer
+    dtype: str = ""  # compute dtype, e.g. float32
+    device: str = ""  # cpu | cuda
+    max_num_seqs: int = 0  # most requests in one step (the admission window)
 
 
 class EngineOutputs(msgspec.Struct, tag=True, frozen=True):
-    """One step's (or one idle poll's) updates, logprobs inside them."""
+    """One step's (or one idle poll's) updates, logprobs inside them, and the prefix-cache
+    events of that step (only when the engine reports them: SchedulingConfig.kv_events)."""
 
     updates: list[RequestUpdate]
     stats: EngineStats
+    kv_events: list[KvEvent] = msgspec.field(default_factory=list)
 
 
 class EngineFailed(msgspec.Struct, tag=True, frozen=True):

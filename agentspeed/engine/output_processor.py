@@ -180,6 +180,15 @@ class OutputProcessor:
             self._samples.pop(s.spec.request_id, None)
         return running
 
+    def abort_deltas(self, request_id: str) -> tuple[list[str], list[RequestDelta]]:
+        """Forget a request that a client aborted: the engine ids of its samples still
+        running, and a finish "abort" delta for each sample that had not finished."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return [], []
+        deltas = [RequestDelta(s.index, "", [], None, "abort") for s in req.samples if not s.done]
+        return self.abort(request_id), deltas
+
     def fail_all(self, why: str) -> list[tuple[str, RequestDelta]]:
         """End every live sample with an error delta (the engine is gone)."""
         deltas = []

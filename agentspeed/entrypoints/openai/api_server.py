@@ -2,7 +2,7 @@
 
 Routes: OpenAI's /v1/chat/completions, /v1/completions, /v1/responses (+ GET by id),
 Anthropic's /v1/messages and /v1/messages/count_tokens, and /v1/models, /health, /metrics,
-/tokenize, /detokenize, /version. Errors are the route's API's error JSON (Anthropic's
+/tokenize, /detokenize, /version, and for a gateway /v1/loads, /server_info, /model_info. Errors are the route's API's error JSON (Anthropic's
 shape under /v1/messages, OpenAI's elsewhere): 400 invalid request (validation errors
 included, FastAPI's 422 is not used), 401 bad API key, 404 unknown model or route, 503
 engine not ready, dead or overloaded, 500 for anything unexpected.
@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentspeed import __version__
+from agentspeed.entrypoints import loads
 from agentspeed.entrypoints.anthropic.protocol import (
     AnthropicError,
     CountTokensRequest,
@@ -159,6 +160,24 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # What SMG reads from an HTTP worker (SGLang's routes): loads for least_load,
+    # power_of_two and overload protection; server and model facts at registration.
+    @app.get("/v1/loads", responses=_documented(401, 503))
+    @app.get("/loads", responses=_documented(401, 503))
+    @app.get("/get_loads", include_in_schema=False)
+    async def get_loads() -> dict[str, Any]:
+        return loads.as_json(loads.get_loads(state))
+
+    @app.get("/server_info", responses=_documented(401))
+    @app.get("/get_server_info", include_in_schema=False)
+    async def server_info() -> dict[str, Any]:
+        return loads.as_json(loads.server_info(state))
+
+    @app.get("/model_info", responses=_documented(401))
+    @app.get("/get_model_info", include_in_schema=False)
+    async def model_info() -> dict[str, Any]:
+        return loads.as_json(loads.model_info(state))
 
     @app.get("/v1/models", responses=_documented(401, 503))
     async def models() -> dict[str, Any]:

@@ -87,6 +87,8 @@ class Metrics:
         self.e2e = Histogram("agentspeed:e2e_request_latency_seconds", "Request latency, arrival to finish",
                              lab, buckets=_LATENCY_BUCKETS, registry=r)
         self._recent: deque[tuple[float, int]] = deque()
+        self.total_prompt_tokens = 0  # plain totals for the load report's cache hit rate
+        self.total_cached_tokens = 0
         r.register(_EngineCollector(stats, self.throughput, model))
 
     def observe_tokens(self, n: int, now: float) -> None:
@@ -105,12 +107,18 @@ class Metrics:
         self.requests.labels(m, finish_reason).inc()
         self.prompt_tokens.labels(m).inc(prompt)
         self.cached_tokens.labels(m).inc(cached)
+        self.total_prompt_tokens += prompt
+        self.total_cached_tokens += cached
         if ttft is not None:
             self.ttft.labels(m).observe(ttft)
         h = self.itl.labels(m)
         for x in itls:
             h.observe(x)
         self.e2e.labels(m).observe(e2e)
+
+    def cache_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache, of all finished requests' prompts."""
+        return self.total_cached_tokens / self.total_prompt_tokens if self.total_prompt_tokens else 0.0
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

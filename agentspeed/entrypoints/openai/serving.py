@@ -58,6 +58,7 @@ class ServerState:
     # ('claude-*'): agents send their own model ids.
     model_aliases: tuple[str, ...] = ()
     responses_store_size: int = 1000
+    kv_events: bool = False  # the engine reports prefix-cache events (for the gRPC worker)
     responses: ResponseStore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,6 +68,11 @@ class ServerState:
     def max_model_len(self) -> int:
         assert self.engine.info is not None
         return self.engine.info.max_model_len
+
+    @property
+    def max_running_requests(self) -> int:
+        info = self.engine.info
+        return info.max_num_seqs if info is not None else 0
 
     @property
     def kv_tokens(self) -> int:
@@ -211,14 +217,15 @@ class RunStats:
 
 
 async def run_request(state: ServerState, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                      raw: Request, stats: RunStats, forced_output: str | None = None, *,
+                      raw: Request | None, stats: RunStats, forced_output: str | None = None, *,
                       cache_salt: str | None = None, priority: int = 0, session: str | None = None
                       ) -> AsyncIterator[RequestDelta]:
     """Yield the request's deltas; record metrics and log one line when it ends. Raises
     APIError before the first delta for overload, a dead engine or an engine rejection.
     cache_salt: only requests with the same salt share prefix-cache pages. priority: lower
     runs first among waiting requests (ties by arrival), as in vLLM. session: the session
-    key when no routing header names one (a body field such as prompt_cache_key)."""
+    key when no routing header names one (a body field such as prompt_cache_key); raw is
+    None for requests that did not come over HTTP (the gRPC worker)."""
     t0 = time.monotonic()
     last: float | None = None
     itls: list[float] = []
@@ -229,7 +236,8 @@ async def run_request(state: ServerState, request_id: str, prompt_ids: Sequence[
         assert state.engine.tokenizer is not None
         forced = state.engine.tokenizer.encode(forced_output, add_special_tokens=False)
     try:
-        gen = state.engine.generate(request_id, prompt_ids, params, session_key(raw) or session, cache_salt,
+        key = session_key(raw) if raw is not None else None
+        gen = state.engine.generate(request_id, prompt_ids, params, key or session, cache_salt,
                                     priority,
                                     forced_output=forced)
         async for d in gen:
