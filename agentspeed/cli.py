@@ -110,41 +110,14 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="agentspeed",
-        description="An LLM inference engine for multi-turn agentic workloads.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser(
-        "generate",
-        help="generate a completion for a prompt and print it",
-        description="Send PROMPT as one user message through the model's chat template "
-                    "(or as raw text with --raw) and print only the completion on stdout.",
-    )
-    gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
-    gen.add_argument("--max-tokens", type=int, default=128, help="maximum new tokens (default 128)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    add_engine_args(gen)
-
-    srv = sub.add_parser(
-        "serve",
-        help="serve a model over OpenAI- and Anthropic-compatible HTTP APIs",
-        description="Start the HTTP server: OpenAI's /v1/chat/completions, /v1/completions and "
-                    "/v1/responses, Anthropic's /v1/messages (and /v1/messages/count_tokens), plus "
-                    "/v1/models, /health, /metrics, /tokenize, /detokenize. Reasoning (<think>) and tool "
-                    "calls are parsed from the model's output in all of them. The engine runs in its own "
-                    "process; tensor-parallel ranks in further processes. Ctrl-C or SIGTERM drains "
-                    "in-flight requests (up to --drain-timeout) and stops everything.",
-    )
-    srv.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+def add_serve_args(p: argparse.ArgumentParser, with_address: bool = True) -> None:
+    """`serve`'s options (`launch` takes them too, for its replicas, with its own address)."""
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
                      help="local HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    g = srv.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g = p.add_argument_group("server")
+    if with_address:
+        g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+        g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     g.add_argument("--grpc-port", type=int, default=None, metavar="P",
                    help="also serve the gRPC worker API a gateway drives (SMG's TokenSpeedScheduler service: "
                         "token ids in and out, loads, tokenizer, prefix-cache events) on port P, beside the "
@@ -177,7 +150,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enable-test-hooks", action="store_true",
                    help="accept the `agentspeed_test_output` request field (tests only: it replaces the "
                         "generated text with a given one)")
-    add_engine_args(srv)
+    add_engine_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentspeed",
+        description="An LLM inference engine for multi-turn agentic workloads.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser(
+        "generate",
+        help="generate a completion for a prompt and print it",
+        description="Send PROMPT as one user message through the model's chat template "
+                    "(or as raw text with --raw) and print only the completion on stdout.",
+    )
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    gen.add_argument("--max-tokens", type=int, default=128, help="maximum new tokens (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    add_engine_args(gen)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve a model over OpenAI- and Anthropic-compatible HTTP APIs",
+        description="Start the HTTP server: OpenAI's /v1/chat/completions, /v1/completions and "
+                    "/v1/responses, Anthropic's /v1/messages (and /v1/messages/count_tokens), plus "
+                    "/v1/models, /health, /metrics, /tokenize, /detokenize. Reasoning (<think>) and tool "
+                    "calls are parsed from the model's output in all of them. The engine runs in its own "
+                    "process; tensor-parallel ranks in further processes. Ctrl-C or SIGTERM drains "
+                    "in-flight requests (up to --drain-timeout) and stops everything.",
+    )
+    add_serve_args(srv)
+
+    from agentspeed.entrypoints.replicas import add_launch_args
+
+    launch_p = sub.add_parser(
+        "launch",
+        help="serve N engine replicas behind the Shepherd Model Gateway (SMG), in one command",
+        description="Start N `agentspeed serve` replicas (each pinned to its share of the CPU cores, or "
+                    "to its own GPUs), wait until they are healthy, and put SMG in front of them on --port: "
+                    "over gRPC by default (the gateway tokenizes, applies the chat template, parses tools "
+                    "and reasoning, and routes each session to the replica holding its prefix, from the "
+                    "replicas' KV events). A replica that dies is restarted with a bounded backoff while "
+                    "the gateway routes around it; Ctrl-C or SIGTERM stops the gateway and drains the "
+                    "replicas. The session key (X-SMG-Routing-Key) keeps a session on one replica.",
+    )
+    add_launch_args(launch_p)
+    add_serve_args(launch_p, with_address=False)
 
     from agentspeed.bench.main import add_bench_args
 
@@ -298,6 +320,34 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_argv(args: argparse.Namespace) -> list[str]:
+    """The `serve` options set in args (those that differ from their defaults) as a command
+    line: what `launch` passes to each replica."""
+    p = argparse.ArgumentParser()
+    add_serve_args(p, with_address=False)
+    out: list[str] = []
+    for a in p._actions:
+        if not a.option_strings or a.dest in ("help", "model_path"):
+            continue
+        v = getattr(args, a.dest, a.default)
+        if v == a.default:
+            continue
+        if isinstance(a, argparse._StoreConstAction):  # --overlap / --no-overlap share a dest
+            flag = next(x.option_strings[0] for x in p._actions if x.dest == a.dest and x.const == v)
+            if flag not in out:
+                out.append(flag)
+            continue
+        flag = a.option_strings[0]
+        if isinstance(a, argparse._AppendAction):
+            for x in v:
+                out += [flag, str(x)]
+        elif isinstance(v, list):
+            out += [flag, *map(str, v)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -311,6 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_generate(args, argv)
         if args.command == "serve":
             return _run_serve(args)
+        if args.command == "launch":
+            from agentspeed.entrypoints.replicas import run_launch
+
+            return run_launch(args, serve_argv(args))
         if args.command == "bench":
             from agentspeed.bench.main import run_bench
 
