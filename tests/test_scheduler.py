@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from plan_mirror import PageRows
 
+from agentspeed.control.kv_events import PagesStored
 from agentspeed.control import fsm
 from agentspeed.control.errors import HandleReleased, IllegalTransition
 from agentspeed.control.page_pool import PagePool, PageState
@@ -45,7 +46,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.ps = 4
         self.sched = Scheduler(SchedulerConfig(num_pages=12, page_size=self.ps, max_num_batched_tokens=16,
                                                max_num_seqs=4, max_model_len=40, window=self.WINDOW,
-                                               window_num_pages=11 if self.WINDOW else 0))
+                                               window_num_pages=11 if self.WINDOW else 0, kv_events=True))
+        self.reported: set[bytes] = set()  # the prefix index as the KV events describe it
         self.wpages: dict[int, list[tuple[int, ...]]] = {}
         self.rng = random.Random(0)
         self.in_flight: list[ExecutionPlan] = []
@@ -128,6 +130,21 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def invariants_hold(self) -> None:
         self.sched.check_invariants()
+
+    @invariant()
+    def kv_events_replay_to_the_index(self) -> None:
+        # A gateway that applies the events in order knows exactly the pages the pool can hit.
+        for e in self.sched.kv_events.drain():
+            if isinstance(e, PagesStored):
+                assert len(e.tokens) == len(e.keys) * self.ps
+                # (the parent itself may be gone: a page whose twin held its key when it was
+                # published is not in the index, and neither is it in the events)
+                assert not self.reported & set(e.keys)
+                self.reported |= set(e.keys)
+            else:
+                assert set(e.keys) <= self.reported
+                self.reported -= set(e.keys)
+        assert self.reported == set(self.sched.pool._index)
 
     def teardown(self) -> None:
         # Drain: everything finishes and every page comes back.
