@@ -204,6 +204,23 @@ class Launcher:
         self.say(f"gateway: http://{self.args.host}:{self.args.port}/v1 ({self.args.policy}, "
                  f"{self.args.worker_protocol} to {len(urls)} replicas{metrics})")
 
+    def _wait_gateway(self) -> None:
+        url = f"http://{_connect_host(self.args.host)}:{self.args.port}"
+        deadline = time.monotonic() + 120
+        while not self.stopping:
+            assert self.smg is not None
+            if self.smg.poll() is not None:
+                raise ConfigError(f"the gateway exited during startup (code {self.smg.returncode}); see its log above")
+            try:
+                if httpx.get(f"{url}/readiness", timeout=2).status_code == 200:
+                    self.say(f"ready: {url}/v1")
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConfigError("the gateway was not ready after 120s")
+            time.sleep(0.3)
+
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
@@ -212,6 +229,7 @@ class Launcher:
                 self._start_replica(r)
             self._wait_healthy()
             self._start_smg()
+            self._wait_gateway()
             self._supervise()
         except KeyboardInterrupt:
             pass
@@ -255,6 +273,10 @@ class Launcher:
         for p in live:
             _wait_or_kill(p, drain + 15.0)
         self.say("stopped")
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def _wait_or_kill(p: subprocess.Popen[bytes], timeout: float) -> None:
