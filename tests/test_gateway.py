@@ -4,6 +4,7 @@ openai client. The replicas' own HTTP ports are the direct `agentspeed serve` to
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -216,3 +218,22 @@ def _worker_healthy(cluster: Cluster, url: str) -> bool:
     except (httpx.HTTPError, ValueError, KeyError):
         return False
     return any(w["url"] == url and w.get("is_healthy") for w in workers)
+
+
+def test_bench_sends_text_through_the_gateway(cluster: Cluster, tmp_path: Path) -> None:
+    from test_bench import _write_trie
+
+    trace = _write_trie(tmp_path / "t.jsonl")
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "agentspeed.cli", "bench", "--endpoint", f"smg={cluster.url}", "--workload",
+           str(trace), "--scale", "1", "--concurrency", "2", "--num-sessions", "2", "--prompt-format", "text",
+           "--output", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout
+    [row] = json.loads(out.read_text())["results"]
+    assert row["errors"] == 0 and row["requests"] == 5
+    per = row["per_replica"]
+    assert set(per) <= {cluster.worker_url(0), cluster.worker_url(1)} and per
+    assert sum(x["requests"] for x in per.values()) == 5
+    assert row["eligible_hit_rate"] > 0.5, row  # re-tokenised text: boundaries may differ
+    assert "eligible hit rate" in r.stderr

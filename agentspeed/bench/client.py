@@ -1,6 +1,7 @@
 """One streaming request against any OpenAI-compatible endpoint, timed at the client.
 
-Token-id prompts go to /v1/completions, message prompts to /v1/chat/completions. Every
+Token-id and text prompts go to /v1/completions, message prompts to /v1/chat/completions
+(a gateway such as SMG takes only text on /v1/completions: see `--prompt-format text`). Every
 request streams with `stream_options.include_usage` (prompt, cached and completion tokens
 come from the server's `usage`), sends the session key as `X-SMG-Routing-Key`, and asks for
 exactly `max_tokens` tokens (`ignore_eos`, `min_tokens`) so output lengths follow the trace.
@@ -29,6 +30,7 @@ class RequestRecord:
     completion_tokens: int = 0
     eligible_tokens: int = 0  # prompt tokens that were in the previous turn's prompt + answer
     output_ids: list[int] = field(default_factory=list)  # completions: the generated ids, if returned
+    worker: str | None = None  # the replica a gateway routed it to (SMG's x-smg-routed-worker-id)
     text: str = ""
     error: str | None = None
 
@@ -42,9 +44,9 @@ class RequestRecord:
 
 
 async def stream_request(http: httpx.AsyncClient, base_url: str, model: str | None, session_key: str,
-                         prompt: list[int] | list[dict[str, Any]], max_tokens: int, rec: RequestRecord,
+                         prompt: str | list[int] | list[dict[str, Any]], max_tokens: int, rec: RequestRecord,
                          api_key: str | None = None) -> None:
-    chat = bool(prompt) and isinstance(prompt[0], dict)
+    chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
     body: dict[str, Any] = {"max_tokens": max_tokens, "min_tokens": max_tokens, "ignore_eos": True,
                             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     if model:
@@ -54,7 +56,8 @@ async def stream_request(http: httpx.AsyncClient, base_url: str, model: str | No
         url = f"{base_url}/v1/chat/completions"
     else:
         body["prompt"] = prompt
-        body["return_token_ids"] = True  # vLLM's name; servers without it send text only
+        if not isinstance(prompt, str):
+            body["return_token_ids"] = True  # vLLM's name; servers without it send text only
         url = f"{base_url}/v1/completions"
     headers = {"X-SMG-Routing-Key": session_key, "X-Session-Id": session_key}
     if api_key:
@@ -62,6 +65,7 @@ async def stream_request(http: httpx.AsyncClient, base_url: str, model: str | No
     rec.start = time.perf_counter()
     try:
         async with http.stream("POST", url, json=body, headers=headers) as r:
+            rec.worker = r.headers.get("x-smg-routed-worker-id")
             if r.status_code != 200:
                 rec.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
                 return

@@ -36,6 +36,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model name sent in requests (default: the endpoint's first)")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--prompt-format", default="tokens", choices=["tokens", "text"],
+                   help="token workloads (trie, Mooncake): send token ids (default), or their text decoded "
+                        "with --tokenizer, for gateways that take only text on /v1/completions (SMG)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="model directory or .gguf whose tokenizer --prompt-format text uses "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--devices", type=int, default=1, help="devices behind each endpoint, for tokens/min per device")
     p.add_argument("--output", default=None, help="write all results as JSON here")
     p.add_argument("--plot", default=None, help="write the Pareto plot (PNG) here")
@@ -82,6 +88,13 @@ async def _model_of(ep: Endpoint) -> str | None:
 def run_bench(args: argparse.Namespace) -> int:
     from rich.progress import Progress, TaskID
 
+    text_tok = None
+    if args.prompt_format == "text":
+        from agentspeed.model_source import resolve_model
+        from agentspeed.tokenizer import Tokenizer
+
+        text_tok = Tokenizer.load(resolve_model(args.tokenizer))
+
     levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
     base = load_sessions(args.workload, args.scale, args.max_context, args.num_sessions, args.seed, args.max_turns)
     n_req = sum(len(s.turns) for s in base)
@@ -89,6 +102,7 @@ def run_bench(args: argparse.Namespace) -> int:
           f"scale 1/{args.scale:g}, max context {args.max_context}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     for ep in _endpoints(args.endpoint, args.model, args.api_key):
+        ep.text_tokenizer = text_tok
         if ep.model is None:
             ep.model = asyncio.run(_model_of(ep))
         for i, c in enumerate(levels):
@@ -105,6 +119,9 @@ def run_bench(args: argparse.Namespace) -> int:
             row = summarize(ep.label, c, recs, wall, args.devices)
             rows.append(row)
             print(f"{ep.label} C={c}: {row['requests']} requests in {wall:.1f}s, {row['errors']} errors", file=sys.stderr)
+            for w, x in row["per_replica"].items():
+                hit = "-" if x["eligible_hit_rate"] is None else f"{x['eligible_hit_rate'] * 100:.1f}%"
+                print(f"  replica {w}: {x['requests']} requests, eligible hit rate {hit}", file=sys.stderr)
     print_table(rows)
     if args.output:
         meta = {"command": "agentspeed " + " ".join(sys.argv[1:]), "date": datetime.datetime.now().isoformat(

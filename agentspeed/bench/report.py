@@ -12,6 +12,8 @@ Per concurrency level:
   useful tok/s            (uncached prompt tokens + completion tokens) / wall time
   tok/min per device      useful tok/s x 60 / devices
   TTFAT p50               per session: session start to the first token of its final answer
+  per replica             behind a gateway that names the worker (SMG): requests and eligible
+                          hit rate of each replica
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from agentspeed.bench.client import RequestRecord
 from agentspeed.bench.runner import SessionRecord
 
 
@@ -56,7 +59,19 @@ def summarize(label: str, concurrency: int, sessions: list[SessionRecord], wall:
         "completion_tok_s": completion / wall if wall > 0 else 0.0,
         "useful_tok_s": useful, "tok_min_per_device": useful * 60 / devices,
         "first_errors": [r.error for r in reqs if r.error][:3],
+        "per_replica": _per_replica(ok),
     }
+
+
+def _per_replica(reqs: list[RequestRecord]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for w in sorted({r.worker for r in reqs if r.worker}):
+        mine = [r for r in reqs if r.worker == w]
+        eligible = sum(r.eligible_tokens for r in mine)
+        cached = sum(r.cached_tokens for r in mine)
+        out[w] = {"requests": len(mine), "cached_tokens": cached, "eligible_tokens": eligible,
+                  "eligible_hit_rate": cached / eligible if eligible else None}
+    return out
 
 
 def _f(x: float | None, spec: str) -> str:

@@ -5,7 +5,9 @@ tool time (times `delay_scale`). When a session ends, the next unstarted one beg
 sessions are in flight until the workload runs out (or `duration_s` passes: then no new
 session starts). Token-workload sessions re-send what was actually generated: the ids the
 server returned (`return_token_ids`), else the answer text re-tokenised through the
-endpoint's /tokenize (ours, vLLM or llama.cpp shape).
+endpoint's /tokenize (ours, vLLM or llama.cpp shape). With a local tokenizer (text prompts,
+for gateways that refuse token ids) the context is sent as its decoded text and answers
+are tokenised locally.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import httpx
 
 from agentspeed.bench.client import RequestRecord, stream_request
 from agentspeed.bench.workloads import Session
+from agentspeed.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)
@@ -28,6 +31,7 @@ class Endpoint:
     url: str
     model: str | None = None
     api_key: str | None = None
+    text_tokenizer: Tokenizer | None = None  # send token-workload prompts as text decoded with it
 
 
 @dataclass(slots=True)
@@ -53,7 +57,7 @@ async def run_session(http: httpx.AsyncClient, ep: Endpoint, s: Session, tag: st
     context: list[int] = []  # token workloads: what the agent re-sends
     prev_total = 0  # tokens of the previous turn's prompt + answer
     for k, turn in enumerate(s.turns):
-        prompt: list[int] | list[dict[str, Any]]
+        prompt: str | list[int] | list[dict[str, Any]]
         if turn.messages is not None:
             prompt = turn.messages
         elif turn.prompt_tokens is not None:
@@ -61,6 +65,9 @@ async def run_session(http: httpx.AsyncClient, ep: Endpoint, s: Session, tag: st
         else:
             context = context + (turn.new_tokens or [])
             prompt = context
+        tok = ep.text_tokenizer
+        if tok is not None and prompt and not isinstance(prompt[0], dict):
+            prompt = tok.decode(prompt, skip_special_tokens=False)  # type: ignore[arg-type]
         r = RequestRecord(s.session_id, k, 0.0)
         await stream_request(http, ep.url, ep.model, key, prompt, turn.output_tokens, r, ep.api_key)
         r.eligible_tokens = min(prev_total, r.prompt_tokens)
@@ -73,7 +80,10 @@ async def run_session(http: httpx.AsyncClient, ep: Endpoint, s: Session, tag: st
         # recorded answer, not ours, so only the prompt is eligible there.
         prev_total = r.prompt_tokens + (r.completion_tokens if turn.messages is None else 0)
         if turn.new_tokens is not None:
-            answer = r.output_ids or (await _tokenize(http, ep, r.text) if r.text else [])
+            if tok is not None:
+                answer = tok.encode(r.text, add_special_tokens=False) if r.text else []
+            else:
+                answer = r.output_ids or (await _tokenize(http, ep, r.text) if r.text else [])
             context = context + answer
         if k + 1 < len(s.turns) and turn.delay_s > 0 and delay_scale > 0:
             await asyncio.sleep(turn.delay_s * delay_scale)
