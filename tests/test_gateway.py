@@ -87,7 +87,8 @@ def cluster() -> Iterator[Cluster]:
     assert c.stop() == 0, c.log()[-5000:]
     assert "[launch] stopped" in c.log()
     for pid in pids:  # every replica is gone after the launcher exits
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text().lower()
 
 
 def _chat(client: openai.OpenAI, messages: list[dict[str, str]], **kw: object) -> tuple[object, str | None]:

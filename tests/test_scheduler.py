@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from plan_mirror import PageRows
 
-from agentspeed.control.kv_events import PagesStored
 from agentspeed.control import fsm
 from agentspeed.control.errors import HandleReleased, IllegalTransition
+from agentspeed.control.kv_events import PagesStored
 from agentspeed.control.page_pool import PagePool, PageState
 from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, RequestSpec, StepResult
 from agentspeed.control.scheduler import RequestRejected, Scheduler, SchedulerConfig
