@@ -3,6 +3,8 @@ Field names and defaults follow vLLM's SamplingParams so code ports with an impo
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import msgspec
 import msgspec.structs
 
@@ -11,29 +13,33 @@ from agentspeed.errors import ConfigError
 
 class StructuredOutputs(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One decoding constraint (vLLM's StructuredOutputsParams): exactly one of json (a JSON
-    schema, as JSON text), json_object (any JSON object), regex, choice (one of these strings)
-    or grammar (EBNF in the GBNF dialect llama.cpp and xgrammar read). The grammar backend
-    (agentspeed/structured) compiles it once per distinct constraint."""
+    schema, as JSON text), json_object (any JSON object), regex, choice (one of these strings),
+    grammar (EBNF in the GBNF dialect llama.cpp and xgrammar read) or structural_tag
+    (xgrammar's structural tag, as JSON text: free text with tagged regions held to schemas,
+    how SMG and SGLang force tool-call formats). The grammar backend (agentspeed/structured)
+    compiles it once per distinct constraint."""
 
     json: str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    structural_tag: str | None = None
+
+    _VALUED: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar", "structural_tag")
 
     def __post_init__(self) -> None:
-        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given = [k for k in self._VALUED if getattr(self, k) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
-            raise ConfigError("structured outputs take exactly one of json, json_object, regex, choice or "
-                              f"grammar; got {', '.join(given) or 'none'}")
+            raise ConfigError("structured outputs take exactly one of json, json_object, regex, choice, grammar "
+                              f"or structural_tag; got {', '.join(given) or 'none'}")
         if self.choice is not None and not self.choice:
             raise ConfigError("structured outputs choice must list at least one string")
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None) \
-            if not self.json_object else "json_object"
+        return next(k for k in self._VALUED if getattr(self, k) is not None) if not self.json_object else "json_object"
 
     def key(self) -> tuple[str, str]:
         """A hashable identity (the grammar cache's key, with the tokenizer fixed per engine)."""

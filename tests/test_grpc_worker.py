@@ -7,13 +7,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_util import ServerProcess
@@ -108,11 +113,19 @@ def test_constraint_goes_through_the_grammar(worker: Worker) -> None:
     obj = json.loads(httpx.post(f"{worker.http.url}/detokenize", json={"tokens": list(j.complete.output_ids)}
                                 ).json()["prompt"])
     assert isinstance(obj["n"], int)
+    # a structural tag (how SMG forces a tool-call format): the tagged region follows the schema
+    tag = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<tool_call>"],
+           "at_least_one": True, "stop_after_first": True, "tags": [{"begin": "<tool_call>\n", "end": "\n</tool_call>",
+           "content": {"type": "json_schema", "json_schema": json.loads(schema)}}]}}
+    [t] = _generate(worker, _request(ids, temperature=0.0, max_new_tokens=48, structural_tag=json.dumps(tag)))
+    out = httpx.post(f"{worker.http.url}/detokenize", json={"tokens": list(t.complete.output_ids)}).json()["prompt"]
+    body = out.split("<tool_call>\n", 1)[1].split("\n</tool_call>", 1)[0]
+    assert isinstance(json.loads(body)["n"], int), out
 
 
 @pytest.mark.parametrize(("kw", "needle"), [
     ({"logit_bias": {"5": 1.0}}, "logit_bias"),
-    ({"structural_tag": "{}"}, "structural_tag"),
+    ({"structural_tag": "{not json"}, "structural_tag"),
     ({"json_schema": "{not json"}, "json"),
     ({"max_new_tokens": 100000}, "context length"),
 ])
@@ -234,3 +247,39 @@ def test_kv_events_follow_the_prefix_cache(worker: Worker) -> None:
     assert len(heartbeats) >= 2  # idle: the load record still arrives every 0.5 s
     seqs = [b.sequence_number for b in got if not b.load.load_only]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_smg_over_http_reads_our_loads(worker: Worker) -> None:
+    # The HTTP worker path: SMG's least_load policy polls GET /v1/loads.
+    port, metrics = free_port(), free_port()
+    log = open(f"/tmp/agentspeed-test-smg-http-{port}.log", "w")  # noqa: SIM115
+    smg = subprocess.Popen([sys.executable, "-m", "smg", "launch", "--host", "127.0.0.1", "--port", str(port),
+                            "--worker-urls", worker.http.url, "--policy", "least_load", "--prometheus-port",
+                            str(metrics), "--load-monitor-interval", "1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                loads = httpx.get(f"{url}/loads", timeout=2).json().get("loads") or []
+                if loads and loads[0].get("max_total_num_tokens"):
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            assert time.monotonic() < deadline and smg.poll() is None, Path(log.name).read_text()[-3000:]
+            time.sleep(0.5)
+        ours = httpx.get(f"{worker.http.url}/v1/loads").json()["loads"][0]
+        assert loads[0]["worker"] == worker.http.url
+        assert loads[0]["max_total_num_tokens"] == ours["max_total_num_tokens"]
+        assert loads[0]["max_running_requests"] == ours["max_running_requests"]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=4, temperature=0)
+        assert r.choices[0].message.content
+    finally:
+        smg.send_signal(signal.SIGTERM)
+        try:
+            smg.wait(30)
+        except subprocess.TimeoutExpired:
+            smg.kill()
+        log.close()

@@ -45,6 +45,11 @@ def test_cores_are_split_between_replicas() -> None:
         plan_replicas(_launch("--replicas", "0", "--device", "cpu"), [])
 
 
+def test_gpu_replicas_get_their_own_tp_devices() -> None:
+    a, b = plan_replicas(_launch("--replicas", "2", "--device", "cuda", "--tp", "2"), [])
+    assert (a.gpus, b.gpus, a.cpus, b.cpus) == ([0, 1], [2, 3], None, None)
+
+
 def test_launch_refuses_a_grpc_port() -> None:
     with pytest.raises(ConfigError, match="per replica"):
         run_launch(_launch("--grpc-port", "5000"), [])

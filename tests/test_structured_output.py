@@ -114,6 +114,21 @@ def test_bad_constraints_refused_at_admission(llm: LLM, so: StructuredOutputs, n
     assert needle in c.text and "invalid" in c.text
 
 
+def test_structural_tag_xgrammar_only(llm: LLM) -> None:
+    tag = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<tool_call>"],
+           "at_least_one": True, "stop_after_first": True, "tags": [{"begin": "<tool_call>", "end": "</tool_call>",
+           "content": {"type": "json_schema", "json_schema": {"type": "object", "properties": {
+               "city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}]}}
+    [o] = llm.chat([ASK], constrained(StructuredOutputs(structural_tag=json.dumps(tag)), max_tokens=40,
+                                      temperature=0.0))
+    c = o.outputs[0]
+    if llm.engine.structured.backend_name == "guidance":  # llguidance reads no structural tags: a named refusal
+        assert c.finish_reason == "error" and "xgrammar" in c.text
+        return
+    body = c.text.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0]
+    assert isinstance(json.loads(body)["city"], str), c.text
+
+
 def test_grammar_cache_and_drafting_off(llm: LLM) -> None:
     mgr = llm.engine.structured
     so = StructuredOutputs(json=json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}},

@@ -61,12 +61,12 @@ def from_response_format(fmt: dict[str, Any] | None, param: str = "response_form
     raise APIError(400, f"{param} type {kind!r} is not supported (text, json_object or json_schema)", param=param)
 
 
-_VLLM_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+_VLLM_KEYS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 def from_structured_outputs(so: dict[str, Any] | None) -> StructuredOutputs | None:
     """vLLM's structured_outputs: {"json": schema} | {"regex": ...} | {"choice": [...]} |
-    {"grammar": EBNF} | {"json_object": true}."""
+    {"grammar": EBNF} | {"json_object": true} | {"structural_tag": JSON text}."""
     if so is None:
         return None
     unknown = sorted(k for k, v in so.items() if k not in _VLLM_KEYS and v not in (None, False))
@@ -76,7 +76,7 @@ def from_structured_outputs(so: dict[str, Any] | None) -> StructuredOutputs | No
     kw: dict[str, Any] = {}
     if so.get("json") is not None:
         kw["json"] = _schema_text(so["json"], "structured_outputs.json")
-    for k in ("regex", "grammar"):
+    for k in ("regex", "grammar", "structural_tag"):
         if so.get(k) is not None:
             if not isinstance(so[k], str):
                 raise APIError(400, f"structured_outputs.{k} must be a string", param="structured_outputs")

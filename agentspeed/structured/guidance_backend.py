@@ -72,6 +72,8 @@ class GuidanceBackend:
             return str(llguidance.grammar_from("regex", c.regex))
         if c.choice is not None:
             return str(llguidance.grammar_from("choice", json.dumps(c.choice)))
+        if c.structural_tag is not None:
+            raise ValueError("structural tags are xgrammar's: serve with --structured-output-backend xgrammar")
         assert c.grammar is not None
         return str(llguidance.grammar_from("gbnf", c.grammar))
 

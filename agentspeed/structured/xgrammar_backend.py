@@ -55,6 +55,8 @@ class XGrammarBackend:
                 return self.compiler.compile_regex(c.regex)
             if c.choice is not None:
                 return self.compiler.compile_grammar(choice_ebnf(c.choice))
+            if c.structural_tag is not None:
+                return self.compiler.compile_structural_tag(c.structural_tag)
             assert c.grammar is not None
             return self.compiler.compile_grammar(c.grammar)
         except (RuntimeError, ValueError, TypeError) as e:

@@ -40,7 +40,8 @@ def _constraint(sp: pb.SamplingParams) -> StructuredOutputs | None:
         return StructuredOutputs(json=sp.json_schema)
     if kind == "ebnf_grammar":
         return StructuredOutputs(grammar=sp.ebnf_grammar)
-    raise InvalidRequest(f"sampling_params.{kind} is not supported (send a regex, json_schema or ebnf_grammar)")
+    assert kind == "structural_tag", kind
+    return StructuredOutputs(structural_tag=sp.structural_tag)
 
 
 def _refuse_unsupported(req: pb.GenerateRequest) -> None:

@@ -30,7 +30,8 @@ from agentspeed.control.kv_events import KvEvent, PagesRemoved, PagesStored
 from agentspeed.control.prefix_cache import PageKey
 
 HEARTBEAT_S = 0.5
-HISTORY = 4096
+HISTORY = 4096  # batches kept for subscribers that resume, and a slow subscriber's backlog limit
+HISTORY_BLOCKS = 1 << 16  # ... and at most this many pages in them (1M tokens at page size 16)
 
 LoadFn = Callable[[int, bool, bool], common_pb2.EngineLoad]  # (sample, load_only, full)
 
@@ -62,7 +63,8 @@ class KvEventPublisher:
         self.sequence = 0  # of the last batch published
         self._event_ids = 0
         self._samples = 0
-        self._history: deque[common_pb2.KvEventBatch] = deque(maxlen=HISTORY)
+        self._history: deque[tuple[common_pb2.KvEventBatch, int]] = deque()  # (batch, its pages)
+        self._history_blocks = 0
         self._subscribers: set[asyncio.Queue[common_pb2.KvEventBatch | None]] = set()
 
     @property
@@ -80,7 +82,11 @@ class KvEventPublisher:
             protos.append(to_proto(e, self._event_ids, self._medium))
         batch = common_pb2.KvEventBatch(sequence_number=self.sequence, timestamp=time.time(), events=protos,
                                         dp_rank=0)
-        self._history.append(batch)
+        n = sum(len(e.keys) for e in events)
+        self._history.append((batch, n))
+        self._history_blocks += n
+        while len(self._history) > HISTORY or (self._history_blocks > HISTORY_BLOCKS and len(self._history) > 1):
+            self._history_blocks -= self._history.popleft()[1]
         for q in list(self._subscribers):
             if q.qsize() >= HISTORY:  # too slow: end its stream, it resubscribes with its cursor
                 self._subscribers.discard(q)
@@ -106,10 +112,10 @@ class KvEventPublisher:
             last = 0
             if load_first:
                 yield self._heartbeat(0)
-            oldest = self._history[0].sequence_number if self._history else self.sequence + 1
+            oldest = self._history[0][0].sequence_number if self._history else self.sequence + 1
             start = start_sequence if start_sequence > 0 else (1 if oldest == 1 else self.sequence + 1)
             first = True
-            for b in list(self._history):
+            for b, _ in list(self._history):
                 if b.sequence_number >= start:
                     yield self._with_load(b, False, first)
                     first = False
