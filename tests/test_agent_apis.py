@@ -136,6 +136,33 @@ def test_messages_thinking_blocks(claude: anthropic.Anthropic) -> None:
     assert [b.type for b in final.content] == ["thinking", "text"] and final.content[0].thinking == msg.content[0].thinking
 
 
+def test_messages_history_with_hosted_tool_blocks(server: ServerProcess, claude: anthropic.Anthropic) -> None:
+    # A conversation first served by Anthropic's API (its web search ran there) continues here:
+    # the hosted call and its results reach the model as text, without the encrypted parts.
+    history = [{"role": "user", "content": "Who won the 2022 World Cup?"},
+               {"role": "assistant", "content": [
+                   {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+                    "input": {"query": "2022 World Cup winner"}},
+                   {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+                       {"type": "web_search_result", "title": "Argentina win the World Cup",
+                        "url": "https://example.com/wc", "encrypted_content": "SECRETBLOB", "page_age": "2022"}]},
+                   {"type": "text", "text": "Argentina won."}]},
+               {"role": "user", "content": "And who was the runner-up?"}]
+    counted = claude.messages.count_tokens(model=MODEL, messages=history)  # type: ignore[arg-type]
+    plain = claude.messages.count_tokens(model=MODEL, messages=[history[0], {"role": "assistant", "content": "Argentina won."},
+                                                               history[2]])  # type: ignore[arg-type]
+    assert counted.input_tokens > plain.input_tokens + 10  # the search call and results are in the prompt
+    msg = claude.messages.create(model=MODEL, max_tokens=8, messages=history)  # type: ignore[arg-type]
+    assert msg.content and msg.stop_reason in ("end_turn", "max_tokens")
+    from agentspeed.entrypoints.anthropic.protocol import MessagesRequest, template_messages
+
+    rendered = template_messages(MessagesRequest(model=MODEL, max_tokens=8, messages=history))  # type: ignore[arg-type]
+    text = rendered[1]["content"]
+    assert "web_search" in text and "Argentina win the World Cup" in text and "https://example.com/wc" in text
+    assert "SECRETBLOB" not in text and text.endswith("Argentina won.")
+    assert "hosted-tool blocks given to the model as text: server_tool_use, web_search_tool_result" in server.log()
+
+
 def test_messages_errors_in_anthropic_shape(server: ServerProcess, claude: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.NotFoundError) as nf:
         claude.messages.create(model="gpt-4o", max_tokens=4, messages=HELLO)

@@ -11,12 +11,14 @@ Every field of the published API is accepted (and the sampling fields older clie
 `anthropic-version` / `anthropic-beta` headers and `?beta=true` query. `thinking` turns the
 template's thinking switch on or off (Qwen3, DeepSeek V3.1). 400s are for what would change
 the answer and cannot be honoured: images, documents and other non-text blocks (the models
-served here read text), MCP servers. `tool_choice` any / tool and `output_config.format`
+served here read text), MCP servers. Blocks of hosted tools in a history (server_tool_use,
+web_search_tool_result, code execution and MCP results, ...) reach the model as text. `tool_choice` any / tool and `output_config.format`
 (or `output_format`) constrain decoding (entrypoints/structured.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any, Literal
 
@@ -52,6 +54,7 @@ class ThinkingBlock(_Base):
 
 
 class OtherBlock(_Base):
+    model_config = ConfigDict(extra="allow")  # server tool blocks are rendered from their fields
     type: str  # image, document, redacted_thinking, server tool blocks, ...
 
 
@@ -170,6 +173,7 @@ def template_messages(req: MessagesRequest) -> list[dict[str, Any]]:
         text: list[str] = []
         calls: list[dict[str, Any]] = []
         thinking: list[str] = []
+        rendered: list[str] = []
         for b in m.content:
             if isinstance(b, TextBlock):
                 text.append(b.text)
@@ -184,10 +188,18 @@ def template_messages(req: MessagesRequest) -> list[dict[str, Any]]:
                 out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": content or ""})
             elif isinstance(b, OtherBlock) and b.type == "redacted_thinking":
                 continue  # encrypted by Anthropic's service: nothing a local model can read
+            elif isinstance(b, OtherBlock) and _is_server_tool_block(b.type):
+                # A hosted tool's call or result from an earlier turn (served elsewhere): the
+                # model reads what it did as text.
+                text.append(server_tool_text(b))
+                rendered.append(b.type)
             else:
                 raise APIError(400, f"messages.{n}: content block type {b.type!r} is not supported in a "
                                     f"{m.role} message" + (" (text only)" if isinstance(b, OtherBlock) else ""),
                                param="messages")
+        if rendered:
+            log.warning("messages.%d: hosted-tool blocks given to the model as text: %s", n,
+                        ", ".join(dict.fromkeys(rendered)))
         if m.role == "user":
             _flush_user(out, text)
             continue
@@ -198,6 +210,35 @@ def template_messages(req: MessagesRequest) -> list[dict[str, Any]]:
             msg["reasoning_content"] = "".join(thinking)
         out.append(msg)
     return out
+
+
+_SERVER_TOOL_BLOCKS = ("server_tool_use", "mcp_tool_use", "mcp_tool_result", "container_upload")
+_SECRET_FIELDS = {"encrypted_content", "encrypted_index", "cache_control", "citations"}
+
+
+def _is_server_tool_block(kind: str) -> bool:
+    return kind in _SERVER_TOOL_BLOCKS or kind.endswith("_tool_result")
+
+
+def server_tool_text(b: OtherBlock) -> str:
+    """A hosted tool's block (server_tool_use, web_search_tool_result, code execution results,
+    MCP calls, ...) as one bracketed text line: its readable fields, without the encrypted ones
+    only Anthropic's service can read."""
+    fields = {k: v for k, v in (b.model_extra or {}).items() if k not in _SECRET_FIELDS}
+    content = fields.pop("content", None)
+    if b.type in ("server_tool_use", "mcp_tool_use"):
+        return f"\n[{b.type} {fields.get('name', '')}: {json.dumps(fields.get('input', {}), ensure_ascii=False)}]\n"
+    lines: list[str] = []
+    for item in content if isinstance(content, list) else [content] if content is not None else []:
+        if isinstance(item, dict):
+            if item.get("type") == "text" and isinstance(item.get("text"), str):
+                lines.append(item["text"])
+                continue
+            item = {k: v for k, v in item.items() if k not in _SECRET_FIELDS}
+            lines.append(" ".join(f"{k}={v}" for k, v in item.items() if k != "type" and v not in (None, "")))
+        else:
+            lines.append(str(item))
+    return f"\n[{b.type}]\n" + "\n".join(x for x in lines if x) + "\n"
 
 
 def _flush_user(out: list[dict[str, Any]], text: list[str]) -> None:
