@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO
 
 import httpx
@@ -77,7 +77,6 @@ class Replica:
     backoff: float = BACKOFF_MIN_S
     restart_at: float | None = None
     restarts: int = 0
-    threads: list[threading.Thread] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -94,8 +93,8 @@ def _pump(stream: IO[bytes], prefix: str) -> None:
         out.flush()
 
 
-def _spawn(cmd: Sequence[str], prefix: str, env: dict[str, str], cpus: list[int] | None
-           ) -> tuple[subprocess.Popen[bytes], threading.Thread]:
+def _spawn(cmd: Sequence[str], prefix: str, env: dict[str, str], cpus: list[int] | None) -> subprocess.Popen[bytes]:
+    """Start cmd with its output streamed under `prefix` (a daemon thread per process)."""
     def pin() -> None:
         os.setpgrp()  # our own group: a Ctrl-C reaches the launcher, which stops children in order
         if cpus is not None:
@@ -103,9 +102,8 @@ def _spawn(cmd: Sequence[str], prefix: str, env: dict[str, str], cpus: list[int]
 
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
     assert proc.stdout is not None
-    t = threading.Thread(target=_pump, args=(proc.stdout, prefix), daemon=True)
-    t.start()
-    return proc, t
+    threading.Thread(target=_pump, args=(proc.stdout, prefix), daemon=True).start()
+    return proc
 
 
 def plan_replicas(args: argparse.Namespace, serve_args: Sequence[str]) -> list[Replica]:
@@ -157,8 +155,7 @@ class Launcher:
             env["OMP_NUM_THREADS"] = str(len(r.cpus))
         if r.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, r.gpus))
-        r.proc, t = _spawn(cmd, f"[replica {r.index}] ", env, r.cpus)
-        r.threads.append(t)
+        r.proc = _spawn(cmd, f"[replica {r.index}] ", env, r.cpus)
         r.started = time.monotonic()
         r.restart_at = None
         where = f"cores {r.cpus}" if r.cpus is not None else f"GPUs {r.gpus}"
@@ -199,7 +196,7 @@ class Launcher:
             self.metrics_port = free_port()
             cmd += ["--prometheus-port", str(self.metrics_port), "--prometheus-host", "127.0.0.1"]
         cmd += extra
-        self.smg, _ = _spawn(cmd, "[smg] ", dict(os.environ), None)
+        self.smg = _spawn(cmd, "[smg] ", dict(os.environ), None)
         metrics = f", metrics http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else ""
         self.say(f"gateway: http://{self.args.host}:{self.args.port}/v1 ({self.args.policy}, "
                  f"{self.args.worker_protocol} to {len(urls)} replicas{metrics})")

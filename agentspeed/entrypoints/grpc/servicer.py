@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,8 +39,6 @@ from agentspeed.entrypoints.grpc.convert import (
 )
 from agentspeed.entrypoints.grpc.kv_publisher import KvEventPublisher
 from agentspeed.entrypoints.openai.serving import RunStats, ServerState, new_id, run_request
-
-log = logging.getLogger("agentspeed.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenSpeedScheduler"].full_name
 SESSION_METADATA = ("x-smg-routing-key", "x-session-id")
