@@ -60,6 +60,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    g.add_argument("--no-session-retention", dest="session_retention", action="store_false",
+                   help="evict cached prefix pages in plain LRU order (default: pages of an agent session, "
+                        "keyed by X-SMG-Routing-Key / X-Session-Id / the APIs' user or cache keys, are kept "
+                        "through its expected pause between turns, learned from its earlier pauses, ahead "
+                        "of other cached pages)")
+    g.add_argument("--session-retention-cap", type=float, default=300.0, metavar="SECONDS",
+                   help="longest pause a session's pages are favoured for; sessions idle longer are "
+                        "evicted first (default 300)")
+    g.add_argument("--no-partial-page-reuse", dest="partial_page_reuse", action="store_false",
+                   help="reuse cached KV only in whole pages (default: a finished turn's last, partly "
+                        "filled page is reused by the next turn, to the token)")
     g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                    help="models with sliding-window layers (Gemma 3, GPT-OSS, Mistral): keep every "
                         "layer's KV for the whole context in one pool (default: the window layers "
@@ -105,7 +116,9 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             enable_prefix_caching=not args.no_prefix_caching, overlap=args.overlap,
             num_speculative_tokens=args.num_speculative_tokens, ngram_max=args.ngram_max,
-            ngram_min=args.ngram_min, adaptive_drafts=args.adaptive_drafts),
+            ngram_min=args.ngram_min, adaptive_drafts=args.adaptive_drafts,
+            session_retention=args.session_retention, session_gap_cap_s=args.session_retention_cap,
+            partial_page_reuse=args.partial_page_reuse),
         structured_output_backend=args.structured_output_backend,
     )
 

@@ -239,8 +239,17 @@ class SchedulingConfig:
     # Report every page the prefix cache publishes or evicts (control/kv_events.py), for a
     # cache-aware gateway; on when the gRPC worker serves (it streams them to subscribers).
     kv_events: bool = False
+    # Cached pages of a session (the X-SMG-Routing-Key / X-Session-Id key) are kept through
+    # its expected pause between turns, ahead of other cached pages (control/retention.py);
+    # off: plain LRU. The cap bounds how long an idle session is favoured (seconds).
+    session_retention: bool = True
+    session_gap_cap_s: float = 300.0
+    # A finished turn's last, partly filled page is reused by a request continuing its tokens.
+    partial_page_reuse: bool = True
 
     def __post_init__(self) -> None:
+        if self.session_gap_cap_s <= 0:
+            raise ConfigError(f"session_gap_cap_s must be positive, got {self.session_gap_cap_s}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ConfigError("max_num_batched_tokens and max_num_seqs must be at least 1")
         k = self.num_speculative_tokens

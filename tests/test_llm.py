@@ -60,22 +60,24 @@ def test_batch_invariance_across_scheduling_modes(tiny_llama: Path) -> None:
 
 
 def test_multi_turn_reuses_previous_turn(tiny_llama: Path) -> None:
-    for caching in (True, False):
-        llm = LLM(str(tiny_llama), skip_tokenizer_init=True, page_size=8, enable_prefix_caching=caching)
+    outs = []
+    for caching, partial in ((True, True), (True, False), (False, False)):
+        llm = LLM(str(tiny_llama), skip_tokenizer_init=True, page_size=8, enable_prefix_caching=caching,
+                  partial_page_reuse=partial)
         turn1 = mixed_prompts(1, 384, seed=3)[0] + list(range(60))
         [o1] = llm.generate({"prompt_token_ids": turn1}, GREEDY)
         answer = o1.outputs[0].token_ids
         turn2 = turn1 + answer + [7, 8, 9, 10, 11]
         [o2] = llm.generate({"prompt_token_ids": turn2}, GREEDY)
-        if caching:
-            # Turn 1 left KV for its prompt and answer except the last sampled token (it was
-            # never fed back): every full page of that is a hit.
-            assert o2.num_cached_tokens == (len(turn1) + len(answer) - 1) // 8 * 8
-            with_cache = o2.outputs[0].token_ids
-        else:
-            assert o2.num_cached_tokens == 0
-            assert o2.outputs[0].token_ids == with_cache
+        # Turn 1 left KV for its prompt and answer except the last sampled token (it was
+        # never fed back): all of it is a hit with partial pages, its full pages without.
+        kv = len(turn1) + len(answer) - 1
+        assert kv % 8, "the test needs turn 1 to end inside a page"
+        assert o2.num_cached_tokens == (kv if partial else kv // 8 * 8 if caching else 0)
+        assert llm.engine.scheduler.num_partial_hit_tokens == (kv % 8 if partial else 0)
+        outs.append(o2.outputs[0].token_ids)
         llm.shutdown()
+    assert outs[0] == outs[1] == outs[2]  # the same tokens as recomputing them
 
 
 def test_abort_mid_prefill_and_mid_decode_frees_pages(tiny_llama: Path) -> None:

@@ -24,7 +24,7 @@ from agentspeed.control.scheduler import RequestRejected, Scheduler, SchedulerCo
 EOS = 0
 # What the stateful runs exercised (checked by test_stateful_run_exercised_pressure).
 COVERAGE = {"preemptions": 0, "evictions": 0, "overlapped_plans": 0, "prefix_hits": 0, "window_drops": 0,
-            "window_prefix_hits": 0, "window_preemptions": 0}
+            "window_prefix_hits": 0, "window_preemptions": 0, "partial_claims": 0, "session_groups": 0}
 
 
 def written_pages(plan: ExecutionPlan, pages: list[tuple[int, ...]], page_size: int) -> dict[int, str]:
@@ -37,7 +37,11 @@ def written_pages(plan: ExecutionPlan, pages: list[tuple[int, ...]], page_size: 
 
 class SchedulerMachine(RuleBasedStateMachine):
     """Random submit/abort/plan/advance with overlap (a second plan while one is in flight),
-    random finishes (EOS), a pool small enough to force preemption and eviction."""
+    random finishes (EOS), a pool small enough to force preemption and eviction; sessions
+    (follow-up turns that re-send a finished turn, the clock moving between them) for
+    retention and partial pages. A model of every KV slot's token checks that each chunk
+    reads, below its start, exactly its own tokens' KV (prefix hits and claimed partial pages
+    included)."""
 
     WINDOW: int | None = None
 
@@ -57,15 +61,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.live: set[str] = set()
         self.outputs: dict[str, list[int]] = {}
         self.prefixes = [[7, 7, 7, 7, 8, 8, 8, 8], [9, 9, 9, 9, 9, 9, 9, 9, 1, 2, 3, 4]]
+        self.tokens: dict[str, list[int]] = {}  # each request's prompt + outputs
+        self.session_of: dict[str, str | None] = {}
+        self.done: list[str] = []  # finished (not aborted) requests, for follow-up turns
+        self.slots: dict[int, list[tuple[str, int] | int | None]] = {}  # page -> what each slot holds
+        self.partial_seen = 0
 
-    @rule(length=st.integers(1, 24), max_tokens=st.integers(1, 12), shared=st.booleans(),
-          prefix=st.integers(0, 1))
-    def submit(self, length: int, max_tokens: int, shared: bool, prefix: int) -> None:
-        rid = f"r{self.n}"
-        self.n += 1
-        body = [self.rng.randrange(1, 50) for _ in range(length)]
-        prompt = (self.prefixes[prefix] + body) if shared else body
-        spec = RequestSpec(rid, tuple(prompt), max_tokens, stop_token_ids=frozenset({EOS}))
+    def _submit(self, rid: str, prompt: list[int], max_tokens: int, session: str | None) -> None:
+        spec = RequestSpec(rid, tuple(prompt), max_tokens, stop_token_ids=frozenset({EOS}), session_key=session)
         try:
             self.sched.submit(spec)
         except RequestRejected:
@@ -76,6 +79,31 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         self.live.add(rid)
         self.outputs[rid] = []
+        self.tokens[rid] = list(prompt)
+        self.session_of[rid] = session
+
+    @rule(length=st.integers(1, 24), max_tokens=st.integers(1, 12), shared=st.booleans(),
+          prefix=st.integers(0, 1), session=st.sampled_from([None, "s0", "s1", "s2"]))
+    def submit(self, length: int, max_tokens: int, shared: bool, prefix: int, session: str | None) -> None:
+        rid = f"r{self.n}"
+        self.n += 1
+        body = [self.rng.randrange(1, 50) for _ in range(length)]
+        prompt = (self.prefixes[prefix] + body) if shared else body
+        self._submit(rid, prompt, max_tokens, session)
+
+    @precondition(lambda self: self.done)
+    @rule(data=st.data(), extra=st.integers(0, 6), max_tokens=st.integers(1, 8))
+    def next_turn(self, data: st.DataObject, extra: int, max_tokens: int) -> None:
+        """A session's next turn: the previous turn's prompt and outputs, then new tokens."""
+        prev = data.draw(st.sampled_from(self.done))
+        rid = f"r{self.n}"
+        self.n += 1
+        prompt = self.tokens[prev] + [self.rng.randrange(1, 50) for _ in range(extra)]
+        self._submit(rid, prompt, max_tokens, self.session_of[prev])
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 5.0, 30.0, 400.0]))
+    def tick(self, dt: float) -> None:
+        self.sched.now += dt
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -107,6 +135,15 @@ class SchedulerMachine(RuleBasedStateMachine):
                 first = max(0, c.start - self.WINDOW + 1)
                 assert all(row[i] for i in range(first // self.ps, (c.start + len(c.token_ids) - 1) // self.ps + 1))
                 COVERAGE["window_drops"] += not row[0]
+        for c, row in zip(plan.chunks, pages):
+            self._check_reads(c.request_id, c.start, row)
+            for i, t in enumerate(c.token_ids):  # what the step writes
+                pos = c.start + i
+                slot = self.slots.setdefault(row[pos // self.ps], [None] * self.ps)
+                slot[pos % self.ps] = t if t >= 0 else (c.request_id, pos)
+        if self.sched.num_partial_hit_tokens > self.partial_seen:
+            COVERAGE["partial_claims"] += 1
+            self.partial_seen = self.sched.num_partial_hit_tokens
         for c in plan.chunks:
             assert all(t >= 0 for t in c.token_ids) or (len(c.token_ids) == 1 and self.in_flight)
             hit = self.sched.num_cached_tokens(c.request_id) > 0
@@ -115,17 +152,33 @@ class SchedulerMachine(RuleBasedStateMachine):
         COVERAGE["overlapped_plans"] += bool(self.in_flight)
         self.in_flight.append(plan)
 
+    def _check_reads(self, rid: str, start: int, row: tuple[int, ...]) -> None:
+        """Every position below start holds rid's own token there (its KV is what it reads)."""
+        own = self.tokens[rid]
+        for pos in range(start):
+            slot = self.slots.get(row[pos // self.ps], [None] * self.ps)[pos % self.ps]
+            if isinstance(slot, tuple):  # a token sampled by the step that wrote it
+                src, at = slot
+                slot = self.tokens[src][at] if at < len(self.tokens[src]) else None
+            assert slot == own[pos], f"{rid} reads position {pos} as {slot}, its token is {own[pos]}"
+
     @precondition(lambda self: self.in_flight)
     @rule(eos_prob=st.sampled_from([0.0, 0.2, 0.6]))
     def advance(self, eos_prob: float) -> None:
         plan = self.in_flight.pop(0)
         sampled = {c.request_id: (EOS if self.rng.random() < eos_prob else self.rng.randrange(1, 50))
                    for c in plan.chunks if c.sample}
+        before = self.sched.pool.evictions
         for u in self.sched.advance(StepResult(plan.step_id, sampled)):
             if u.request_id in self.outputs:
                 self.outputs[u.request_id].extend(u.new_token_ids)
+                self.tokens[u.request_id].extend(u.new_token_ids)
             if u.finish_reason is not None:
                 self.live.discard(u.request_id)
+                if u.finish_reason.name in ("STOP", "LENGTH"):
+                    self.done.append(u.request_id)
+        assert self.sched.pool.evictions == before  # (evictions happen while planning only)
+        COVERAGE["session_groups"] += any(g is not None for g in self.sched.pool.groups())
 
     @invariant()
     def invariants_hold(self) -> None:
@@ -212,9 +265,10 @@ def run_to_end(sched: Scheduler, answer: list[int], overlap: bool = False) -> di
     raise AssertionError("did not finish")
 
 
-def test_multi_turn_prefix_hits_cover_previous_turn() -> None:
+@pytest.mark.parametrize("partial", [True, False])
+def test_multi_turn_prefix_hits_cover_previous_turn(partial: bool) -> None:
     ps = 4
-    sched = Scheduler(SchedulerConfig(num_pages=64, page_size=ps, max_model_len=512))
+    sched = Scheduler(SchedulerConfig(num_pages=64, page_size=ps, max_model_len=512, partial_page_reuse=partial))
     turn1 = list(range(1, 23))  # 22 tokens
     sched.submit(RequestSpec("t1", tuple(turn1), 9))
     answer = list(range(100, 109))
@@ -223,15 +277,18 @@ def test_multi_turn_prefix_hits_cover_previous_turn() -> None:
     turn2 = turn1 + out1 + [200, 201, 202]
     sched.submit(RequestSpec("t2", tuple(turn2), 3))
     sched.next_plan()
-    # KV exists for prompt + answer except the last sampled token (never fed back): 30 tokens
-    assert sched.num_cached_tokens("t2") == (len(turn1) + len(out1) - 1) // ps * ps
+    # KV exists for prompt + answer except the last sampled token (never fed back): 30 tokens,
+    # all reused with partial pages, the 28 of its full pages without
+    kv = len(turn1) + len(out1) - 1
+    assert sched.num_cached_tokens("t2") == (kv if partial else kv // ps * ps)
+    assert sched.num_partial_hit_tokens == (kv % ps if partial else 0)
     sched.check_invariants()
 
 
 @pytest.mark.parametrize("n_out", [1, 13, 14])
 def test_pages_completed_in_the_finishing_step_are_cached(n_out: int) -> None:
-    ps = 4
-    sched = Scheduler(SchedulerConfig(num_pages=64, page_size=ps, max_model_len=512))
+    ps = 4  # (full pages: partial ones are tested above)
+    sched = Scheduler(SchedulerConfig(num_pages=64, page_size=ps, max_model_len=512, partial_page_reuse=False))
     turn1 = list(range(1, 41))
     sched.submit(RequestSpec("t1", tuple(turn1), n_out))
     out1 = run_to_end(sched, list(range(100, 100 + n_out)))["t1"]
@@ -351,3 +408,61 @@ def test_mypy_rejects_illegal_transition(tmp_path: Path) -> None:
 def test_control_plane_imports_no_torch() -> None:
     code = "import sys, agentspeed.control.scheduler; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _session_rounds(retention: bool, rounds: int = 6, gaps: tuple[float, ...] = (1.0,)) -> tuple[int, int]:
+    """Three agent sessions taking turns round-robin (each re-sends its conversation plus a
+    tool result), a pool that holds two of them: (prompt tokens cached, prompt tokens)."""
+    ps = 4
+    sched = Scheduler(SchedulerConfig(num_pages=32, page_size=ps, max_model_len=512, session_retention=retention,
+                                      partial_page_reuse=False))
+    rng = random.Random(0)
+    conv = {k: [rng.randrange(1, 50) for _ in range(40)] for k in "ABC"}
+    cached = total = 0
+    for rnd in range(rounds):
+        for k in "ABC":
+            rid = f"{k}{rnd}"
+            sched.submit(RequestSpec(rid, tuple(conv[k]), 4, session_key=k))
+            answer = [rng.randrange(1, 50) for _ in range(4)]
+            while sched.has_unfinished():
+                plan = sched.next_plan()
+                for u in sched.advance(StepResult(plan.step_id, {c.request_id: answer.pop(0)
+                                                                 for c in plan.chunks if c.sample})):
+                    conv[k] += u.new_token_ids
+                    if u.finish_reason is not None and rnd:  # (the first round is cold)
+                        cached += u.num_cached_tokens
+                        total += len(conv[k]) - 4
+                sched.check_invariants()
+            conv[k] += [rng.randrange(1, 50) for _ in range(4)]  # the tool's result
+            sched.now += gaps[rnd % len(gaps)]
+    return cached, total
+
+
+def test_session_retention_beats_lru_on_round_robin_sessions() -> None:
+    # LRU evicts the session that waited longest: the next to return. Retention evicts the
+    # one expected back latest (the one that just finished), so two of three keep their pages.
+    lru, total = _session_rounds(False)
+    kept, total2 = _session_rounds(True)
+    assert total == total2
+    assert lru / total < 0.2, (lru, total)
+    assert kept / total > 0.4 and kept > 2.5 * lru, (kept, lru, total)
+
+
+def test_sessions_idle_past_the_cap_go_first() -> None:
+    from agentspeed.control.retention import SessionRetention
+
+    r = SessionRetention(initial_gap_s=10.0, cap_s=100.0)
+    for key, start, end in (("old", 0.0, 1.0), ("back_soon", 50.0, 190.0), ("back_late", 60.0, 180.0),
+                            ("lapsed", 70.0, 100.0), ("live", 80.0, 90.0)):
+        r.turn_started(key, start)
+        r.turn_ended(key, end)
+    r.turn_started("live", 120.0)
+    r.turn_started("back_soon", 194.0)  # gap 4 s: retained for 8, expected back at 195 + 4
+    r.turn_ended("back_soon", 195.0)
+    r.turn_started("back_late", 190.0)  # gap 10 s: retained for 20, expected back at 191 + 10
+    r.turn_ended("back_late", 191.0)
+    now = 198.5
+    order = r.eviction_order(["live", "back_soon", None, "lapsed", "old", "back_late"], now)
+    # idle past the cap; no session; lapsed (idle 98.5 s > 2 x 10 s); retained, latest back first; live
+    assert order == ["old", None, "lapsed", "back_late", "back_soon", "live"]
+    assert r.sessions["back_soon"].gap == 4.0 and r.sessions["lapsed"].gap == 10.0

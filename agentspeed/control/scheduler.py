@@ -24,6 +24,18 @@ chunk at a time (not for the whole prompt at admission) and the pages behind the
 given back as it moves (fenced like any release), published first so another request can
 still hit them. A prefix hit needs full pages for the whole prefix and window pages for the
 last window before it; the hit shrinks until both pools have what it needs.
+
+Sessions (control/retention.py): pages a request gives back join its session's group, and
+the pool evicts groups in the retention policy's order, so a session paused for a tool call
+keeps its prefix while sessions long idle and session-less pages go first. `now` (seconds)
+is set by the engine before each call: the scheduler never reads a clock, so TP ranks fed
+the same inputs and times stay in lock-step.
+
+Partial pages: a request that finishes or is preempted leaves its last, partly filled page
+findable (PagePool.publish_partial); a later request whose tokens continue the same prefix
+takes that page over at admission and starts computing after the tokens it matches, so a
+turn re-sent with the previous turn's output reuses it to the token, not just to the last
+full page. Not for hybrid models (their window pool would need the same page too).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import bisect
 import dataclasses
 import itertools
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from agentspeed.config import SchedulingConfig
@@ -50,7 +63,8 @@ from agentspeed.control.plan import (
     ScheduledChunk,
     StepResult,
 )
-from agentspeed.control.prefix_cache import PageKey, extend_hashes
+from agentspeed.control.prefix_cache import PageKey, chain_hash, extend_hashes
+from agentspeed.control.retention import SessionRetention
 from agentspeed.errors import AgentspeedError
 
 
@@ -141,6 +155,14 @@ class Scheduler:
         self._draft_policy = DraftPolicy(k) if k and cfg.adaptive_drafts else None
         self.kv_events = self.pool.events
         self.kv_events.enabled = cfg.kv_events and cfg.enable_prefix_caching
+        self.now = 0.0  # seconds, set by the engine before each call (module docstring)
+        self.retention = SessionRetention(cap_s=cfg.session_gap_cap_s) if cfg.session_retention else None
+        if self.retention is not None:
+            for pool in (self.pool, self.wpool):
+                if pool is not None:
+                    pool.eviction_order = self._eviction_order
+        self._partial_pages = cfg.partial_page_reuse and cfg.enable_prefix_caching and self.wpool is None
+        self.num_partial_hit_tokens = 0  # prompt tokens reused from partial pages, since start
 
     # ---- public interface ---------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> None:
@@ -170,6 +192,8 @@ class Scheduler:
         r = _Request(spec, next(self._arrivals), spec.request_id, tokens=list(spec.prompt_token_ids))
         self._requests[spec.request_id] = r
         self._enqueue(r)
+        if self.retention is not None and spec.session_key is not None:
+            self.retention.turn_started(spec.session_key, self.now)
 
     def abort(self, request_id: str) -> None:
         r = self._requests.get(request_id)
@@ -338,6 +362,31 @@ class Scheduler:
         return max(r.num_cached_tokens, 0) if r else 0
 
     # ---- internals ----------------------------------------------------------------------
+    def _eviction_order(self, groups: Collection[str | None]) -> list[str | None]:
+        assert self.retention is not None
+        return self.retention.eviction_order(groups, self.now)
+
+    def _group(self, r: _Request) -> str | None:
+        """The cached-page group r's pages join when it gives them back."""
+        return r.spec.session_key if self.retention is not None else None
+
+    def _publish_partial(self, r: _Request, bt: BlockTable) -> None:
+        """Leave r's last, partly filled page findable before r gives it back."""
+        ps = self.cfg.page_size
+        n = min(r.num_confirmed, len(r.tokens))
+        k = n // ps
+        if not self._partial_pages or n % ps == 0 or r.num_published != k or len(bt.pages) <= k:
+            return
+        page = bt.pages[k]
+        if self.pool.state[page] != PageState.OWNED:
+            return
+        self.pool.publish_partial(page, self._partial_parent(r, k), r.tokens[k * ps : n])
+
+    def _partial_parent(self, r: _Request, k: int) -> PageKey:
+        """The key a partial page k of r is found under: its parent page's key, or for the
+        first page the key of no tokens under r's salt (so salts never share pages)."""
+        return r.hashes[k - 1] if k else chain_hash(None, (), r.spec.cache_salt)
+
     def _pages_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.cfg.page_size)
 
@@ -485,7 +534,7 @@ class Scheduler:
             for i in range(lo, floor):
                 if pages[i] and wpool.state[pages[i]] == PageState.OWNED:
                     wpool.publish(pages[i], r.hashes[i])
-        wpool.drop(wb, lo, floor, self._fence())
+        wpool.drop(wb, lo, floor, self._fence(), self._group(r))
         r.wfloor = floor
         if r.wsent > lo:
             r.wsent = lo
@@ -509,9 +558,11 @@ class Scheduler:
         s = r.state
         assert isinstance(s, (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding))
         preempted, bt, wb = fsm.preempt(s)
-        self.pool.release(bt, self._fence())
+        self._publish_partial(r, bt)
+        g = self._group(r)
+        self.pool.release(bt, self._fence(), g)
         if wb is not None and self.wpool is not None:
-            self.wpool.release(wb, self._fence())
+            self.wpool.release(wb, self._fence(), g)
         r.state = fsm.requeue(preempted)
         r.num_computed = r.num_confirmed = r.num_published = r.pages_sent = r.wfloor = r.wsent = 0
         self._running.remove(r)
@@ -539,6 +590,11 @@ class Scheduler:
         if wpool is not None and hits:
             n, whits = self._window_hits(r, len(hits))
             del hits[n:]
+        partial, n_partial = 0, 0
+        if self._partial_pages and r.num_tokens - 1 > len(hits) * ps:
+            lo = len(hits) * ps
+            partial, n_partial = self.pool.match_partial(
+                self._partial_parent(r, len(hits)), r.tokens[lo : min(lo + ps, r.num_tokens - 1)])
         cached_hits = sum(1 for p in hits if self.pool.state[p] == PageState.CACHED)
         need = self._pages_for(r.num_tokens) - len(hits)
         if not self.pool.can_allocate(need + cached_hits):
@@ -555,12 +611,16 @@ class Scheduler:
         bt = self.pool.new_table()
         for p in hits:
             self.pool.share(bt, p)
+        if partial:  # (a cached page: counted in can_allocate's available pages)
+            self.pool.claim(bt, partial)
+            need -= 1
+            self.num_partial_hit_tokens += n_partial
         self.pool.allocate(bt, need)
         r.state = fsm.start_prefill(r.state, bt, wb)
-        r.num_computed = r.num_confirmed = len(hits) * ps
+        r.num_computed = r.num_confirmed = len(hits) * ps + n_partial
         r.num_published = len(hits)
         if r.num_cached_tokens < 0:
-            r.num_cached_tokens = len(hits) * ps
+            r.num_cached_tokens = len(hits) * ps + n_partial
         return True
 
     def _schedule_prefill(
@@ -647,10 +707,15 @@ class Scheduler:
         s = r.state
         assert not isinstance(s, fsm.Finished)
         r.state, bt, wb = fsm.finish(s, reason)
+        g = self._group(r)
         if bt is not None:
-            self.pool.release(bt, self._fence())
+            self._publish_partial(r, bt)
+            self.pool.release(bt, self._fence(), g)
         if wb is not None and self.wpool is not None:
-            self.wpool.release(wb, self._fence())
+            self.wpool.release(wb, self._fence(), g)
+        if self.retention is not None and r.spec.session_key is not None:
+            self.retention.turn_ended(r.spec.session_key, self.now)
+            self.retention.prune(self.now, self.pool.groups())
         if r in self._running:
             self._running.remove(r)
         else:

@@ -10,6 +10,8 @@ is the plain sequence. Both produce the same tokens.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -78,10 +80,14 @@ class EngineCore:
         self.num_spec_disabled_structured = 0
         # Grammar masks are filled during the forward where steps overlap planning.
         runner.grammar.overlap = bool(cfg.scheduling.overlap)
+        # The scheduler's time (session retention): read before each input and step. Under
+        # TP the engine-core process replaces it with rank 0's time for the step, sent along.
+        self.clock: Callable[[], float] = time.monotonic
 
     def add_request(self, spec: RequestSpec, params: SamplingParams | None = None) -> None:
         """Queue a request (params, if given, replace spec.params). One that can never be
         served (RequestRejected) ends with an ERROR update from the next step() instead."""
+        self.scheduler.now = self.clock()
         params = spec.params if params is None else params
         speculate = bool(self.cfg.scheduling.num_speculative_tokens and speculation_exact(params))
         if params.structured_outputs is not None:
@@ -102,6 +108,7 @@ class EngineCore:
             self._rejected.append(RequestUpdate(spec.request_id, (), FinishReason.ERROR, 0, str(e)))
 
     def abort(self, request_id: str) -> None:
+        self.scheduler.now = self.clock()
         self.scheduler.abort(request_id)
         self.runner.drop_matcher(request_id)
 
@@ -117,6 +124,7 @@ class EngineCore:
         return self._step()
 
     def _step(self) -> list[RequestUpdate]:
+        self.scheduler.now = self.clock()
         if not self.cfg.scheduling.overlap:
             plan = self.scheduler.next_plan()
             if plan.empty:

@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -67,6 +68,8 @@ class _Core:
 
     def __init__(self, engine: EngineCore) -> None:
         self.engine = engine
+        self.now = 0.0  # this iteration's time: rank 0's clock, sent to the workers
+        engine.clock = lambda: self.now
 
     def apply(self, msgs: Sequence[EngineInput]) -> bool:
         """Apply inputs; False once a Shutdown was among them."""
@@ -99,6 +102,7 @@ class _Core:
             num_spec_disabled_structured=self.engine.num_spec_disabled_structured,
             num_structured_requests=self.engine.structured.hits + self.engine.structured.misses,
             num_grammar_cache_hits=self.engine.structured.hits,
+            num_partial_hit_tokens=s.num_partial_hit_tokens, kv_evictions=s.pool.evictions,
         )
 
 
@@ -169,8 +173,9 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig) -> int:
                     log.warning("frontend process is gone; engine exits")
                     break
                 continue
+            core.now = time.monotonic()
             if worker_socks:
-                buf = enc.encode(StepInputs(msgs))
+                buf = enc.encode(StepInputs(msgs, core.now))
                 for s in worker_socks:
                     s.send(buf)
             running = core.apply(msgs)
@@ -208,7 +213,9 @@ def run_worker(args: argparse.Namespace, cfg: EngineConfig) -> int:
         while True:
             if not inp.poll(1000):
                 continue
-            if not core.apply(dec.decode(inp.recv()).inputs):
+            si = dec.decode(inp.recv())
+            core.now = si.now
+            if not core.apply(si.inputs):
                 break
             core.step()
     finally:

@@ -56,6 +56,8 @@ class LLM:
         adaptive_drafts: bool = True,
         disable_hybrid_kv_cache_manager: bool = False,
         structured_output_backend: str = "auto",
+        session_retention: bool = True,
+        partial_page_reuse: bool = True,
     ) -> None:
         """Keywords build the EngineConfig (vLLM's names); engine_config, if given, is the
         whole config instead (as `agentspeed generate` builds it from its flags)."""
@@ -71,7 +73,9 @@ class LLM:
                               hybrid_kv=not disable_hybrid_kv_cache_manager),
             kernels=KernelConfig.from_spec(kernel_backend),
             scheduling=SchedulingConfig(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap,
-                                        num_speculative_tokens, ngram_max, ngram_min, adaptive_drafts),
+                                        num_speculative_tokens, ngram_max, ngram_min, adaptive_drafts,
+                                        session_retention=session_retention,
+                                        partial_page_reuse=partial_page_reuse),
             structured_output_backend=structured_output_backend,
         )
         if cfg.parallel.tp > 1 and engine_config is None:

@@ -36,9 +36,11 @@ EngineInput = AddRequest | AbortRequests | Shutdown | FlushCache
 class StepInputs(msgspec.Struct, tag=True, frozen=True):
     """Engine core -> TP worker: apply these inputs, then step if there is work. Every rank
     runs the same deterministic scheduler, so replaying the inputs at the same step
-    boundaries keeps all ranks' plans identical (SPMD)."""
+    boundaries keeps all ranks' plans identical (SPMD). now: rank 0's clock for them (the
+    scheduler's time, control/retention.py), so no rank reads its own."""
 
     inputs: list[EngineInput]
+    now: float = 0.0
 
 
 # ---- engine core -> frontend ------------------------------------------------------------
@@ -56,6 +58,8 @@ class EngineStats(msgspec.Struct, frozen=True, gc=False):
     num_spec_disabled_structured: int = 0  # constrained requests that decoded without drafts
     num_structured_requests: int = 0  # constrained requests admitted, since start
     num_grammar_cache_hits: int = 0  # of those, whose grammar was already compiled
+    num_partial_hit_tokens: int = 0  # prompt tokens reused from partly filled pages, since start
+    kv_evictions: int = 0  # cached prefix pages evicted, since start
 
 
 class EngineReady(msgspec.Struct, tag=True, frozen=True):

@@ -58,6 +58,9 @@ class _EngineCollector(Collector):
             ("structured_output_requests", "Requests with a decoding constraint", s.num_structured_requests),
             ("structured_output_grammar_cache_hits", "Constrained requests whose grammar was cached",
              s.num_grammar_cache_hits),
+            ("prefix_cache_partial_page_hit_tokens", "Prompt tokens reused from partly filled KV pages "
+             "(a previous turn's last page)", s.num_partial_hit_tokens),
+            ("kv_cache_evictions", "Cached prefix pages evicted from the KV pool", s.kv_evictions),
         ):
             c = CounterMetricFamily(f"agentspeed:{name}", doc, labels=labels)
             c.add_metric([self._model], v)

@@ -1,0 +1,102 @@
+"""Session-aware KV under memory pressure: more agent sessions in flight than the KV pool holds.
+
+    .venv/bin/python benchmarks/serving/bench_sessions.py [--concurrency 24] [--pool-memory 400MiB]
+        [--delay-scale 1] [--output docs/results/sessions.json]
+
+Replays the trie workload (`agentspeed bench`, token ids, tool latencies honoured times
+`--delay-scale`) against one `agentspeed serve` of the default model, restarted per config,
+one config after another on this machine:
+  unlimited      a pool that holds every session (the reference hit rate);
+  lru            `--pool-memory`, plain LRU, whole pages only;
+  retention      the same pool, session retention;
+  retention+partial  the same, and partial last pages reused (the default engine).
+Prints eligible hit rate (and as a share of unlimited's), useful tok/s (and as a multiple of
+lru's), evictions and partial-page hit tokens from /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gateway import PY, TRIE, _start, _stop
+
+CONFIGS = {
+    "unlimited": ["--kv-cache-memory", "{big}", "--no-session-retention", "--no-partial-page-reuse"],
+    "lru": ["--kv-cache-memory", "{pool}", "--no-session-retention", "--no-partial-page-reuse"],
+    "retention": ["--kv-cache-memory", "{pool}", "--no-partial-page-reuse"],
+    "retention+partial": ["--kv-cache-memory", "{pool}"],
+}
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"agentspeed:{name}") and not line.startswith("#"):
+            return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default=str(TRIE))
+    ap.add_argument("--concurrency", type=int, default=24)
+    ap.add_argument("--num-sessions", type=int, default=24)
+    ap.add_argument("--max-turns", type=int, default=6)
+    ap.add_argument("--scale", type=float, default=8.0)
+    ap.add_argument("--delay-scale", type=float, default=1.0)
+    ap.add_argument("--pool-memory", default="400MiB", help="the constrained pool (--kv-cache-memory)")
+    ap.add_argument("--big-memory", default="6GiB", help="the unlimited run's pool")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--port", type=int, default=18431)
+    ap.add_argument("--output", default=None)
+    args = ap.parse_args()
+    url = f"http://127.0.0.1:{args.port}"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs.split(","):
+            flags = [f.format(pool=args.pool_memory, big=args.big_memory) for f in CONFIGS[name]]
+            cmd = [PY, "-m", "agentspeed.cli", "serve", "--port", str(args.port), "--max-num-seqs",
+                   str(args.concurrency), *flags]
+            print("$", " ".join(cmd), flush=True)
+            proc = _start(cmd, f"{url}/health", Path(tmp) / f"{name}.log")
+            try:
+                pages = _metric(httpx.get(f"{url}/metrics").text, "kv_pages_total")
+                out = Path(tmp) / f"{name}.json"
+                bench = [PY, "-m", "agentspeed.cli", "bench", "--endpoint", f"{name}={url}", "--workload",
+                         args.workload, "--scale", str(args.scale), "--max-context", "8192", "--max-turns",
+                         str(args.max_turns), "--num-sessions", str(args.num_sessions), "--concurrency",
+                         str(args.concurrency), "--delay-scale", str(args.delay_scale), "--output", str(out)]
+                print("$", " ".join(bench), flush=True)
+                subprocess.run(bench, check=True)
+                m = httpx.get(f"{url}/metrics").text
+                row = json.loads(out.read_text())["results"][0]
+                row.update(config=name, kv_pages_total=pages,
+                           evictions=_metric(m, "kv_cache_evictions_total"),
+                           partial_hit_tokens=_metric(m, "prefix_cache_partial_page_hit_tokens_total"),
+                           preemptions=_metric(m, "num_preemptions_total"))
+                rows.append(row)
+            finally:
+                _stop(proc)
+    ref = next((r for r in rows if r["config"] == "unlimited"), None)
+    lru = next((r for r in rows if r["config"] == "lru"), None)
+    print(f"\n{'config':<18} {'pages':>6} {'hit rate':>9} {'of unl.':>8} {'useful tok/s':>13} {'x lru':>6} "
+          f"{'wall s':>7} {'evictions':>9} {'partial tok':>11}")
+    for r in rows:
+        share = r["eligible_hit_rate"] / ref["eligible_hit_rate"] if ref else float("nan")
+        gain = r["useful_tok_s"] / lru["useful_tok_s"] if lru else float("nan")
+        print(f"{r['config']:<18} {r['kv_pages_total']:>6.0f} {r['eligible_hit_rate'] * 100:>8.1f}% "
+              f"{share * 100:>7.1f}% {r['useful_tok_s']:>13.1f} {gain:>6.2f} {r['wall_s']:>7.0f} "
+              f"{r['evictions']:>9.0f} {r['partial_hit_tokens']:>11.0f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"command": " ".join(sys.argv), "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
