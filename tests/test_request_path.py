@@ -74,6 +74,21 @@ def test_cache_salt_partitions_the_prefix_cache() -> None:
     assert sched.num_cached_tokens("a2") == 28
 
 
+def test_cache_salt_partitions_partial_pages() -> None:
+    sched = Scheduler(SchedulerConfig(num_pages=64, page_size=4))
+    sched.submit(RequestSpec("a", (1, 2), 2, cache_salt="tenant-a"))  # KV for 3 tokens: one partial page
+    _finish(sched)
+    sched.submit(RequestSpec("b", (1, 2, 5, 9), 1, cache_salt="tenant-b"))
+    sched.submit(RequestSpec("c", (1, 2, 5, 9), 1))
+    p = sched.next_plan()
+    assert sched.num_cached_tokens("b") == 0 and sched.num_cached_tokens("c") == 0
+    sched.advance(StepResult(p.step_id, {c.request_id: 5 for c in p.chunks if c.sample}))
+    _finish(sched)
+    sched.submit(RequestSpec("a2", (1, 2, 5, 9), 1, cache_salt="tenant-a"))
+    sched.next_plan()
+    assert sched.num_cached_tokens("a2") == 3
+
+
 def test_priority_orders_waiting_requests_under_a_full_batch() -> None:
     sched = Scheduler(SchedulerConfig(num_pages=64, page_size=4, max_num_seqs=1))
     sched.submit(RequestSpec("running", (1, 2, 3), 3))

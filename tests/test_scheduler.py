@@ -462,7 +462,11 @@ def test_sessions_idle_past_the_cap_go_first() -> None:
     r.turn_started("back_late", 190.0)  # gap 10 s: retained for 20, expected back at 191 + 10
     r.turn_ended("back_late", 191.0)
     now = 198.5
-    order = r.eviction_order(["live", "back_soon", None, "lapsed", "old", "back_late"], now)
-    # idle past the cap; no session; lapsed (idle 98.5 s > 2 x 10 s); retained, latest back first; live
-    assert order == ["old", None, "lapsed", "back_late", "back_soon", "live"]
+    r.turn_started("queued_late", 100.0)
+    r.turn_ended("queued_late", 150.0)
+    r.turn_started("queued_late", 151.0)  # queued behind "live" (its last turn ended earlier)
+    order = r.eviction_order(["live", "back_soon", None, "queued_late", "lapsed", "old", "back_late"], now)
+    # idle past the cap; no session; lapsed (idle 98.5 s > 2 x 10 s); retained, latest back first;
+    # live, the one admitted last first
+    assert order == ["old", None, "lapsed", "back_late", "back_soon", "queued_late", "live"]
     assert r.sessions["back_soon"].gap == 4.0 and r.sessions["lapsed"].gap == 10.0

@@ -77,6 +77,19 @@ def test_second_turn_hits_the_prefix_cache(client: openai.OpenAI) -> None:
     assert cached > 0
 
 
+def test_next_turn_reuses_the_last_partial_page(client: openai.OpenAI) -> None:
+    prompt = list(range(1000, 1021))  # 21 tokens: turn 1's KV ends inside a 16-token page
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                      extra_body={"return_token_ids": True, "ignore_eos": True},
+                                      extra_headers={"X-Session-Id": "partial-1"})
+    out = first.choices[0].model_extra["token_ids"]
+    assert len(out) == 6
+    second = client.completions.create(model=MODEL, prompt=prompt + out + [1100, 1101], max_tokens=2,
+                                       temperature=0, extra_headers={"X-Session-Id": "partial-1"})
+    # turn 1 left KV for its prompt and answer but the last sampled token: 26 tokens, not 16
+    assert second.usage.prompt_tokens_details.cached_tokens == len(prompt) + len(out) - 1
+
+
 def test_completions_shapes(client: openai.OpenAI) -> None:
     one = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0)
     assert len(one.choices) == 1 and one.choices[0].text and one.usage.completion_tokens == 6

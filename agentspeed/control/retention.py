@@ -17,8 +17,9 @@ Contract (the page pool asks `eviction_order`; the scheduler reports turns):
       2. pages without a session (group None), LRU;
       3. sessions idle past their retention but not cap_s, longest idle first;
       4. retained sessions, the one expected back latest first (Belady's choice, on estimates);
-      5. sessions with a turn queued or running (their cached pages are the newest context
-         of a request that is about to read them, e.g. after a preemption), last.
+      5. sessions with a turn queued or running, last: their cached pages are the context of
+         a turn about to read them. Among them the one whose last turn ended most recently
+         goes first: turns are admitted in arrival order, so it is the one admitted last.
   - Time is an input (the `now` arguments), never read from a clock here: under tensor
     parallelism every rank runs the same scheduler, so rank 0's clock travels with the inputs.
   - Records of sessions idle past cap_s with no cached pages are dropped once more than
@@ -85,7 +86,7 @@ class SessionRetention:
                 continue
             idle = now - s.last_end
             if s.live:
-                ranked.append((4, -idle, g))
+                ranked.append((4, idle, g))
             elif idle > self.cap_s:
                 ranked.append((0, -idle, g))
             elif idle > self.retention_s(s):

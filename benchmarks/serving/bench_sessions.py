@@ -67,7 +67,6 @@ def main() -> None:
             print("$", " ".join(cmd), flush=True)
             proc = _start(cmd, f"{url}/health", Path(tmp) / f"{name}.log")
             try:
-                pages = _metric(httpx.get(f"{url}/metrics").text, "kv_pages_total")
                 out = Path(tmp) / f"{name}.json"
                 bench = [PY, "-m", "agentspeed.cli", "bench", "--endpoint", f"{name}={url}", "--workload",
                          args.workload, "--scale", str(args.scale), "--max-context", "8192", "--max-turns",
@@ -77,7 +76,7 @@ def main() -> None:
                 subprocess.run(bench, check=True)
                 m = httpx.get(f"{url}/metrics").text
                 row = json.loads(out.read_text())["results"][0]
-                row.update(config=name, kv_pages_total=pages,
+                row.update(config=name, kv_pages_total=_metric(m, "kv_pages_total"),
                            evictions=_metric(m, "kv_cache_evictions_total"),
                            partial_hit_tokens=_metric(m, "prefix_cache_partial_page_hit_tokens_total"),
                            preemptions=_metric(m, "num_preemptions_total"))
