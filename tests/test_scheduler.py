@@ -470,3 +470,14 @@ def test_sessions_idle_past_the_cap_go_first() -> None:
     # live, the one admitted last first
     assert order == ["old", None, "lapsed", "back_late", "back_soon", "queued_late", "live"]
     assert r.sessions["back_soon"].gap == 4.0 and r.sessions["lapsed"].gap == 10.0
+
+
+def test_retention_forgets_long_idle_sessions_without_pages() -> None:
+    from agentspeed.control.retention import SessionRetention
+
+    r = SessionRetention(cap_s=10.0, max_sessions=2)
+    for i, key in enumerate(("a", "b", "c")):
+        r.turn_started(key, float(i))
+        r.turn_ended(key, float(i))
+    r.prune(100.0, lambda: ["b"])  # b still holds cached pages
+    assert set(r.sessions) == {"b"}

@@ -28,7 +28,7 @@ Contract (the page pool asks `eviction_order`; the scheduler reports turns):
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 ALPHA = 0.5  # weight of the newest gap: tool latencies within one session vary by 10x and more
@@ -96,10 +96,12 @@ class SessionRetention:
         ranked.sort(key=lambda t: (t[0], t[1]))
         return [g for _, _, g in ranked]
 
-    def prune(self, now: float, has_pages: Collection[str | None]) -> None:
-        """Forget sessions idle past cap_s that hold no cached pages, when too many are kept."""
+    def prune(self, now: float, groups: Callable[[], Collection[str | None]]) -> None:
+        """Forget sessions idle past cap_s that hold no cached pages (`groups()`: those that
+        do), when too many are kept."""
         if len(self.sessions) <= self.max_sessions:
             return
+        has_pages = set(groups())
         for key in [k for k, s in self.sessions.items()
                     if not s.live and now - s.last_end > self.cap_s and k not in has_pages]:
             del self.sessions[key]

@@ -715,7 +715,7 @@ class Scheduler:
             self.wpool.release(wb, self._fence(), g)
         if self.retention is not None and r.spec.session_key is not None:
             self.retention.turn_ended(r.spec.session_key, self.now)
-            self.retention.prune(self.now, self.pool.groups())
+            self.retention.prune(self.now, self.pool.groups)
         if r in self._running:
             self._running.remove(r)
         else:
