@@ -15,6 +15,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -216,13 +217,24 @@ def test_kv_events_follow_the_prefix_cache(worker: Worker) -> None:
     t.start()
     ids = _prompt(worker, "A fresh prompt for the event stream: " + "tell me about owls " * 6)
     _generate(worker, _request(ids, temperature=0.0, max_new_tokens=4, ignore_eos=True))
-    worker.stub.FlushCache(common_pb2.FlushCacheRequest(timeout_s=10))
-    time.sleep(1.5)
+    flushed = worker.stub.FlushCache(common_pb2.FlushCacheRequest(timeout_s=30))
+    assert flushed.success, flushed.message
+
+    def events(kind: str) -> list[Any]:
+        return [getattr(e, kind) for b in list(got) for e in b.events if e.WhichOneof("data") == kind]
+
+    deadline = time.monotonic() + 20  # (a loaded machine: the flush's events come a step later)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        stored_hashes = {b.block_hash for s in events("stored") for b in s.blocks}
+        if stored_hashes and stored_hashes <= {h for r in events("removed") for h in r.block_hashes}:
+            break
+    time.sleep(1.0)  # two heartbeats at least
     sub.cancel()
     t.join(5)
     assert got and got[0].load.load_only and got[0].sequence_number == 0  # load record first
-    stored = [e.stored for b in got for e in b.events if e.WhichOneof("data") == "stored"]
-    removed = {h for b in got for e in b.events if e.WhichOneof("data") == "removed" for h in e.removed.block_hashes}
+    stored = events("stored")
+    removed = {h for r in events("removed") for h in r.block_hashes}
     # this prompt's full pages: following parent hashes back from its last full page gives
     # exactly its tokens (earlier pages may have been stored by an earlier request)
     parent: dict[int, int | None] = {}
