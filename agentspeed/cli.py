@@ -71,6 +71,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-partial-page-reuse", dest="partial_page_reuse", action="store_false",
                    help="reuse cached KV only in whole pages (default: a finished turn's last, partly "
                         "filled page is reused by the next turn, to the token)")
+    g.add_argument("--kv-offload-memory", type=_parse_bytes, default=None, metavar="SIZE",
+                   help="a host tier below the KV pool, SIZE bytes per rank (e.g. 8GiB): full prefix pages the "
+                        "pool evicts are copied there, and a later prefix hit loads them back instead of "
+                        "recomputing them (default: no tier)")
+    g.add_argument("--kv-offload-dtype", default="auto", choices=["auto", "exact", "int8"],
+                   help="the tier's form: exact (the cache's values, bit for bit) or int8 (one scale per "
+                        "token and head: a quarter of an fp32 cache's bytes, error <= max|row|/254); "
+                        "auto: int8 on CPU (where the tier shares the pool's memory), exact on GPUs")
     g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                    help="models with sliding-window layers (Gemma 3, GPT-OSS, Mistral): keep every "
                         "layer's KV for the whole context in one pool (default: the window layers "
@@ -110,7 +118,8 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
         cache=CacheConfig(page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_dtype=args.kv_cache_dtype,
-                          hybrid_kv=not args.disable_hybrid_kv_cache_manager),
+                          hybrid_kv=not args.disable_hybrid_kv_cache_manager,
+                          kv_offload_memory=args.kv_offload_memory, kv_offload_dtype=args.kv_offload_dtype),
         kernels=KernelConfig.from_spec(args.kernel_backend),
         scheduling=SchedulingConfig(
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,

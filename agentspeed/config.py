@@ -172,8 +172,16 @@ class CacheConfig:
     # back). window_num_pages sizes that pool (default: execution/kv_cache.py's split).
     hybrid_kv: bool = True
     window_num_pages: int | None = None
+    # A host tier below the pool (execution/kv_tier.py): bytes per rank (None: no tier), and
+    # its form: auto (int8 on CPU for float caches, exact on GPUs) | exact | int8.
+    kv_offload_memory: int | None = None
+    kv_offload_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_offload_dtype not in ("auto", "exact", "int8"):
+            raise ConfigError(f"kv offload dtype must be auto, exact or int8, got {self.kv_offload_dtype!r}")
+        if self.kv_offload_memory is not None and self.kv_offload_memory <= 0:
+            raise ConfigError(f"kv offload memory must be positive, got {self.kv_offload_memory}")
         if self.page_size < 1:
             raise ConfigError(f"page size must be >= 1, got {self.page_size}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

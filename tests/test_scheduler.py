@@ -24,7 +24,8 @@ from agentspeed.control.scheduler import RequestRejected, Scheduler, SchedulerCo
 EOS = 0
 # What the stateful runs exercised (checked by test_stateful_run_exercised_pressure).
 COVERAGE = {"preemptions": 0, "evictions": 0, "overlapped_plans": 0, "prefix_hits": 0, "window_drops": 0,
-            "window_prefix_hits": 0, "window_preemptions": 0, "partial_claims": 0, "session_groups": 0}
+            "window_prefix_hits": 0, "window_preemptions": 0, "partial_claims": 0, "session_groups": 0,
+            "tier_stores": 0, "tier_loads": 0}
 
 
 def written_pages(plan: ExecutionPlan, pages: list[tuple[int, ...]], page_size: int) -> dict[int, str]:
@@ -44,13 +45,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     included)."""
 
     WINDOW: int | None = None
+    TIER = 0  # host-tier slots
 
     def __init__(self) -> None:
         super().__init__()
         self.ps = 4
         self.sched = Scheduler(SchedulerConfig(num_pages=12, page_size=self.ps, max_num_batched_tokens=16,
                                                max_num_seqs=4, max_model_len=40, window=self.WINDOW,
-                                               window_num_pages=11 if self.WINDOW else 0, kv_events=True))
+                                               window_num_pages=11 if self.WINDOW else 0, kv_events=True,
+                                               tier_slots=self.TIER))
         self.reported: set[bytes] = set()  # the prefix index as the KV events describe it
         self.wpages: dict[int, list[tuple[int, ...]]] = {}
         self.rng = random.Random(0)
@@ -65,6 +68,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.session_of: dict[str, str | None] = {}
         self.done: list[str] = []  # finished (not aborted) requests, for follow-up turns
         self.slots: dict[int, list[tuple[str, int] | int | None]] = {}  # page -> what each slot holds
+        self.tier_slots: dict[int, list[tuple[str, int] | int | None]] = {}  # tier slot -> the same
         self.partial_seen = 0
 
     def _submit(self, rid: str, prompt: list[int], max_tokens: int, session: str | None) -> None:
@@ -135,6 +139,13 @@ class SchedulerMachine(RuleBasedStateMachine):
                 first = max(0, c.start - self.WINDOW + 1)
                 assert all(row[i] for i in range(first // self.ps, (c.start + len(c.token_ids) - 1) // self.ps + 1))
                 COVERAGE["window_drops"] += not row[0]
+        # The execution plane's tier copies: stores, then loads, then the forward.
+        for page, slot in plan.kv_stores:
+            self.tier_slots[slot] = list(self.slots.get(page, [None] * self.ps))
+        for slot, page in plan.kv_loads:
+            self.slots[page] = list(self.tier_slots[slot])
+        COVERAGE["tier_stores"] += len(plan.kv_stores)
+        COVERAGE["tier_loads"] += len(plan.kv_loads)
         for c, row in zip(plan.chunks, pages):
             self._check_reads(c.request_id, c.start, row)
             for i, t in enumerate(c.token_ids):  # what the step writes
@@ -221,6 +232,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             if pool is not None:
                 assert pool.num_available() == pool.num_usable
                 pool.check_invariants()
+        if self.sched.tier is not None:  # no load left waiting
+            assert not any(self.sched.tier.pins)
 
 
 class WindowSchedulerMachine(SchedulerMachine):
@@ -229,9 +242,20 @@ class WindowSchedulerMachine(SchedulerMachine):
     WINDOW = 6
 
 
+class TierSchedulerMachine(SchedulerMachine):
+    """The same with a host tier of 6 pages below the pool: evicted pages are copied there
+    and prefix misses load them back (the reads check covers the copies)."""
+
+    TIER = 6
+
+
 TestSchedulerStateful = SchedulerMachine.TestCase
 TestSchedulerStateful.settings = settings(
     max_examples=150, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
+)
+TestTierSchedulerStateful = TierSchedulerMachine.TestCase
+TestTierSchedulerStateful.settings = settings(
+    max_examples=100, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
 )
 TestWindowSchedulerStateful = WindowSchedulerMachine.TestCase
 TestWindowSchedulerStateful.settings = settings(

@@ -80,6 +80,9 @@ class PagePool:
         self._partial_of: dict[int, PageKey] = {}  # partial page -> its parent key
         # the groups' eviction order (control/retention.py); None: group None first, then by age
         self.eviction_order: Callable[[Collection[str | None]], list[str | None]] | None = None
+        # told of every full page evicted (page, key) while its KV is still intact: the
+        # scheduler copies it to the host tier (control/tier.py)
+        self.on_evict: Callable[[int, PageKey], None] | None = None
         self._fences: dict[int, list[int]] = {}  # step id -> pages held for it
         self._tables: set[BlockTable] = set()  # live handles, for check_invariants
         self.state[0] = PageState.OWNED  # the null page is permanently taken
@@ -225,6 +228,8 @@ class PagePool:
         assert h is not None
         del self._index[h]
         self.page_hash[p] = None
+        if self.on_evict is not None:
+            self.on_evict(p, h)
         if self.events.enabled:
             self.events.removed(h)
 
@@ -284,10 +289,14 @@ class PagePool:
                 best, best_n = page, n
         return best, best_n
 
+    def claimable(self, page: int) -> bool:
+        """A cached partial page (claim would take it)."""
+        return self.state[page] == PageState.CACHED and page in self._partial_of
+
     def claim(self, bt: BlockTable, page: int) -> None:
         """Append a cached partial page to bt as an owned page: bt's request keeps its leading
         tokens' KV and overwrites the rest (no copy: a cached page has no other holder)."""
-        if self.state[page] != PageState.CACHED or page not in self._partial_of:
+        if not self.claimable(page):
             raise InvariantViolation(f"claim of page {page} in state {self.state[page].name}")
         self._uncache(page)
         self._unindex_partial(page)

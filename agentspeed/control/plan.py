@@ -101,12 +101,18 @@ class ExecutionPlan(msgspec.Struct, frozen=True):
     new_requests: requests whose first chunk is in this plan (before it runs, execution
     registers them). released: requests that finished before this plan was made, whose
     execution-side state is dropped before it runs (so a released id may be registered
-    again by the same plan). The scheduler keeps releases for its next non-empty plan."""
+    again by the same plan). The scheduler keeps releases for its next non-empty plan.
+    kv_stores (device page, tier slot): copy these evicted pages' KV to the host tier; then
+    kv_loads (tier slot, device page): copy these slots' KV into fresh pages; both before the
+    forward (control/tier.py): a page this plan's allocations evicted may be written by its
+    forward, and a loaded page is read by it."""
 
     step_id: int
     chunks: tuple[ScheduledChunk, ...]
     released: tuple[str, ...] = ()
     new_requests: tuple[NewRequest, ...] = ()
+    kv_stores: tuple[tuple[int, int], ...] = ()
+    kv_loads: tuple[tuple[int, int], ...] = ()
 
     @property
     def empty(self) -> bool:

@@ -36,6 +36,13 @@ findable (PagePool.publish_partial); a later request whose tokens continue the s
 takes that page over at admission and starts computing after the tokens it matches, so a
 turn re-sent with the previous turn's output reuses it to the token, not just to the last
 full page. Not for hybrid models (their window pool would need the same page too).
+
+Host tier (control/tier.py, tier_slots > 0): a full page the pool evicts is copied to a
+slot of a bounded host tier (the plan's kv_stores, run before its forward), and a prefix
+that misses in the pool continues in the tier: admission takes fresh pages for the run of
+pages found there and the plan loads them (kv_loads) instead of recomputing them. A
+preempted request's pages follow the same path, so it resumes by loading what was evicted
+while it waited (a swap) rather than recomputing it.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from agentspeed.control.plan import (
 )
 from agentspeed.control.prefix_cache import PageKey, chain_hash, extend_hashes
 from agentspeed.control.retention import SessionRetention
+from agentspeed.control.tier import TierIndex
 from agentspeed.errors import AgentspeedError
 
 
@@ -82,13 +90,14 @@ class SchedulerConfig(SchedulingConfig):
     max_model_len: int = 8192
     window: int | None = None  # the sliding window of a hybrid model's window layers (tokens)
     window_num_pages: int = 0  # pages in the window layers' pool (with window)
+    tier_slots: int = 0  # pages the host KV tier holds (0: no tier)
 
     @staticmethod
     def of(s: SchedulingConfig, *, num_pages: int, page_size: int, max_model_len: int,
-           window: int | None = None, window_num_pages: int = 0) -> SchedulerConfig:
+           window: int | None = None, window_num_pages: int = 0, tier_slots: int = 0) -> SchedulerConfig:
         fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(SchedulingConfig)}
         return SchedulerConfig(**fields, num_pages=num_pages, page_size=page_size, max_model_len=max_model_len,
-                               window=window, window_num_pages=window_num_pages)
+                               window=window, window_num_pages=window_num_pages, tier_slots=tier_slots)
 
 
 _RUNNING = (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding)
@@ -163,6 +172,15 @@ class Scheduler:
                     pool.eviction_order = self._eviction_order
         self._partial_pages = cfg.partial_page_reuse and cfg.enable_prefix_caching and self.wpool is None
         self.num_partial_hit_tokens = 0  # prompt tokens reused from partial pages, since start
+        if cfg.tier_slots and (self.wpool is not None or not cfg.enable_prefix_caching):
+            raise ValueError("a host KV tier needs the prefix cache and a model without a sliding-window pool")
+        self.tier = TierIndex(cfg.tier_slots) if cfg.tier_slots else None
+        self._stores: list[tuple[int, int]] = []  # (page, slot) copies for the next plan
+        self._loads: list[tuple[int, int]] = []  # (slot, page) copies for the plan being built
+        self._planning = -1  # the step id of the plan being built
+        if self.tier is not None:
+            self.pool.on_evict = self._offload
+        self.num_tier_hit_tokens = 0  # prompt tokens loaded back from the host tier, since start
 
     # ---- public interface ---------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> None:
@@ -216,7 +234,7 @@ class Scheduler:
     def next_plan(self) -> ExecutionPlan:
         if len(self._unadvanced) > 1:
             raise InvariantViolation("next_plan() with two steps un-advanced: overlap depth is 1")
-        step_id = next(self._step_ids)
+        step_id = self._planning = next(self._step_ids)
         budget = self.cfg.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
@@ -278,10 +296,14 @@ class Scheduler:
                 # Prefills wait for window pages that only other running prefills hold and
                 # nothing in flight will give back: the newest makes room (it is re-queued).
                 self._preempt(self._running[-1])
+            if self._loads:  # (an admission always schedules a chunk when there is a tier)
+                raise InvariantViolation("tier loads planned in an empty plan")
             return ExecutionPlan(step_id, ())
         released, self._released = tuple(self._released), []
         new, self._new = tuple(self._new), []
-        plan = ExecutionPlan(step_id, tuple(chunks), released, new)
+        stores, self._stores = tuple(self._stores), []
+        loads, self._loads = tuple(self._loads), []
+        plan = ExecutionPlan(step_id, tuple(chunks), released, new, stores, loads)
         self._unadvanced.append(plan)
         return plan
 
@@ -350,6 +372,8 @@ class Scheduler:
         self.pool.clear_fence(plan.step_id)
         if self.wpool is not None:
             self.wpool.clear_fence(plan.step_id)
+        if self.tier is not None:
+            self.tier.clear_fence(plan.step_id)
         return updates
 
     def advance_idle(self) -> list[RequestUpdate]:
@@ -365,6 +389,14 @@ class Scheduler:
     def _eviction_order(self, groups: Collection[str | None]) -> list[str | None]:
         assert self.retention is not None
         return self.retention.eviction_order(groups, self.now)
+
+    def _offload(self, page: int, key: PageKey) -> None:
+        """The pool is evicting a full page: copy it to the tier (before the plan's forward,
+        which may write the page) unless the tier holds it already."""
+        assert self.tier is not None
+        slot = self.tier.store(key)
+        if slot is not None:
+            self._stores.append((page, slot))
 
     def _group(self, r: _Request) -> str | None:
         """The cached-page group r's pages join when it gives them back."""
@@ -590,11 +622,19 @@ class Scheduler:
         if wpool is not None and hits:
             n, whits = self._window_hits(r, len(hits))
             del hits[n:]
+        loads: list[int] = []  # tier slots of the pages after the device hits
+        if self.tier is not None:
+            for h in r.hashes[len(hits) : (r.num_tokens - 1) // ps]:
+                slot = self.tier.lookup(h)
+                if slot is None:
+                    break
+                loads.append(slot)
+        n_hit = len(hits) + len(loads)
         partial, n_partial = 0, 0
-        if self._partial_pages and r.num_tokens - 1 > len(hits) * ps:
-            lo = len(hits) * ps
+        if self._partial_pages and r.num_tokens - 1 > n_hit * ps:
+            lo = n_hit * ps
             partial, n_partial = self.pool.match_partial(
-                self._partial_parent(r, len(hits)), r.tokens[lo : min(lo + ps, r.num_tokens - 1)])
+                self._partial_parent(r, n_hit), r.tokens[lo : min(lo + ps, r.num_tokens - 1)])
         cached_hits = sum(1 for p in hits if self.pool.state[p] == PageState.CACHED)
         need = self._pages_for(r.num_tokens) - len(hits)
         if not self.pool.can_allocate(need + cached_hits):
@@ -611,16 +651,27 @@ class Scheduler:
         bt = self.pool.new_table()
         for p in hits:
             self.pool.share(bt, p)
+        if loads:
+            assert self.tier is not None
+            self.pool.allocate(bt, len(loads))
+            for slot, page in zip(loads, bt.pages[len(hits) :], strict=True):
+                self.tier.pin(slot, self._planning)
+                self._loads.append((slot, page))
+            need -= len(loads)
+            self.num_tier_hit_tokens += len(loads) * ps
+            if partial and not self.pool.claimable(partial):  # those allocations evicted it
+                partial, n_partial = 0, 0
         if partial:  # (a cached page: counted in can_allocate's available pages)
             self.pool.claim(bt, partial)
             need -= 1
             self.num_partial_hit_tokens += n_partial
         self.pool.allocate(bt, need)
         r.state = fsm.start_prefill(r.state, bt, wb)
-        r.num_computed = r.num_confirmed = len(hits) * ps + n_partial
+        # (loaded pages are published, like computed ones, once the step loading them is advanced)
+        r.num_computed = r.num_confirmed = n_hit * ps + n_partial
         r.num_published = len(hits)
         if r.num_cached_tokens < 0:
-            r.num_cached_tokens = len(hits) * ps + n_partial
+            r.num_cached_tokens = n_hit * ps + n_partial
         return True
 
     def _schedule_prefill(
@@ -688,12 +739,17 @@ class Scheduler:
         self.kv_events.stored(r.hashes[lo:hi], r.hashes[lo - 1] if lo else None, r.tokens[lo * ps : hi * ps], ps)
 
     def flush_cache(self) -> int:
-        """Evict every cached (unused) prefix page, in both pools; pages that live requests
-        hold stay. Returns the number of full-attention pages evicted."""
+        """Evict every cached (unused) prefix page, in both pools, and drop the host tier's
+        copies; pages that live requests hold stay. Returns the number of full-attention pages
+        evicted."""
         before = self.pool.evictions
+        hook, self.pool.on_evict = self.pool.on_evict, None  # a flush copies nothing to the tier
         self.pool.drop_cache()
+        self.pool.on_evict = hook
         if self.wpool is not None:
             self.wpool.drop_cache()
+        if self.tier is not None:
+            self.tier.clear()
         return self.pool.evictions - before
 
     def _stop_reason(self, r: _Request, tok: int) -> FinishReason | None:
@@ -732,6 +788,10 @@ class Scheduler:
         self.pool.check_invariants()
         if self.wpool is not None:
             self.wpool.check_invariants()
+        if self.tier is not None:
+            self.tier.check_invariants()
+        if self._loads:
+            raise InvariantViolation("tier loads left outside a plan")
         ps = self.cfg.page_size
         waiting_ids = [k[2] for k in self._waiting]
         if len(set(waiting_ids)) != len(waiting_ids):

@@ -103,6 +103,10 @@ class _Core:
             num_structured_requests=self.engine.structured.hits + self.engine.structured.misses,
             num_grammar_cache_hits=self.engine.structured.hits,
             num_partial_hit_tokens=s.num_partial_hit_tokens, kv_evictions=s.pool.evictions,
+            num_tier_hit_tokens=s.num_tier_hit_tokens,
+            kv_tier_pages_used=len(s.tier) if s.tier is not None else 0,
+            kv_tier_pages_total=s.tier.num_slots if s.tier is not None else 0,
+            kv_tier_stores=s.tier.stores if s.tier is not None else 0,
         )
 
 

@@ -58,6 +58,8 @@ class LLM:
         structured_output_backend: str = "auto",
         session_retention: bool = True,
         partial_page_reuse: bool = True,
+        kv_offload_memory: int | None = None,
+        kv_offload_dtype: str = "auto",
     ) -> None:
         """Keywords build the EngineConfig (vLLM's names); engine_config, if given, is the
         whole config instead (as `agentspeed generate` builds it from its flags)."""
@@ -70,7 +72,8 @@ class LLM:
             parallel=ParallelConfig(tp=tensor_parallel_size),
             cache=CacheConfig(page_size=page_size, num_pages=num_kv_pages, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype,
-                              hybrid_kv=not disable_hybrid_kv_cache_manager),
+                              hybrid_kv=not disable_hybrid_kv_cache_manager,
+                              kv_offload_memory=kv_offload_memory, kv_offload_dtype=kv_offload_dtype),
             kernels=KernelConfig.from_spec(kernel_backend),
             scheduling=SchedulingConfig(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap,
                                         num_speculative_tokens, ngram_max, ngram_min, adaptive_drafts,

@@ -60,6 +60,10 @@ class EngineStats(msgspec.Struct, frozen=True, gc=False):
     num_grammar_cache_hits: int = 0  # of those, whose grammar was already compiled
     num_partial_hit_tokens: int = 0  # prompt tokens reused from partly filled pages, since start
     kv_evictions: int = 0  # cached prefix pages evicted, since start
+    num_tier_hit_tokens: int = 0  # prompt tokens loaded back from the host KV tier, since start
+    kv_tier_pages_used: int = 0  # pages the host tier holds copies of
+    kv_tier_pages_total: int = 0  # its slots (0: no tier)
+    kv_tier_stores: int = 0  # pages copied into it, since start
 
 
 class EngineReady(msgspec.Struct, tag=True, frozen=True):

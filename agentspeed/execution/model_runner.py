@@ -14,8 +14,10 @@ import torch
 
 from agentspeed.config import EngineConfig
 from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, ScheduledChunk, StepResult
+from agentspeed.errors import ConfigError
 from agentspeed.execution.inputs import build_inputs
 from agentspeed.execution.kv_cache import KVCache, window_group
+from agentspeed.execution.kv_tier import HostKVTier, build_tier, resolve_mode
 from agentspeed.execution.request_state import RequestState, RequestTable
 from agentspeed.execution.sampler import Sampler
 from agentspeed.execution.structured import GrammarStep
@@ -60,6 +62,14 @@ class ModelRunner:
             max_tokens_useful=self.max_model_len * cfg.scheduling.max_num_seqs,
             window=window, chunk_tokens=cfg.scheduling.max_num_batched_tokens,
         )
+        self.tier: HostKVTier | None = None
+        if cfg.cache.kv_offload_memory is not None:
+            if window is not None or not cfg.scheduling.enable_prefix_caching:
+                raise ConfigError("--kv-offload-memory needs the prefix cache, and is not supported for models "
+                                  "whose sliding-window layers have their own pool "
+                                  "(--disable-hybrid-kv-cache-manager keeps one pool)")
+            mode = resolve_mode(cfg.cache.kv_offload_dtype, built.device, self.kv.dtype)
+            self.tier = build_tier(self.kv.layers, cfg.cache.kv_offload_memory, mode, built.device)
         self.sampler = Sampler(built.kernels, built.device, cfg.seed)
         self.requests = RequestTable(built.device, windowed=window is not None)
         self.grammar = GrammarStep(built.config.vocab_size)  # EngineCore sets its overlap
@@ -92,6 +102,11 @@ class ModelRunner:
         """Run one scheduler step: the only way requests reach the runner. Steps must run in
         plan order: a LAST_SAMPLED input is the token this runner sampled for that request in
         the previous step, and page deltas build on the previous plans'."""
+        if self.tier is not None:  # evicted pages out, then hit pages in, before the forward
+            if plan.kv_stores:
+                self.tier.store([p for p, _ in plan.kv_stores], [s for _, s in plan.kv_stores])
+            if plan.kv_loads:
+                self.tier.load([s for s, _ in plan.kv_loads], [p for _, p in plan.kv_loads])
         table = self.requests
         for rid in plan.released:  # finished before this plan was made: no chunk of it needs them
             table.release(rid)

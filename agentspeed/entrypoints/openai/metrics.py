@@ -61,10 +61,18 @@ class _EngineCollector(Collector):
             ("prefix_cache_partial_page_hit_tokens", "Prompt tokens reused from partly filled KV pages "
              "(a previous turn's last page)", s.num_partial_hit_tokens),
             ("kv_cache_evictions", "Cached prefix pages evicted from the KV pool", s.kv_evictions),
+            ("kv_tier_stores", "KV pages copied to the host tier", s.kv_tier_stores),
         ):
             c = CounterMetricFamily(f"agentspeed:{name}", doc, labels=labels)
             c.add_metric([self._model], v)
             yield c
+        if s.kv_tier_pages_total:
+            yield gauge("kv_tier_pages_used", "KV pages the host tier holds", s.kv_tier_pages_used)
+            yield gauge("kv_tier_pages_total", "KV pages the host tier can hold", s.kv_tier_pages_total)
+        c = CounterMetricFamily("agentspeed:prefix_cache_tier_hit_tokens",
+                                "Prompt tokens served from a KV tier below the pool, by tier", labels=[*labels, "tier"])
+        c.add_metric([self._model, "host"], s.num_tier_hit_tokens)
+        yield c
         c = CounterMetricFamily("agentspeed:spec_decode_disabled_requests",
                                 "Requests that would have drafted but decoded without, by reason", labels=[*labels, "reason"])
         c.add_metric([self._model, "structured_output"], s.num_spec_disabled_structured)

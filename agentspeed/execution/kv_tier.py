@@ -1,0 +1,142 @@
+"""The host KV tier's storage: page-sized slots below the device pool (the index of what
+they hold is the scheduler's, control/tier.py). The runner copies evicted pages in
+(`store`) and pages a prefix hit needs back out (`load`), before each plan's forward.
+
+Two forms:
+  exact  the cache's own values (and fp8 scales), bit for bit: a loaded page is the page
+         that was evicted. The default on GPUs, where the tier is host memory (pinned) and
+         the copy is the cost of a transfer.
+  int8   each token's row of each head (each token's latent under MLA) as int8 with one
+         float32 scale (stored * scale = value, scale = max|row| / 127): on a CPU the tier is
+         the same memory as the pool, so it only adds capacity compressed — a quarter of an
+         fp32 cache's bytes (plus 4 bytes per row), half of a 16-bit one's. The error of a
+         value is at most half a step, max|row| / 254; the default on CPUs for float caches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from agentspeed.errors import ConfigError
+from agentspeed.modeling.context import LayerKV
+
+log = logging.getLogger(__name__)
+
+TIER_DTYPES = ("auto", "exact", "int8")
+
+
+def resolve_mode(mode: str, device: str, cache_dtype: torch.dtype) -> str:
+    """The tier's form for a cache of cache_dtype on device (see the module docstring)."""
+    if mode not in TIER_DTYPES:
+        raise ConfigError(f"kv offload dtype must be one of {', '.join(TIER_DTYPES)}, got {mode!r}")
+    fp8 = cache_dtype.itemsize == 1
+    if mode == "int8" and fp8:
+        raise ConfigError("an fp8 KV cache is already one byte per value: its host tier keeps it as it is "
+                          "(--kv-offload-dtype exact or auto)")
+    if mode == "auto":
+        return "int8" if device == "cpu" and not fp8 else "exact"
+    return mode
+
+
+class HostKVTier:
+    def __init__(self, layers: list[LayerKV], num_slots: int, mode: str, pin: bool = False) -> None:
+        """num_slots pages of every layer's tensors in the given form (resolve_mode); pin:
+        page-locked host memory (CUDA caches)."""
+        self.mode = mode
+        self.num_slots = num_slots
+        self._layers = layers
+        # per layer, per cache tensor: (values, scales or None) in the tier
+        self._bufs: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []
+        for kv in layers:
+            self._bufs.append([self._alloc(t, s, pin) for t, s in _tensors(kv)])
+        self.seconds = 0.0  # spent copying, since start
+        self.pages_stored = self.pages_loaded = 0
+
+    @staticmethod
+    def slot_bytes(layers: list[LayerKV], mode: str) -> int:
+        """Bytes one slot (one page of every layer) takes in this form."""
+        total = 0
+        for kv in layers:
+            for t, s in _tensors(kv):
+                row = t[0]
+                if mode == "int8":
+                    total += row.numel() + row[..., 0].numel() * 4
+                else:
+                    total += row.numel() * t.element_size() + (s[0].numel() * s.element_size() if s is not None else 0)
+        return total
+
+    def _alloc(self, t: torch.Tensor, s: torch.Tensor | None, pin: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shape = (self.num_slots, *t.shape[1:])
+        if self.mode == "int8":
+            return (torch.empty(shape, dtype=torch.int8, pin_memory=pin),
+                    torch.empty(shape[:-1], dtype=torch.float32, pin_memory=pin))
+        scale = torch.empty((self.num_slots, *s.shape[1:]), dtype=s.dtype, pin_memory=pin) if s is not None else None
+        return torch.empty(shape, dtype=_raw(t).dtype, pin_memory=pin), scale
+
+    def store(self, pages: list[int], slots: list[int]) -> None:
+        """Copy device pages into tier slots (pairwise)."""
+        t0 = time.perf_counter()
+        dev = self._layers[0].k.device
+        p = torch.tensor(pages, dtype=torch.long, device=dev)
+        sl = torch.tensor(slots, dtype=torch.long)
+        for kv, bufs in zip(self._layers, self._bufs, strict=True):
+            for (t, s), (buf, sbuf) in zip(_tensors(kv), bufs, strict=True):
+                x = _raw(t).index_select(0, p)
+                if self.mode == "int8":
+                    x = x.float()
+                    scale = x.abs().amax(-1).clamp_min(1e-30) / 127.0
+                    buf.index_copy_(0, sl, (x / scale.unsqueeze(-1)).round_().to(torch.int8).cpu())
+                    assert sbuf is not None
+                    sbuf.index_copy_(0, sl, scale.cpu())
+                else:
+                    buf.index_copy_(0, sl, x.cpu())
+                    if s is not None and sbuf is not None:
+                        sbuf.index_copy_(0, sl, s.index_select(0, p).cpu())
+        self.pages_stored += len(pages)
+        self.seconds += time.perf_counter() - t0
+
+    def load(self, slots: list[int], pages: list[int]) -> None:
+        """Copy tier slots into device pages (pairwise)."""
+        t0 = time.perf_counter()
+        dev = self._layers[0].k.device
+        p = torch.tensor(pages, dtype=torch.long, device=dev)
+        sl = torch.tensor(slots, dtype=torch.long)
+        for kv, bufs in zip(self._layers, self._bufs, strict=True):
+            for (t, s), (buf, sbuf) in zip(_tensors(kv), bufs, strict=True):
+                x = buf.index_select(0, sl)
+                if self.mode == "int8":
+                    assert sbuf is not None
+                    x = x.float() * sbuf.index_select(0, sl).unsqueeze(-1)
+                dst = _raw(t)
+                dst.index_copy_(0, p, x.to(device=dev, dtype=dst.dtype, non_blocking=True))
+                if s is not None and sbuf is not None:
+                    s.index_copy_(0, p, sbuf.index_select(0, sl).to(dev, non_blocking=True))
+        self.pages_loaded += len(pages)
+        self.seconds += time.perf_counter() - t0
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """fp8 values as bytes (torch's index copies do not take fp8); others as they are."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _tensors(kv: LayerKV) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """A layer's cache tensors with their scales (MLA: the latent only)."""
+    out: list[tuple[torch.Tensor, torch.Tensor | None]] = [(kv.k, kv.k_scale)]
+    if kv.v is not None:
+        out.append((kv.v, kv.v_scale))
+    return out
+
+
+def build_tier(layers: list[LayerKV], memory: int, mode: str, device: str) -> HostKVTier:
+    """A tier of as many slots as `memory` bytes hold in `mode` (resolve_mode), logged."""
+    per = HostKVTier.slot_bytes(layers, mode)
+    n = memory // per
+    if n < 1:
+        raise ConfigError(f"--kv-offload-memory {memory} bytes holds no page ({per} bytes per page in {mode} form)")
+    tier = HostKVTier(layers, n, mode, pin=device == "cuda")
+    log.info("KV host tier: %d pages (%.2f GiB, %s form, %d bytes/page)", n, n * per / (1 << 30), mode, per)
+    return tier

@@ -1,0 +1,179 @@
+"""The host KV tier: the copies themselves (exact bit for bit, int8 within its bound), the
+engine loading evicted prefixes back with the same greedy tokens as a cold prefill,
+preempted requests resuming from it, aborts around loads, and the configurations refused."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from agentspeed.control.plan import RequestSpec
+from agentspeed.engine.llm import LLM
+from agentspeed.errors import ConfigError
+from agentspeed.execution.kv_tier import HostKVTier, resolve_mode
+from agentspeed.modeling.context import LayerKV
+from agentspeed.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PS = 8
+
+
+def _layers(dtype: torch.dtype, mla: bool = False, fp8: bool = False) -> list[LayerKV]:
+    g = torch.Generator().manual_seed(0)
+    shape = (12, PS, 40) if mla else (12, PS, 2, 16)
+
+    def t() -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * 3).to(dtype)
+
+    def sc() -> torch.Tensor | None:
+        return torch.rand(shape[:2], generator=g) + 0.5 if fp8 else None
+
+    return [LayerKV(t(), None if mla else t(), sc(), None if mla else sc()) for _ in range(3)]
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("mla", [False, True])
+def test_exact_tier_round_trip_is_bit_exact(dtype: torch.dtype, mla: bool) -> None:
+    layers = _layers(dtype, mla, fp8=dtype == torch.float8_e4m3fn)
+    before = [[x.clone() for x in (kv.k, kv.v, kv.k_scale, kv.v_scale) if x is not None] for kv in layers]
+    tier = HostKVTier(layers, 5, "exact")
+    tier.store([3, 7, 9], [4, 0, 2])
+    tier.load([0, 4, 2], [1, 2, 11])  # page 7 -> 1, page 3 -> 2, page 9 -> 11
+    for kv, old in zip(layers, before, strict=True):
+        for now, was in zip([x for x in (kv.k, kv.v, kv.k_scale, kv.v_scale) if x is not None], old, strict=True):
+            for dst, src in ((1, 7), (2, 3), (11, 9)):
+                assert torch.equal(now[dst].view(torch.uint8) if now.dtype.itemsize == 1 else now[dst],
+                                   was[src].view(torch.uint8) if was.dtype.itemsize == 1 else was[src])
+            assert torch.equal(_bytes(now[5]), _bytes(was[5]))  # pages not loaded into are untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mla", [False, True])
+def test_int8_tier_error_within_half_a_step(dtype: torch.dtype, mla: bool) -> None:
+    layers = _layers(dtype, mla)
+    orig = [kv.k[4].float().clone() for kv in layers]
+    tier = HostKVTier(layers, 2, "int8")
+    tier.store([4], [1])
+    tier.load([1], [6])
+    for kv, x in zip(layers, orig, strict=True):
+        bound = x.abs().amax(-1, keepdim=True) / 254
+        if dtype == torch.bfloat16:  # the load rounds back to bf16: half its ulp more
+            bound = bound + x.abs() * 2.0**-8
+        err = (kv.k[6].float() - x).abs()
+        assert (err <= bound * 1.0001 + 1e-12).all(), float((err - bound).max())
+        assert err.max() > 0  # it is lossy: the bound is what is being tested
+    per = HostKVTier.slot_bytes(layers, "int8")
+    assert per < HostKVTier.slot_bytes(layers, "exact") * (0.4 if dtype == torch.float32 else 0.7)
+
+
+def test_tier_modes_resolve_per_device_and_refuse_int8_of_fp8() -> None:
+    assert resolve_mode("auto", "cpu", torch.float32) == "int8"
+    assert resolve_mode("auto", "cuda", torch.bfloat16) == "exact"
+    assert resolve_mode("auto", "cpu", torch.float8_e4m3fn) == "exact"
+    with pytest.raises(ConfigError, match="fp8"):
+        resolve_mode("int8", "cpu", torch.float8_e4m3fn)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["llama"]
+
+
+def _llm(path: Path, **kw: object) -> LLM:
+    return LLM(str(path), skip_tokenizer_init=True, page_size=PS, **kw)  # type: ignore[arg-type]
+
+
+def _gen(llm: LLM, prompt: list[int]) -> tuple[list[int], int]:
+    [o] = llm.generate({"prompt_token_ids": prompt}, GREEDY)
+    return o.outputs[0].token_ids, o.num_cached_tokens
+
+
+@pytest.mark.parametrize("mode", ["exact", "int8"])
+def test_evicted_prefix_loads_back_with_cold_prefill_tokens(tiny_llama: Path, mode: str) -> None:
+    """Turn 1 of session A, then B's prompt, which evicts A's pages from a pool of 30 pages;
+    A's second turn loads them back from the tier and decodes what a cold prefill decodes."""
+    rng = random.Random(1)
+    a = [rng.randrange(384) for _ in range(150)]
+    b = [rng.randrange(384) for _ in range(200)]
+    cold = _llm(tiny_llama, enable_prefix_caching=False)
+    llm = _llm(tiny_llama, num_kv_pages=31, kv_offload_memory=1 << 20, kv_offload_dtype=mode)
+    sched = llm.engine.scheduler
+    assert sched.tier is not None and llm.runner.tier is not None and llm.runner.tier.mode == mode
+    ans_a, _ = _gen(llm, a)
+    _gen(llm, b)
+    assert sched.pool.evictions > 0 and sched.tier.stores > 0
+    turn2 = a + ans_a + [5, 6, 7]
+    got, cached = _gen(llm, turn2)
+    want, _ = _gen(cold, turn2)
+    assert sched.num_tier_hit_tokens >= 16 and cached >= sched.num_tier_hit_tokens
+    assert got == want
+    sched.check_invariants()
+    assert not any(sched.tier.pins)
+    # The flush drops the tier's copies too: the same turn is then all recomputed.
+    llm.engine.scheduler.flush_cache()
+    assert len(sched.tier) == 0
+    _, cached = _gen(llm, turn2)
+    assert cached == 0
+    cold.shutdown()
+    llm.shutdown()
+
+
+def test_preempted_requests_resume_from_the_tier(tiny_llama: Path) -> None:
+    """A pool so small that requests are preempted: the pages they lose while waiting come
+    back from the tier (a swap), and every output equals the request run alone."""
+    rng = random.Random(2)
+    shared = [rng.randrange(384) for _ in range(40)]
+    prompts = [shared + [rng.randrange(384) for _ in range(rng.randrange(20, 90))] for _ in range(16)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    alone = _llm(tiny_llama, enable_prefix_caching=False)
+    want = [alone.generate({"prompt_token_ids": p}, params)[0].outputs[0].token_ids for p in prompts]
+    llm = _llm(tiny_llama, num_kv_pages=40, kv_offload_memory=1 << 20, kv_offload_dtype="exact")
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    sched = llm.engine.scheduler
+    assert sched.num_preemptions > 0 and sched.num_tier_hit_tokens > 0
+    assert got == want
+    sched.check_invariants()
+    assert sched.pool.num_available() == sched.pool.num_usable and not any(sched.tier.pins)  # type: ignore[union-attr]
+    alone.shutdown()
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_abort_while_loading_frees_pages_and_tier_pins(tiny_llama: Path, overlap: bool) -> None:
+    rng = random.Random(3)
+    a = [rng.randrange(384) for _ in range(120)]
+    llm = _llm(tiny_llama, num_kv_pages=24, kv_offload_memory=1 << 20, overlap=overlap,
+               max_num_batched_tokens=16)
+    eng = llm.engine
+    sched = eng.scheduler
+    _gen(llm, a)
+    _gen(llm, [rng.randrange(384) for _ in range(150)])  # evicts A
+    eng.add_request(RequestSpec("a2", (*a, 1, 2, 3), 8), GREEDY)
+    eng.step()  # plans (and with overlap: launches) the step loading A's pages
+    assert sched.num_tier_hit_tokens > 0
+    eng.abort("a2")
+    while eng.has_work():
+        eng.step()
+    sched.check_invariants()
+    assert sched.pool.num_available() == sched.pool.num_usable and not any(sched.tier.pins)  # type: ignore[union-attr]
+    llm.shutdown()
+
+
+def test_tier_configurations_refused(tmp_path: Path, tiny_llama: Path) -> None:
+    with pytest.raises(ConfigError, match="prefix cache"):
+        _llm(tiny_llama, enable_prefix_caching=False, kv_offload_memory=1 << 20)
+    with pytest.raises(ConfigError, match="holds no page"):
+        _llm(tiny_llama, kv_offload_memory=64)
+    gemma = make_tiny("gemma3", tmp_path)
+    with pytest.raises(ConfigError, match="sliding-window"):
+        _llm(gemma, kv_offload_memory=1 << 20)
+    with pytest.raises(ConfigError, match="offload dtype"):
+        _llm(tiny_llama, kv_offload_memory=1 << 20, kv_offload_dtype="fp4")
