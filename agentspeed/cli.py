@@ -79,6 +79,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="the tier's form: exact (the cache's values, bit for bit) or int8 (one scale per "
                         "token and head: a quarter of an fp32 cache's bytes, error <= max|row|/254); "
                         "auto: int8 on CPU (where the tier shares the pool's memory), exact on GPUs")
+    g.add_argument("--kv-offload-dir", default=None, metavar="DIR",
+                   help="a disk tier below the host tier, in DIR/rank<r>/ (files of an earlier run there are "
+                        "deleted): host copies about to be reused are written there, one checksummed file per "
+                        "page, and read back on a prefix hit; a missing or corrupt file is recomputed")
+    g.add_argument("--kv-offload-disk", type=_parse_bytes, default=None, metavar="SIZE",
+                   help="bytes of the disk tier per rank, e.g. 50GiB (with --kv-offload-dir)")
     g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                    help="models with sliding-window layers (Gemma 3, GPT-OSS, Mistral): keep every "
                         "layer's KV for the whole context in one pool (default: the window layers "
@@ -119,7 +125,8 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_dtype=args.kv_cache_dtype,
                           hybrid_kv=not args.disable_hybrid_kv_cache_manager,
-                          kv_offload_memory=args.kv_offload_memory, kv_offload_dtype=args.kv_offload_dtype),
+                          kv_offload_memory=args.kv_offload_memory, kv_offload_dtype=args.kv_offload_dtype,
+                          kv_offload_dir=args.kv_offload_dir, kv_offload_disk=args.kv_offload_disk),
         kernels=KernelConfig.from_spec(args.kernel_backend),
         scheduling=SchedulingConfig(
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,

@@ -176,12 +176,22 @@ class CacheConfig:
     # its form: auto (int8 on CPU for float caches, exact on GPUs) | exact | int8.
     kv_offload_memory: int | None = None
     kv_offload_dtype: str = "auto"
+    # A disk tier below the host tier (execution/kv_disk.py): a directory and its bytes per rank.
+    kv_offload_dir: str | None = None
+    kv_offload_disk: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_offload_dtype not in ("auto", "exact", "int8"):
             raise ConfigError(f"kv offload dtype must be auto, exact or int8, got {self.kv_offload_dtype!r}")
         if self.kv_offload_memory is not None and self.kv_offload_memory <= 0:
             raise ConfigError(f"kv offload memory must be positive, got {self.kv_offload_memory}")
+        if (self.kv_offload_dir is None) != (self.kv_offload_disk is None):
+            raise ConfigError("a disk KV tier needs both --kv-offload-dir and --kv-offload-disk")
+        if self.kv_offload_dir is not None and self.kv_offload_memory is None:
+            raise ConfigError("a disk KV tier (--kv-offload-dir) sits below the host tier: "
+                              "give --kv-offload-memory too")
+        if self.kv_offload_disk is not None and self.kv_offload_disk <= 0:
+            raise ConfigError(f"kv offload disk must be positive, got {self.kv_offload_disk}")
         if self.page_size < 1:
             raise ConfigError(f"page size must be >= 1, got {self.page_size}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -177,3 +177,51 @@ def test_tier_configurations_refused(tmp_path: Path, tiny_llama: Path) -> None:
         _llm(gemma, kv_offload_memory=1 << 20)
     with pytest.raises(ConfigError, match="offload dtype"):
         _llm(tiny_llama, kv_offload_memory=1 << 20, kv_offload_dtype="fp4")
+
+
+@pytest.mark.parametrize("damage", [None, "corrupt", "missing", "swapped"])
+def test_disk_tier_round_trip_and_damaged_files_recompute(tmp_path: Path, tiny_llama: Path,
+                                                          damage: str | None) -> None:
+    """A turn evicted to disk comes back with a cold prefill's tokens; corrupt, missing or
+    swapped files (another page's valid copy) are misses, recomputed, never loaded."""
+    rng = random.Random(4)
+    a = [rng.randrange(384) for _ in range(150)]
+    cold = _llm(tiny_llama, enable_prefix_caching=False)
+    # a pool of 30 pages, a host tier of 24 above a disk tier of 96: two 220-token prompts
+    # after a 150-token turn push it through the host tier onto disk
+    page = HostKVTier.slot_bytes(cold.runner.kv.layers, "exact")
+    llm = _llm(tiny_llama, num_kv_pages=31, kv_offload_memory=24 * page, kv_offload_dtype="exact",
+               kv_offload_dir=str(tmp_path), kv_offload_disk=96 * (page + 64))
+    sched, runner = llm.engine.scheduler, llm.runner
+    assert sched.tier is not None and sched.tier.num_slots == 24 and sched.disk is not None and runner.disk is not None
+    ans_a, _ = _gen(llm, a)
+    for _ in range(2):
+        _gen(llm, [rng.randrange(384) for _ in range(220)])
+    runner.disk._writer.submit(lambda: None).result()  # the spills are on disk
+    files = sorted(runner.disk.dir.glob("*.kv"))
+    assert len(files) >= 8 and sched.disk is not None and len(sched.disk) == len(files)
+    if damage == "corrupt":
+        for f in files:
+            data = bytearray(f.read_bytes())
+            data[-1] ^= 0xFF
+            f.write_bytes(bytes(data))
+    elif damage == "missing":
+        for f in files:
+            f.unlink()
+    elif damage == "swapped":  # right format and checksum, another page's copy
+        blobs = [f.read_bytes() for f in files]
+        for f, blob in zip(files, blobs[1:] + blobs[:1], strict=True):
+            f.write_bytes(blob)
+    turn2 = a + ans_a + [5, 6, 7]
+    got, cached = _gen(llm, turn2)
+    want, _ = _gen(cold, turn2)
+    assert got == want
+    if damage is None:
+        assert sched.num_disk_hit_tokens >= 8 * PS and sched.num_disk_failed == 0
+        assert cached >= sched.num_disk_hit_tokens
+    else:
+        assert sched.num_disk_failed > 0 and sched.num_disk_hit_tokens == 0
+    sched.check_invariants()
+    assert not any(sched.tier.pins) and not any(sched.disk.pins)
+    cold.shutdown()
+    llm.shutdown()

@@ -18,14 +18,14 @@ from agentspeed.control import fsm
 from agentspeed.control.errors import HandleReleased, IllegalTransition
 from agentspeed.control.kv_events import PagesStored
 from agentspeed.control.page_pool import PagePool, PageState
-from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, RequestSpec, StepResult
+from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, RequestSpec, StepResult, TierOp
 from agentspeed.control.scheduler import RequestRejected, Scheduler, SchedulerConfig
 
 EOS = 0
 # What the stateful runs exercised (checked by test_stateful_run_exercised_pressure).
 COVERAGE = {"preemptions": 0, "evictions": 0, "overlapped_plans": 0, "prefix_hits": 0, "window_drops": 0,
             "window_prefix_hits": 0, "window_preemptions": 0, "partial_claims": 0, "session_groups": 0,
-            "tier_stores": 0, "tier_loads": 0}
+            "tier_stores": 0, "tier_loads": 0, "disk_spills": 0, "disk_fetches": 0, "disk_failures": 0}
 
 
 def written_pages(plan: ExecutionPlan, pages: list[tuple[int, ...]], page_size: int) -> dict[int, str]:
@@ -46,6 +46,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     WINDOW: int | None = None
     TIER = 0  # host-tier slots
+    DISK = 0  # disk-tier slots
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,7 +54,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sched = Scheduler(SchedulerConfig(num_pages=12, page_size=self.ps, max_num_batched_tokens=16,
                                                max_num_seqs=4, max_model_len=40, window=self.WINDOW,
                                                window_num_pages=11 if self.WINDOW else 0, kv_events=True,
-                                               tier_slots=self.TIER))
+                                               tier_slots=self.TIER, disk_slots=self.DISK))
         self.reported: set[bytes] = set()  # the prefix index as the KV events describe it
         self.wpages: dict[int, list[tuple[int, ...]]] = {}
         self.rng = random.Random(0)
@@ -69,6 +70,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.done: list[str] = []  # finished (not aborted) requests, for follow-up turns
         self.slots: dict[int, list[tuple[str, int] | int | None]] = {}  # page -> what each slot holds
         self.tier_slots: dict[int, list[tuple[str, int] | int | None]] = {}  # tier slot -> the same
+        self.disk_slots: dict[int, list[tuple[str, int] | int | None]] = {}  # disk slot -> the same
+        self.failed: dict[int, tuple[int, ...]] = {}  # step id -> host slots whose disk read fails
         self.partial_seen = 0
 
     def _submit(self, rid: str, prompt: list[int], max_tokens: int, session: str | None) -> None:
@@ -123,6 +126,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         if plan.empty:
             assert not plan.released and not plan.new_requests
             return
+        self._run(plan)
+
+    def _run(self, plan: ExecutionPlan) -> None:
+        """What executing the plan does to the model of the KV (checked first), in flight."""
         pages = self.pages[plan.step_id] = self.mirror.apply(plan)
         wpages = self.wpages[plan.step_id] = self.mirror.last_windows
         # Never reuse a page an in-flight step touches for another request's writes.
@@ -139,13 +146,29 @@ class SchedulerMachine(RuleBasedStateMachine):
                 first = max(0, c.start - self.WINDOW + 1)
                 assert all(row[i] for i in range(first // self.ps, (c.start + len(c.token_ids) - 1) // self.ps + 1))
                 COVERAGE["window_drops"] += not row[0]
-        # The execution plane's tier copies: stores, then loads, then the forward.
-        for page, slot in plan.kv_stores:
-            self.tier_slots[slot] = list(self.slots.get(page, [None] * self.ps))
-        for slot, page in plan.kv_loads:
-            self.slots[page] = list(self.tier_slots[slot])
-        COVERAGE["tier_stores"] += len(plan.kv_stores)
-        COVERAGE["tier_loads"] += len(plan.kv_loads)
+        # The execution plane's tier copies, in order, then the forward.
+        # A fetch may fail (a corrupt file): its host slot then holds garbage (-99s), which
+        # a later load would put in front of some request's reads.
+        failed = []
+        for op in plan.tier_ops:
+            if op.kind == TierOp.SPILL:
+                self.disk_slots[op.dst] = list(self.tier_slots[op.src])
+                COVERAGE["disk_spills"] += 1
+            elif op.kind == TierOp.FETCH:
+                COVERAGE["disk_fetches"] += 1
+                if self.rng.random() < 0.2:
+                    failed.append(op.dst)
+                    self.tier_slots[op.dst] = [-99] * self.ps
+                    COVERAGE["disk_failures"] += 1
+                else:
+                    self.tier_slots[op.dst] = list(self.disk_slots[op.src])
+            elif op.kind == TierOp.STORE:
+                self.tier_slots[op.dst] = list(self.slots.get(op.src, [None] * self.ps))
+                COVERAGE["tier_stores"] += 1
+            else:
+                self.slots[op.dst] = list(self.tier_slots[op.src])
+                COVERAGE["tier_loads"] += 1
+        self.failed[plan.step_id] = tuple(failed)
         for c, row in zip(plan.chunks, pages):
             self._check_reads(c.request_id, c.start, row)
             for i, t in enumerate(c.token_ids):  # what the step writes
@@ -176,11 +199,14 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.in_flight)
     @rule(eos_prob=st.sampled_from([0.0, 0.2, 0.6]))
     def advance(self, eos_prob: float) -> None:
+        self._advance(eos_prob)
+
+    def _advance(self, eos_prob: float) -> None:
         plan = self.in_flight.pop(0)
         sampled = {c.request_id: (EOS if self.rng.random() < eos_prob else self.rng.randrange(1, 50))
                    for c in plan.chunks if c.sample}
         before = self.sched.pool.evictions
-        for u in self.sched.advance(StepResult(plan.step_id, sampled)):
+        for u in self.sched.advance(StepResult(plan.step_id, sampled, tier_failed=self.failed.pop(plan.step_id))):
             if u.request_id in self.outputs:
                 self.outputs[u.request_id].extend(u.new_token_ids)
                 self.tokens[u.request_id].extend(u.new_token_ids)
@@ -218,11 +244,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             if len(self.in_flight) < 2:
                 p = self.sched.next_plan()
                 if not p.empty:
-                    self.mirror.apply(p)
-                    self.in_flight.append(p)
+                    self._run(p)
             if self.in_flight:
-                plan = self.in_flight.pop(0)
-                self.sched.advance(StepResult(plan.step_id, {c.request_id: 5 for c in plan.chunks if c.sample}))
+                self._advance(0.0)
             self.sched.check_invariants()
         assert not self.sched.has_unfinished(), "scheduler did not drain (deadlock?)"
         COVERAGE["preemptions"] += self.sched.num_preemptions
@@ -249,6 +273,14 @@ class TierSchedulerMachine(SchedulerMachine):
     TIER = 6
 
 
+class DiskSchedulerMachine(SchedulerMachine):
+    """The same with a host tier of 3 pages and a disk tier of 12 below it; a fifth of the
+    disk reads fail (corrupt files) and must never be loaded."""
+
+    TIER = 3
+    DISK = 12
+
+
 TestSchedulerStateful = SchedulerMachine.TestCase
 TestSchedulerStateful.settings = settings(
     max_examples=150, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
@@ -256,6 +288,10 @@ TestSchedulerStateful.settings = settings(
 TestTierSchedulerStateful = TierSchedulerMachine.TestCase
 TestTierSchedulerStateful.settings = settings(
     max_examples=100, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
+)
+TestDiskSchedulerStateful = DiskSchedulerMachine.TestCase
+TestDiskSchedulerStateful.settings = settings(
+    max_examples=200, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
 )
 TestWindowSchedulerStateful = WindowSchedulerMachine.TestCase
 TestWindowSchedulerStateful.settings = settings(

@@ -12,6 +12,7 @@ in a plan's `released`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import msgspec
 
@@ -96,27 +97,46 @@ def apply_pages(row: list[int], chunk: ScheduledChunk, window: bool = False) -> 
     row.extend(new)
 
 
+class TierOp(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """One page copy between the KV pool and a tier below it. The ops of a plan run in the
+    order the scheduler made them, so each reads what the ops before it left (a slot stored
+    and then spilled in one plan spills the new copy). kind:
+      STORE  src device page -> dst host slot (an evicted page)
+      LOAD   src host slot -> dst device page (a prefix hit below the pool)
+      SPILL  src host slot -> dst disk slot (a host copy about to be reused), key written along
+      FETCH  src disk slot -> dst host slot, if the file holds key's intact copy
+             (StepResult.tier_failed names the fetches that did not)"""
+
+    STORE: ClassVar[int] = 0
+    LOAD: ClassVar[int] = 1
+    SPILL: ClassVar[int] = 2
+    FETCH: ClassVar[int] = 3
+
+    kind: int
+    src: int
+    dst: int
+    key: bytes = b""
+
+
 class ExecutionPlan(msgspec.Struct, frozen=True):
     """One step. An empty plan (no chunks) is not registered and must not be advanced.
     new_requests: requests whose first chunk is in this plan (before it runs, execution
     registers them). released: requests that finished before this plan was made, whose
     execution-side state is dropped before it runs (so a released id may be registered
     again by the same plan). The scheduler keeps releases for its next non-empty plan.
-    kv_stores (device page, tier slot): copy these evicted pages' KV to the host tier; then
-    kv_loads (tier slot, device page): copy these slots' KV into fresh pages; both before the
-    forward (control/tier.py): a page this plan's allocations evicted may be written by its
-    forward, and a loaded page is read by it."""
+    tier_ops: copies between the pool and its tiers (control/tier.py), run in order before
+    the forward (which may write a page stored here and reads the pages loaded here). A plan
+    with tier operations and no chunks is run (it is not empty)."""
 
     step_id: int
     chunks: tuple[ScheduledChunk, ...]
     released: tuple[str, ...] = ()
     new_requests: tuple[NewRequest, ...] = ()
-    kv_stores: tuple[tuple[int, int], ...] = ()
-    kv_loads: tuple[tuple[int, int], ...] = ()
+    tier_ops: tuple[TierOp, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.chunks
+        return not self.chunks and not self.tier_ops
 
     @property
     def num_tokens(self) -> int:
@@ -129,12 +149,15 @@ class StepResult(msgspec.Struct, frozen=True):
     verification produced, one per accepted draft (draft i is accepted when it equals the
     token before it in sampled + accepted; the last of them is the model's own next token).
     logprobs[request_id], for requests that asked: the sampled token's TokenLogprob. The
-    scheduler passes them on in that request's RequestUpdate."""
+    scheduler passes them on in that request's RequestUpdate.
+    tier_failed: host slots of the plan's kv_fetches that did not read back (missing or
+    corrupt on disk, on any rank): those copies are forgotten, their tokens recomputed."""
 
     step_id: int
     sampled: dict[str, int] = msgspec.field(default_factory=dict)
     logprobs: dict[str, TokenLogprob] = msgspec.field(default_factory=dict)
     accepted: dict[str, tuple[int, ...]] = msgspec.field(default_factory=dict)
+    tier_failed: tuple[int, ...] = ()
 
 
 class RequestUpdate(msgspec.Struct, frozen=True, gc=False):

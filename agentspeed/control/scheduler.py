@@ -38,11 +38,15 @@ turn re-sent with the previous turn's output reuses it to the token, not just to
 full page. Not for hybrid models (their window pool would need the same page too).
 
 Host tier (control/tier.py, tier_slots > 0): a full page the pool evicts is copied to a
-slot of a bounded host tier (the plan's kv_stores, run before its forward), and a prefix
-that misses in the pool continues in the tier: admission takes fresh pages for the run of
-pages found there and the plan loads them (kv_loads) instead of recomputing them. A
+slot of a bounded host tier (a STORE in the plan's tier_ops, run before its forward), and a
+prefix that misses in the pool continues in the tier: admission takes fresh pages for the run
+of pages found there and the plan loads them (LOAD) instead of recomputing them. A
 preempted request's pages follow the same path, so it resumes by loading what was evicted
-while it waited (a swap) rather than recomputing it.
+while it waited (a swap) rather than recomputing it. With a disk tier below (disk_slots),
+a host copy about to be reused is spilled to disk first (SPILL), and a prefix that
+continues on disk is read back into the host tier (FETCH) by one plan while its request
+waits, then loaded by a later one: a copy that fails to read back (missing, corrupt) is
+forgotten and those tokens are recomputed, never loaded.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from agentspeed.control.plan import (
     RequestUpdate,
     ScheduledChunk,
     StepResult,
+    TierOp,
 )
 from agentspeed.control.prefix_cache import PageKey, chain_hash, extend_hashes
 from agentspeed.control.retention import SessionRetention
@@ -91,13 +96,16 @@ class SchedulerConfig(SchedulingConfig):
     window: int | None = None  # the sliding window of a hybrid model's window layers (tokens)
     window_num_pages: int = 0  # pages in the window layers' pool (with window)
     tier_slots: int = 0  # pages the host KV tier holds (0: no tier)
+    disk_slots: int = 0  # pages the disk tier below it holds (0: none)
 
     @staticmethod
     def of(s: SchedulingConfig, *, num_pages: int, page_size: int, max_model_len: int,
-           window: int | None = None, window_num_pages: int = 0, tier_slots: int = 0) -> SchedulerConfig:
+           window: int | None = None, window_num_pages: int = 0, tier_slots: int = 0,
+           disk_slots: int = 0) -> SchedulerConfig:
         fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(SchedulingConfig)}
         return SchedulerConfig(**fields, num_pages=num_pages, page_size=page_size, max_model_len=max_model_len,
-                               window=window, window_num_pages=window_num_pages, tier_slots=tier_slots)
+                               window=window, window_num_pages=window_num_pages, tier_slots=tier_slots,
+                               disk_slots=disk_slots)
 
 
 _RUNNING = (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding)
@@ -125,6 +133,7 @@ class _Request:
     announced: bool = False  # its NewRequest has been planned
     wfloor: int = 0  # leading entries of its window table given back (null pages now)
     wsent: int = 0  # leading entries of its window table execution has as they are now
+    fetched: bool = False  # disk reads were planned for its admission (one round per admission)
 
     @property
     def num_tokens(self) -> int:
@@ -174,13 +183,20 @@ class Scheduler:
         self.num_partial_hit_tokens = 0  # prompt tokens reused from partial pages, since start
         if cfg.tier_slots and (self.wpool is not None or not cfg.enable_prefix_caching):
             raise ValueError("a host KV tier needs the prefix cache and a model without a sliding-window pool")
+        if cfg.disk_slots and not cfg.tier_slots:
+            raise ValueError("a disk KV tier needs the host tier above it")
         self.tier = TierIndex(cfg.tier_slots) if cfg.tier_slots else None
-        self._stores: list[tuple[int, int]] = []  # (page, slot) copies for the next plan
-        self._loads: list[tuple[int, int]] = []  # (slot, page) copies for the plan being built
-        self._planning = -1  # the step id of the plan being built
+        self.disk = TierIndex(cfg.disk_slots) if cfg.disk_slots else None
+        self._ops: list[TierOp] = []  # the tier operations of the plan being built, in order
+        self._planning = -1  # its step id
+        self._fetching: dict[int, int] = {}  # host slot -> the step reading it from disk, not advanced
         if self.tier is not None:
             self.pool.on_evict = self._offload
+            if self.disk is not None:
+                self.tier.on_evict = self._spill
         self.num_tier_hit_tokens = 0  # prompt tokens loaded back from the host tier, since start
+        self.num_disk_hit_tokens = 0  # of those, tokens first read back from disk
+        self.num_disk_failed = 0  # disk copies that were missing or corrupt, since start
 
     # ---- public interface ---------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> None:
@@ -291,19 +307,19 @@ class Scheduler:
             if r.rid not in scheduled:  # the window pool is short: admit no more now
                 break
 
-        if not chunks:  # an empty plan never runs: releases wait for one that does
+        if not chunks and not self._ops:
+            # an empty plan never runs: releases wait for one that does
             if self.wpool is not None and len(self._running) > 1 and not self._unadvanced:
                 # Prefills wait for window pages that only other running prefills hold and
                 # nothing in flight will give back: the newest makes room (it is re-queued).
                 self._preempt(self._running[-1])
-            if self._loads:  # (an admission always schedules a chunk when there is a tier)
-                raise InvariantViolation("tier loads planned in an empty plan")
             return ExecutionPlan(step_id, ())
+        if not chunks and any(op.kind == TierOp.LOAD for op in self._ops):  # (admissions schedule chunks)
+            raise InvariantViolation("tier loads planned in a plan without chunks")
         released, self._released = tuple(self._released), []
         new, self._new = tuple(self._new), []
-        stores, self._stores = tuple(self._stores), []
-        loads, self._loads = tuple(self._loads), []
-        plan = ExecutionPlan(step_id, tuple(chunks), released, new, stores, loads)
+        ops, self._ops = tuple(self._ops), []
+        plan = ExecutionPlan(step_id, tuple(chunks), released, new, ops)
         self._unadvanced.append(plan)
         return plan
 
@@ -373,7 +389,7 @@ class Scheduler:
         if self.wpool is not None:
             self.wpool.clear_fence(plan.step_id)
         if self.tier is not None:
-            self.tier.clear_fence(plan.step_id)
+            self._tier_advanced(plan, result)
         return updates
 
     def advance_idle(self) -> list[RequestUpdate]:
@@ -391,12 +407,61 @@ class Scheduler:
         return self.retention.eviction_order(groups, self.now)
 
     def _offload(self, page: int, key: PageKey) -> None:
-        """The pool is evicting a full page: copy it to the tier (before the plan's forward,
-        which may write the page) unless the tier holds it already."""
+        """The pool is evicting a full page: copy it to the host tier (before the plan's
+        forward, which may write the page) unless the tier holds it already."""
         assert self.tier is not None
         slot = self.tier.store(key)
         if slot is not None:
-            self._stores.append((page, slot))
+            self._ops.append(TierOp(TierOp.STORE, page, slot))
+
+    def _spill(self, key: PageKey, slot: int) -> None:
+        """The host tier is reusing `slot`: write key's copy there to disk first (the ops
+        before this one made it), unless the disk holds it already."""
+        assert self.disk is not None
+        d = self.disk.store(key)
+        if d is not None:
+            self._ops.append(TierOp(TierOp.SPILL, slot, d, key))
+
+    def _fetch(self, r: _Request, start: int, limit: int) -> bool:
+        """Plan disk reads of the run of r's pages from `start` found on disk into the host
+        tier (at most half of it). True if any: r waits for them (a failed read must not be
+        loaded), and is admitted by a later plan."""
+        tier, disk = self.tier, self.disk
+        assert tier is not None and disk is not None
+        n = 0
+        for h in r.hashes[start:limit]:
+            d = disk.lookup(h)
+            if d is None or n >= tier.num_slots // 2:
+                break
+            disk.pin(d, self._planning)  # (before the host store: its spill must not take d)
+            slot = tier.store(h)
+            if slot is None:
+                break
+            tier.pin(slot, self._planning)
+            self._ops.append(TierOp(TierOp.FETCH, d, slot, h))
+            self._fetching[slot] = self._planning
+            n += 1
+        r.fetched = n > 0
+        return r.fetched
+
+    def _tier_advanced(self, plan: ExecutionPlan, result: StepResult) -> None:
+        """Release the tiers' pins of an advanced step; forget copies that did not read back."""
+        assert self.tier is not None
+        fetches = [op for op in plan.tier_ops if op.kind == TierOp.FETCH]
+        for op in fetches:
+            del self._fetching[op.dst]
+        self.tier.clear_fence(plan.step_id)
+        if self.disk is None:
+            return
+        self.disk.clear_fence(plan.step_id)
+        failed = set(result.tier_failed)
+        for op in fetches:
+            if op.dst in failed:
+                self.tier.drop(op.key)
+                self.disk.drop(op.key)
+                self.num_disk_failed += 1
+            else:
+                self.num_disk_hit_tokens += self.cfg.page_size
 
     def _group(self, r: _Request) -> str | None:
         """The cached-page group r's pages join when it gives them back."""
@@ -624,11 +689,16 @@ class Scheduler:
             del hits[n:]
         loads: list[int] = []  # tier slots of the pages after the device hits
         if self.tier is not None:
-            for h in r.hashes[len(hits) : (r.num_tokens - 1) // ps]:
+            limit = (r.num_tokens - 1) // ps
+            for h in r.hashes[len(hits) : limit]:
                 slot = self.tier.lookup(h)
                 if slot is None:
                     break
+                if slot in self._fetching:  # its disk read is in flight: wait for it
+                    return False
                 loads.append(slot)
+            if self.disk is not None and not r.fetched and self._fetch(r, len(hits) + len(loads), limit):
+                return False
         n_hit = len(hits) + len(loads)
         partial, n_partial = 0, 0
         if self._partial_pages and r.num_tokens - 1 > n_hit * ps:
@@ -653,10 +723,11 @@ class Scheduler:
             self.pool.share(bt, p)
         if loads:
             assert self.tier is not None
+            for slot in loads:  # pinned first: the allocation's evictions store into the tier
+                self.tier.pin(slot, self._planning)
             self.pool.allocate(bt, len(loads))
             for slot, page in zip(loads, bt.pages[len(hits) :], strict=True):
-                self.tier.pin(slot, self._planning)
-                self._loads.append((slot, page))
+                self._ops.append(TierOp(TierOp.LOAD, slot, page))
             need -= len(loads)
             self.num_tier_hit_tokens += len(loads) * ps
             if partial and not self.pool.claimable(partial):  # those allocations evicted it
@@ -670,6 +741,7 @@ class Scheduler:
         # (loaded pages are published, like computed ones, once the step loading them is advanced)
         r.num_computed = r.num_confirmed = n_hit * ps + n_partial
         r.num_published = len(hits)
+        r.fetched = False
         if r.num_cached_tokens < 0:
             r.num_cached_tokens = n_hit * ps + n_partial
         return True
@@ -750,6 +822,8 @@ class Scheduler:
             self.wpool.drop_cache()
         if self.tier is not None:
             self.tier.clear()
+        if self.disk is not None:
+            self.disk.clear()
         return self.pool.evictions - before
 
     def _stop_reason(self, r: _Request, tok: int) -> FinishReason | None:
@@ -788,10 +862,13 @@ class Scheduler:
         self.pool.check_invariants()
         if self.wpool is not None:
             self.wpool.check_invariants()
-        if self.tier is not None:
-            self.tier.check_invariants()
-        if self._loads:
-            raise InvariantViolation("tier loads left outside a plan")
+        for tier in (self.tier, self.disk):
+            if tier is not None:
+                tier.check_invariants()
+        if self._ops:
+            raise InvariantViolation("tier operations left outside a plan")
+        if self.tier is not None and any(not self.tier.pins[s] for s in self._fetching):
+            raise InvariantViolation("a host slot being read from disk is not pinned")
         ps = self.cfg.page_size
         waiting_ids = [k[2] for k in self._waiting]
         if len(set(waiting_ids)) != len(waiting_ids):

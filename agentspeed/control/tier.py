@@ -1,20 +1,21 @@
-"""The index of the host KV tier: which full prefix pages have a copy below the device pool,
-and in which slot.
+"""The index of a KV tier below the device pool (the host tier, and the disk tier below
+it): which full prefix pages have a copy there, and in which slot.
 
 A slot is free or holds the copy of one full page, found by the page's prefix key, in LRU
-order. The scheduler asks for a slot when the pool evicts a full page (`store`) and looks
-keys up when a prefix misses in the pool (`lookup`); the copies themselves are made by the
-execution plane from the plan's kv_stores and kv_loads (control/plan.py), which it runs
-before the plan's forward, stores first. So a slot assigned in a plan may be loaded in the
-same plan, and the one hazard is reusing a slot whose load has not run yet: a load pins its
-slot until the step carrying it is advanced (a fence, as in the page pool), and `store`
-never takes a pinned slot. The tier is inclusive: a loaded copy stays, so a page evicted
-again later needs no second copy.
+order. The scheduler asks for a slot when the level above evicts a full page (`store`) and
+looks keys up when a prefix misses above (`lookup`); the copies themselves are made by the
+execution plane from the plan's tier operations (control/plan.py), which it runs before the
+plan's forward in a fixed order. The hazard is reusing a slot an operation of a step not yet
+advanced still reads or writes: such an operation pins its slot until that step is advanced
+(a fence, as in the page pool), and `store` never takes a pinned slot. A slot `store` takes
+from another key is reported to `on_evict` first (the host tier spills it to disk). The
+tier is inclusive: a loaded copy stays, so a page evicted again later needs no second copy.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from agentspeed.control.errors import InvariantViolation
 from agentspeed.control.prefix_cache import PageKey
@@ -31,8 +32,8 @@ class TierIndex:
         self.pins = [0] * num_slots  # loads of the slot not yet advanced
         self._fences: dict[int, list[int]] = {}  # step id -> slots its loads read
         self.stores = 0  # copies made (planned), since start
-        self.loads = 0  # pages loaded back, since start
         self.evictions = 0  # copies dropped to make room, since start
+        self.on_evict: Callable[[PageKey, int], None] | None = None  # (key, slot) about to be reused
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -55,19 +56,32 @@ class TierIndex:
                 return None
             slot = self._lru.pop(victim)
             self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(victim, slot)
         self._lru[key] = slot
         self.key_of[slot] = key
         self.stores += 1
         return slot
 
     def pin(self, slot: int, step: int) -> None:
-        """Keep `slot` from reuse until step `step` (whose plan loads it) is advanced."""
-        if self.key_of[slot] is None:
-            raise InvariantViolation(f"load of empty tier slot {slot}")
+        """Keep `slot` from reuse until step `step` (whose plan reads or writes it) is advanced,
+        and make it the most recently used."""
+        key = self.key_of[slot]
+        if key is None:
+            raise InvariantViolation(f"pin of empty tier slot {slot}")
         self.pins[slot] += 1
         self._fences.setdefault(step, []).append(slot)
-        self._lru.move_to_end(self.key_of[slot])  # type: ignore[arg-type]
-        self.loads += 1
+        self._lru.move_to_end(key)
+
+    def drop(self, key: PageKey) -> None:
+        """Forget the copy of `key` (it failed to read back), if it is still here."""
+        slot = self._lru.pop(key, None)
+        if slot is None:
+            return
+        if self.pins[slot]:
+            raise InvariantViolation(f"drop of pinned tier slot {slot}")
+        self.key_of[slot] = None
+        self._free.append(slot)
 
     def clear_fence(self, step: int) -> None:
         for slot in self._fences.pop(step, ()):

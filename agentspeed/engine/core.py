@@ -65,7 +65,8 @@ class EngineCore:
             cfg.scheduling, num_pages=runner.kv.num_pages, page_size=runner.page_size,
             max_model_len=runner.max_model_len, window=runner.kv.window,
             window_num_pages=runner.kv.window_num_pages,
-            tier_slots=runner.tier.num_slots if runner.tier is not None else 0))
+            tier_slots=runner.tier.num_slots if runner.tier is not None else 0,
+            disk_slots=runner.disk.num_slots if runner.disk is not None else 0))
         # Steps always execute on this one thread, overlap or not: every OS thread that
         # enters torch gets its own OpenMP team, and two teams spinning on two cores halve
         # the speed of both.

@@ -60,6 +60,8 @@ class LLM:
         partial_page_reuse: bool = True,
         kv_offload_memory: int | None = None,
         kv_offload_dtype: str = "auto",
+        kv_offload_dir: str | None = None,
+        kv_offload_disk: int | None = None,
     ) -> None:
         """Keywords build the EngineConfig (vLLM's names); engine_config, if given, is the
         whole config instead (as `agentspeed generate` builds it from its flags)."""
@@ -73,7 +75,8 @@ class LLM:
             cache=CacheConfig(page_size=page_size, num_pages=num_kv_pages, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype,
                               hybrid_kv=not disable_hybrid_kv_cache_manager,
-                              kv_offload_memory=kv_offload_memory, kv_offload_dtype=kv_offload_dtype),
+                              kv_offload_memory=kv_offload_memory, kv_offload_dtype=kv_offload_dtype,
+                              kv_offload_dir=kv_offload_dir, kv_offload_disk=kv_offload_disk),
             kernels=KernelConfig.from_spec(kernel_backend),
             scheduling=SchedulingConfig(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap,
                                         num_speculative_tokens, ngram_max, ngram_min, adaptive_drafts,

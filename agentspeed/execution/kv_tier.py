@@ -118,6 +118,31 @@ class HostKVTier:
         self.seconds += time.perf_counter() - t0
 
 
+    def _slot_views(self, slot: int) -> list[torch.Tensor]:
+        """The slot's tensors, each as flat bytes (views: writing them writes the slot)."""
+        out = []
+        for bufs in self._bufs:
+            for buf, sbuf in bufs:
+                for b in (buf, sbuf):
+                    if b is not None:
+                        out.append(b[slot].view(torch.uint8).reshape(-1))
+        return out
+
+    def read_slot(self, slot: int) -> bytes:
+        """A slot's whole copy as bytes (what the disk tier writes)."""
+        return b"".join(v.numpy().tobytes() for v in self._slot_views(slot))
+
+    def write_slot(self, slot: int, data: bytes | memoryview) -> None:
+        """Fill a slot from read_slot's bytes."""
+        src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        off = 0
+        for v in self._slot_views(slot):
+            v.copy_(src[off : off + v.numel()])
+            off += v.numel()
+        if off != len(src):
+            raise ValueError(f"a slot is {off} bytes, got {len(src)}")
+
+
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """fp8 values as bytes (torch's index copies do not take fp8); others as they are."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t

@@ -5,6 +5,7 @@ the same calls with the same chunks (SPMD); sampled tokens are taken from rank 0
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -13,10 +14,11 @@ import msgspec
 import torch
 
 from agentspeed.config import EngineConfig
-from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, ScheduledChunk, StepResult
+from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, ScheduledChunk, StepResult, TierOp
 from agentspeed.errors import ConfigError
 from agentspeed.execution.inputs import build_inputs
 from agentspeed.execution.kv_cache import KVCache, window_group
+from agentspeed.execution.kv_disk import DiskKVTier
 from agentspeed.execution.kv_tier import HostKVTier, build_tier, resolve_mode
 from agentspeed.execution.request_state import RequestState, RequestTable
 from agentspeed.execution.sampler import Sampler
@@ -70,6 +72,13 @@ class ModelRunner:
                                   "(--disable-hybrid-kv-cache-manager keeps one pool)")
             mode = resolve_mode(cfg.cache.kv_offload_dtype, built.device, self.kv.dtype)
             self.tier = build_tier(self.kv.layers, cfg.cache.kv_offload_memory, mode, built.device)
+        self.disk: DiskKVTier | None = None
+        if self.tier is not None and cfg.cache.kv_offload_dir is not None and cfg.cache.kv_offload_disk:
+            n = DiskKVTier.slots_for(self.tier, cfg.cache.kv_offload_disk)
+            if n < 1:
+                raise ConfigError(f"--kv-offload-disk {cfg.cache.kv_offload_disk} bytes holds no page")
+            self.disk = DiskKVTier(self.tier, cfg.cache.kv_offload_dir, n, self.comm.rank)
+            log.info("KV disk tier: %d pages in %s", n, self.disk.dir)
         self.sampler = Sampler(built.kernels, built.device, cfg.seed)
         self.requests = RequestTable(built.device, windowed=window is not None)
         self.grammar = GrammarStep(built.config.vocab_size)  # EngineCore sets its overlap
@@ -102,11 +111,7 @@ class ModelRunner:
         """Run one scheduler step: the only way requests reach the runner. Steps must run in
         plan order: a LAST_SAMPLED input is the token this runner sampled for that request in
         the previous step, and page deltas build on the previous plans'."""
-        if self.tier is not None:  # evicted pages out, then hit pages in, before the forward
-            if plan.kv_stores:
-                self.tier.store([p for p, _ in plan.kv_stores], [s for _, s in plan.kv_stores])
-            if plan.kv_loads:
-                self.tier.load([s for s, _ in plan.kv_loads], [p for _, p in plan.kv_loads])
+        failed = self._tier_ops(plan.tier_ops) if plan.tier_ops else []
         table = self.requests
         for rid in plan.released:  # finished before this plan was made: no chunk of it needs them
             table.release(rid)
@@ -125,7 +130,33 @@ class ModelRunner:
                     c, token_ids=[st.last_sampled if t == LAST_SAMPLED else t for t in c.token_ids])
             chunks.append(c)
             states.append(st)
-        return self._sample(chunks, states, plan.step_id) if chunks else StepResult(plan.step_id)
+        result = self._sample(chunks, states, plan.step_id) if chunks else StepResult(plan.step_id)
+        return msgspec.structs.replace(result, tier_failed=tuple(failed)) if failed else result
+
+    def _tier_ops(self, ops: Sequence[TierOp]) -> list[int]:
+        """Run a plan's tier copies in order, consecutive ones of a kind as one batch; returns
+        the host slots of the fetches that failed on any rank."""
+        tier, disk = self.tier, self.disk
+        assert tier is not None
+        failed: set[int] = set()
+        fetches: list[TierOp] = []
+        for kind, run in itertools.groupby(ops, key=lambda op: op.kind):
+            batch = list(run)
+            if kind == TierOp.STORE:
+                tier.store([op.src for op in batch], [op.dst for op in batch])
+            elif kind == TierOp.LOAD:
+                tier.load([op.src for op in batch], [op.dst for op in batch])
+            else:
+                assert disk is not None
+                if kind == TierOp.SPILL:
+                    disk.spill([(op.src, op.dst, op.key) for op in batch])
+                else:
+                    failed |= set(disk.fetch([(op.src, op.dst, op.key) for op in batch]))
+                    fetches += batch
+        if fetches and self.comm.world_size > 1:  # every rank must forget the same copies
+            flags = self.comm.all_reduce(torch.tensor([float(op.dst in failed) for op in fetches]))
+            failed = {op.dst for op, f in zip(fetches, flags.tolist(), strict=True) if f > 0}
+        return sorted(failed)
 
     def _sample(self, chunks: list[ScheduledChunk], states: list[RequestState], step_id: int) -> StepResult:
         sampling = [(c, st) for c, st in zip(chunks, states) if c.sample]
@@ -169,6 +200,8 @@ class ModelRunner:
         return StepResult(step_id, sampled, logprobs, accepted)
 
     def shutdown(self) -> None:
+        if self.disk is not None:
+            self.disk.shutdown()
         self.grammar.shutdown()
         self.comm.shutdown()
 

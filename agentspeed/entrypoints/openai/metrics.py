@@ -62,6 +62,8 @@ class _EngineCollector(Collector):
              "(a previous turn's last page)", s.num_partial_hit_tokens),
             ("kv_cache_evictions", "Cached prefix pages evicted from the KV pool", s.kv_evictions),
             ("kv_tier_stores", "KV pages copied to the host tier", s.kv_tier_stores),
+            ("kv_disk_read_failures", "Disk-tier KV copies missing or corrupt when read back (recomputed)",
+             s.kv_disk_failed),
         ):
             c = CounterMetricFamily(f"agentspeed:{name}", doc, labels=labels)
             c.add_metric([self._model], v)
@@ -69,9 +71,13 @@ class _EngineCollector(Collector):
         if s.kv_tier_pages_total:
             yield gauge("kv_tier_pages_used", "KV pages the host tier holds", s.kv_tier_pages_used)
             yield gauge("kv_tier_pages_total", "KV pages the host tier can hold", s.kv_tier_pages_total)
+        if s.kv_disk_pages_total:
+            yield gauge("kv_disk_pages_used", "KV pages the disk tier holds", s.kv_disk_pages_used)
+            yield gauge("kv_disk_pages_total", "KV pages the disk tier can hold", s.kv_disk_pages_total)
         c = CounterMetricFamily("agentspeed:prefix_cache_tier_hit_tokens",
                                 "Prompt tokens served from a KV tier below the pool, by tier", labels=[*labels, "tier"])
-        c.add_metric([self._model, "host"], s.num_tier_hit_tokens)
+        c.add_metric([self._model, "host"], s.num_tier_hit_tokens)  # every load into the pool
+        c.add_metric([self._model, "disk"], s.num_disk_hit_tokens)  # of those, read from disk first
         yield c
         c = CounterMetricFamily("agentspeed:spec_decode_disabled_requests",
                                 "Requests that would have drafted but decoded without, by reason", labels=[*labels, "reason"])
