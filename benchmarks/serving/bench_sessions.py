@@ -12,6 +12,7 @@ one config after another on this machine:
   retention+partial  the same, and partial last pages reused (the default engine);
   lru+host / retention+host  that engine (LRU or retention) with a host tier of `--tier-memory`
                  (int8 copies on CPU): evicted pages are copied there and loaded back on a hit;
+  retention+small-host+disk  a host tier of `--small-tier-memory` above a disk tier of `--disk`;
   lru-same-memory  plain LRU with the pool and the tier's bytes together as one pool.
 Prints eligible hit rate (and as a share of unlimited's), useful tok/s (and as a multiple of
 lru's), evictions and partial-page hit tokens from /metrics.
@@ -40,13 +41,15 @@ CONFIGS = {
     "retention+partial": ["--kv-cache-memory", "{pool}"],
     "lru+host": ["--kv-cache-memory", "{pool}", "--no-session-retention", "--kv-offload-memory", "{tier}"],
     "retention+host": ["--kv-cache-memory", "{pool}", "--kv-offload-memory", "{tier}"],
+    "retention+small-host+disk": ["--kv-cache-memory", "{pool}", "--kv-offload-memory", "{small_tier}",
+                                  "--kv-offload-dir", "{disk_dir}", "--kv-offload-disk", "{disk}"],
     "lru-same-memory": ["--kv-cache-memory", "{pool_plus_tier}", "--no-session-retention", "--no-partial-page-reuse"],
 }
 
 
-def _metric(text: str, name: str) -> float:
+def _metric(text: str, name: str, label: str = "") -> float:
     for line in text.splitlines():
-        if line.startswith(f"agentspeed:{name}") and not line.startswith("#"):
+        if line.startswith(f"agentspeed:{name}") and label in line:
             return float(line.rsplit(" ", 1)[1])
     return float("nan")
 
@@ -61,6 +64,8 @@ def main() -> None:
     ap.add_argument("--delay-scale", type=float, default=1.0)
     ap.add_argument("--pool-memory", default="400MiB", help="the constrained pool (--kv-cache-memory)")
     ap.add_argument("--tier-memory", default="400MiB", help="the host tier's bytes (--kv-offload-memory)")
+    ap.add_argument("--small-tier-memory", default="100MiB", help="the host tier above the disk tier")
+    ap.add_argument("--disk", default="2GiB", help="the disk tier's bytes (--kv-offload-disk)")
     ap.add_argument("--big-memory", default="6GiB", help="the unlimited run's pool")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--port", type=int, default=18431)
@@ -72,7 +77,8 @@ def main() -> None:
         for name in args.configs.split(","):
             both = _parse_bytes(args.pool_memory) + _parse_bytes(args.tier_memory)
             flags = [f.format(pool=args.pool_memory, big=args.big_memory, tier=args.tier_memory,
-                              pool_plus_tier=str(both)) for f in CONFIGS[name]]
+                              pool_plus_tier=str(both), small_tier=args.small_tier_memory, disk=args.disk,
+                              disk_dir=str(Path(tmp) / "kv-disk")) for f in CONFIGS[name]]
             cmd = [PY, "-m", "agentspeed.cli", "serve", "--port", str(args.port), "--max-num-seqs",
                    str(args.concurrency), *flags]
             print("$", " ".join(cmd), flush=True)
@@ -91,22 +97,24 @@ def main() -> None:
                            evictions=_metric(m, "kv_cache_evictions_total"),
                            partial_hit_tokens=_metric(m, "prefix_cache_partial_page_hit_tokens_total"),
                            preemptions=_metric(m, "num_preemptions_total"),
-                           tier_hit_tokens=_metric(m, "prefix_cache_tier_hit_tokens_total"),
-                           tier_stores=_metric(m, "kv_tier_stores_total"))
+                           tier_hit_tokens=_metric(m, "prefix_cache_tier_hit_tokens_total", 'tier="host"'),
+                           tier_stores=_metric(m, "kv_tier_stores_total"),
+                           disk_hit_tokens=_metric(m, "prefix_cache_tier_hit_tokens_total", 'tier="disk"'),
+                           disk_failures=_metric(m, "kv_disk_read_failures_total"))
                 rows.append(row)
             finally:
                 _stop(proc)
     ref = next((r for r in rows if r["config"] == "unlimited"), None)
     lru = next((r for r in rows if r["config"] == "lru"), None)
     print(f"\n{'config':<18} {'pages':>6} {'hit rate':>9} {'of unl.':>8} {'compl tok/s':>12} {'useful tok/s':>13} "
-          f"{'x lru':>6} {'wall s':>7} {'evictions':>9} {'partial tok':>11} {'tier tok':>9}")
+          f"{'x lru':>6} {'wall s':>7} {'evictions':>9} {'partial tok':>11} {'host tok':>9} {'disk tok':>9}")
     for r in rows:
         share = r["eligible_hit_rate"] / ref["eligible_hit_rate"] if ref else float("nan")
         gain = r["useful_tok_s"] / lru["useful_tok_s"] if lru else float("nan")
         print(f"{r['config']:<18} {r['kv_pages_total']:>6.0f} {r['eligible_hit_rate'] * 100:>8.1f}% "
               f"{share * 100:>7.1f}% {r['completion_tok_s']:>12.2f} {r['useful_tok_s']:>13.1f} {gain:>6.2f} "
               f"{r['wall_s']:>7.0f} {r['evictions']:>9.0f} {r['partial_hit_tokens']:>11.0f} "
-              f"{r['tier_hit_tokens']:>9.0f}")
+              f"{r['tier_hit_tokens']:>9.0f} {r['disk_hit_tokens']:>9.0f}")
     if args.output:
         Path(args.output).write_text(json.dumps({"command": " ".join(sys.argv), "results": rows}, indent=1))
 
