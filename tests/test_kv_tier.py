@@ -225,3 +225,42 @@ def test_disk_tier_round_trip_and_damaged_files_recompute(tmp_path: Path, tiny_l
     assert not any(sched.tier.pins) and not any(sched.disk.pins)
     cold.shutdown()
     llm.shutdown()
+
+
+def test_cost_model_is_measured_and_recomputes_when_loading_costs_more(tiny_llama: Path) -> None:
+    """The engine measures load and prefill costs as it runs; a tier whose pages cost more
+    to load than to recompute is not used (the same tokens either way)."""
+    from agentspeed.control.tier import TierCost
+
+    rng = random.Random(5)
+    a = [rng.randrange(384) for _ in range(300)]
+    llm = _llm(tiny_llama, num_kv_pages=45, kv_offload_memory=1 << 20, kv_offload_dtype="exact")
+    sched = llm.engine.scheduler
+    ans, _ = _gen(llm, a)
+    _gen(llm, [rng.randrange(384) for _ in range(340)])
+    turn2 = a + ans + [1, 2]
+    got, _ = _gen(llm, turn2)
+    cost = sched.tier_cost
+    assert sched.num_tier_hit_tokens > 0 and cost.load_s is not None and cost.prefill_s is not None
+    assert cost.use_host(PS)  # measured here: loading a page is far cheaper than recomputing it
+    before = sched.num_tier_hit_tokens
+    _gen(llm, [rng.randrange(384) for _ in range(340)])  # evicts turn 2 to the tier
+    llm.engine.measure_tier_cost = False
+    sched.tier_cost = TierCost(load_s=1.0, prefill_s=1e-3)  # 1 s a page against 8 ms to recompute it
+    again, _ = _gen(llm, turn2)
+    assert sched.num_tier_hit_tokens == before and again == got
+    llm.shutdown()
+
+
+def test_tier_cost_decisions() -> None:
+    from agentspeed.control.tier import TierCost
+
+    c = TierCost()
+    assert c.use_host(16) and c.use_disk(16)  # unmeasured: try the tier, which measures it
+    c.observe((0.004, 10), (0.0, 0), (2.0, 1000))  # 0.4 ms a page against 32 ms to recompute
+    assert c.load_s == pytest.approx(4e-4) and c.use_host(16) and c.use_disk(16)
+    c.observe((0.0, 0), (0.5, 10), (0.0, 0))  # disk reads of 50 ms a page: not worth it
+    assert c.use_host(16) and not c.use_disk(16)
+    for _ in range(40):  # loads get slow: the estimate follows, the host tier goes unused
+        c.observe((1.0, 10), (0.0, 0), (0.0, 0))
+    assert not c.use_host(16)

@@ -77,7 +77,7 @@ from agentspeed.control.plan import (
 )
 from agentspeed.control.prefix_cache import PageKey, chain_hash, extend_hashes
 from agentspeed.control.retention import SessionRetention
-from agentspeed.control.tier import TierIndex
+from agentspeed.control.tier import TierCost, TierIndex
 from agentspeed.errors import AgentspeedError
 
 
@@ -190,6 +190,7 @@ class Scheduler:
         self._ops: list[TierOp] = []  # the tier operations of the plan being built, in order
         self._planning = -1  # its step id
         self._fetching: dict[int, int] = {}  # host slot -> the step reading it from disk, not advanced
+        self.tier_cost = TierCost()  # fed by the engine, like `now`
         if self.tier is not None:
             self.pool.on_evict = self._offload
             if self.disk is not None:
@@ -688,7 +689,7 @@ class Scheduler:
             n, whits = self._window_hits(r, len(hits))
             del hits[n:]
         loads: list[int] = []  # tier slots of the pages after the device hits
-        if self.tier is not None:
+        if self.tier is not None and self.tier_cost.use_host(ps):
             limit = (r.num_tokens - 1) // ps
             for h in r.hashes[len(hits) : limit]:
                 slot = self.tier.lookup(h)
@@ -697,7 +698,8 @@ class Scheduler:
                 if slot in self._fetching:  # its disk read is in flight: wait for it
                     return False
                 loads.append(slot)
-            if self.disk is not None and not r.fetched and self._fetch(r, len(hits) + len(loads), limit):
+            if self.disk is not None and not r.fetched and self.tier_cost.use_disk(ps) \
+                    and self._fetch(r, len(hits) + len(loads), limit):
                 return False
         n_hit = len(hits) + len(loads)
         partial, n_partial = 0, 0

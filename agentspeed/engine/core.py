@@ -85,6 +85,9 @@ class EngineCore:
         # The scheduler's time (session retention): read before each input and step. Under
         # TP the engine-core process replaces it with rank 0's time for the step, sent along.
         self.clock: Callable[[], float] = time.monotonic
+        # Feed the scheduler's tier cost model from this rank's step timings (TP workers take
+        # rank 0's figures instead: core_proc turns this off).
+        self.measure_tier_cost = runner.tier is not None
 
     def add_request(self, spec: RequestSpec, params: SamplingParams | None = None) -> None:
         """Queue a request (params, if given, replace spec.params). One that can never be
@@ -133,6 +136,7 @@ class EngineCore:
                 return self.scheduler.advance_idle()
             self.steps += 1
             result = self._exec.submit(self.runner.execute_plan, plan).result()
+            self._observe()
             return self.scheduler.advance(result)
         if self._in_flight is None:
             plan = self.scheduler.next_plan()
@@ -143,10 +147,15 @@ class EngineCore:
         nxt = self.scheduler.next_plan()
         _, fut = self._in_flight
         result = fut.result()
+        self._observe()  # (before the next step runs: it rewrites the runner's timings)
         self.steps += 1
         updates = self.scheduler.advance(result)
         self._in_flight = None if nxt.empty else (nxt, self._exec.submit(self.runner.execute_plan, nxt))
         return updates
+
+    def _observe(self) -> None:
+        if self.measure_tier_cost:
+            self.scheduler.tier_cost.observe(*self.runner.last_costs)
 
     def shutdown(self) -> None:
         """Finish the step in flight and stop the runner (on its thread) and the thread."""

@@ -183,7 +183,8 @@ def run_rank0(args: argparse.Namespace, cfg: EngineConfig) -> int:
                 continue
             core.now = time.monotonic()
             if worker_socks:
-                buf = enc.encode(StepInputs(msgs, core.now))
+                c = engine.scheduler.tier_cost
+                buf = enc.encode(StepInputs(msgs, core.now, (c.load_s, c.fetch_s, c.prefill_s)))
                 for s in worker_socks:
                     s.send(buf)
             running = core.apply(msgs)
@@ -216,13 +217,16 @@ def run_worker(args: argparse.Namespace, cfg: EngineConfig) -> int:
     inp = ctx.socket(zmq.PULL)
     inp.connect(_worker_input(args.input, cfg.parallel.rank))
     engine = EngineCore.build(cfg)
+    engine.measure_tier_cost = False
     core = _Core(engine)
+    cost = engine.scheduler.tier_cost
     try:
         while True:
             if not inp.poll(1000):
                 continue
             si = dec.decode(inp.recv())
             core.now = si.now
+            cost.load_s, cost.fetch_s, cost.prefill_s = si.tier_cost
             if not core.apply(si.inputs):
                 break
             core.step()

@@ -41,6 +41,8 @@ class StepInputs(msgspec.Struct, tag=True, frozen=True):
 
     inputs: list[EngineInput]
     now: float = 0.0
+    # rank 0's tier cost estimates (control/tier.py TierCost: load_s, fetch_s, prefill_s)
+    tier_cost: tuple[float | None, float | None, float | None] = (None, None, None)
 
 
 # ---- engine core -> frontend ------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 import msgspec
@@ -29,6 +30,11 @@ from agentspeed.modeling.context import ForwardContext
 from agentspeed.structured.backend import Matcher
 
 log = logging.getLogger(__name__)
+
+StepCosts = tuple[tuple[float, int], tuple[float, int], tuple[float, int]]
+_NO_COSTS: StepCosts = ((0.0, 0), (0.0, 0), (0.0, 0))
+# A step of at least this many tokens is timed as prefill (decode steps cost per token far more).
+PREFILL_MEASURE_TOKENS = 256
 
 
 class ModelRunner:
@@ -83,6 +89,9 @@ class ModelRunner:
         self.requests = RequestTable(built.device, windowed=window is not None)
         self.grammar = GrammarStep(built.config.vocab_size)  # EngineCore sets its overlap
         self._matchers: dict[str, Matcher] = {}
+        # the last step's (seconds, pages) of tier loads and of disk reads, and (seconds, tokens)
+        # of its forward when prefill-sized: what the scheduler's TierCost learns from
+        self.last_costs: StepCosts = _NO_COSTS
 
     def expect_matcher(self, request_id: str, matcher: Matcher) -> None:
         """The grammar matcher of a constrained request not yet in a plan (EngineCore hands
@@ -111,6 +120,7 @@ class ModelRunner:
         """Run one scheduler step: the only way requests reach the runner. Steps must run in
         plan order: a LAST_SAMPLED input is the token this runner sampled for that request in
         the previous step, and page deltas build on the previous plans'."""
+        self.last_costs = _NO_COSTS
         failed = self._tier_ops(plan.tier_ops) if plan.tier_ops else []
         table = self.requests
         for rid in plan.released:  # finished before this plan was made: no chunk of it needs them
@@ -130,7 +140,11 @@ class ModelRunner:
                     c, token_ids=[st.last_sampled if t == LAST_SAMPLED else t for t in c.token_ids])
             chunks.append(c)
             states.append(st)
+        t0 = time.perf_counter()
         result = self._sample(chunks, states, plan.step_id) if chunks else StepResult(plan.step_id)
+        if self.tier is not None and plan.num_tokens >= PREFILL_MEASURE_TOKENS:
+            load, fetch, _ = self.last_costs
+            self.last_costs = (load, fetch, (time.perf_counter() - t0, plan.num_tokens))
         return msgspec.structs.replace(result, tier_failed=tuple(failed)) if failed else result
 
     def _tier_ops(self, ops: Sequence[TierOp]) -> list[int]:
@@ -140,12 +154,17 @@ class ModelRunner:
         assert tier is not None
         failed: set[int] = set()
         fetches: list[TierOp] = []
+        load_s = fetch_s = 0.0
+        n_load = 0
         for kind, run in itertools.groupby(ops, key=lambda op: op.kind):
             batch = list(run)
+            t0 = time.perf_counter()
             if kind == TierOp.STORE:
                 tier.store([op.src for op in batch], [op.dst for op in batch])
             elif kind == TierOp.LOAD:
                 tier.load([op.src for op in batch], [op.dst for op in batch])
+                load_s += time.perf_counter() - t0
+                n_load += len(batch)
             else:
                 assert disk is not None
                 if kind == TierOp.SPILL:
@@ -153,9 +172,11 @@ class ModelRunner:
                 else:
                     failed |= set(disk.fetch([(op.src, op.dst, op.key) for op in batch]))
                     fetches += batch
+                    fetch_s += time.perf_counter() - t0
         if fetches and self.comm.world_size > 1:  # every rank must forget the same copies
             flags = self.comm.all_reduce(torch.tensor([float(op.dst in failed) for op in fetches]))
             failed = {op.dst for op, f in zip(fetches, flags.tolist(), strict=True) if f > 0}
+        self.last_costs = ((load_s, n_load), (fetch_s, len(fetches)), (0.0, 0))
         return sorted(failed)
 
     def _sample(self, chunks: list[ScheduledChunk], states: list[RequestState], step_id: int) -> StepResult:
