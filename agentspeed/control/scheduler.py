@@ -189,7 +189,7 @@ class Scheduler:
         self.disk = TierIndex(cfg.disk_slots) if cfg.disk_slots else None
         self._ops: list[TierOp] = []  # the tier operations of the plan being built, in order
         self._planning = -1  # its step id
-        self._fetching: dict[int, int] = {}  # host slot -> the step reading it from disk, not advanced
+        self._fetching: set[int] = set()  # host slots a step not advanced yet reads from disk into
         self.tier_cost = TierCost()  # fed by the engine, like `now`
         if self.tier is not None:
             self.pool.on_evict = self._offload
@@ -440,7 +440,7 @@ class Scheduler:
                 break
             tier.pin(slot, self._planning)
             self._ops.append(TierOp(TierOp.FETCH, d, slot, h))
-            self._fetching[slot] = self._planning
+            self._fetching.add(slot)
             n += 1
         r.fetched = n > 0
         return r.fetched
@@ -449,8 +449,7 @@ class Scheduler:
         """Release the tiers' pins of an advanced step; forget copies that did not read back."""
         assert self.tier is not None
         fetches = [op for op in plan.tier_ops if op.kind == TierOp.FETCH]
-        for op in fetches:
-            del self._fetching[op.dst]
+        self._fetching -= {op.dst for op in fetches}
         self.tier.clear_fence(plan.step_id)
         if self.disk is None:
             return

@@ -45,12 +45,11 @@ class DiskKVTier:
             log.info("KV disk tier: removed %d files of an earlier run from %s", len(stale), self.dir)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agentspeed-kv-disk")
         self._pending: dict[int, Future[None]] = {}  # disk slot -> its latest write
-        self.pages_written = self.pages_read = self.failed = 0
 
     @staticmethod
     def slots_for(host: HostKVTier, disk_bytes: int) -> int:
         """How many page files fit in disk_bytes."""
-        return disk_bytes // (HostKVTier.slot_bytes(host._layers, host.mode) + HEADER.size)
+        return disk_bytes // (host.page_bytes + HEADER.size)
 
     def path(self, slot: int) -> Path:
         return self.dir / f"{slot}.kv"
@@ -71,7 +70,6 @@ class DiskKVTier:
                 f.write(HEADER.pack(MAGIC, key, len(data), _digest(data)))
                 f.write(data)
             os.replace(tmp, path)  # a reader sees the old file or the whole new one
-            self.pages_written += 1
         except OSError as e:  # (the read will fail its checks: a miss, not wrong tokens)
             log.warning("KV disk tier: writing %s failed: %s", path, e)
             path.unlink(missing_ok=True)
@@ -84,11 +82,8 @@ class DiskKVTier:
             pending = self._pending.pop(dslot, None)
             if pending is not None:
                 pending.result()
-            if self._read(dslot, hslot, key):
-                self.pages_read += 1
-            else:
+            if not self._read(dslot, hslot, key):
                 failed.append(hslot)
-                self.failed += 1
         return failed
 
     def _read(self, dslot: int, hslot: int, key: bytes) -> bool:

@@ -16,7 +16,7 @@ Two forms:
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Iterator
 
 import torch
 
@@ -52,8 +52,7 @@ class HostKVTier:
         self._bufs: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []
         for kv in layers:
             self._bufs.append([self._alloc(t, s, pin) for t, s in _tensors(kv)])
-        self.seconds = 0.0  # spent copying, since start
-        self.pages_stored = self.pages_loaded = 0
+        self.page_bytes = self.slot_bytes(layers, mode)
 
     @staticmethod
     def slot_bytes(layers: list[LayerKV], mode: str) -> int:
@@ -76,47 +75,43 @@ class HostKVTier:
         scale = torch.empty((self.num_slots, *s.shape[1:]), dtype=s.dtype, pin_memory=pin) if s is not None else None
         return torch.empty(shape, dtype=_raw(t).dtype, pin_memory=pin), scale
 
-    def store(self, pages: list[int], slots: list[int]) -> None:
-        """Copy device pages into tier slots (pairwise)."""
-        t0 = time.perf_counter()
-        dev = self._layers[0].k.device
-        p = torch.tensor(pages, dtype=torch.long, device=dev)
+    def _pairs(self, pages: list[int], slots: list[int]) -> Iterator[tuple[
+            torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+        """(cache tensor, its scales, tier values, tier scales, page ids, slot ids) of every
+        layer's tensors, for copies between those pages and slots (pairwise)."""
+        p = torch.tensor(pages, dtype=torch.long, device=self._layers[0].k.device)
         sl = torch.tensor(slots, dtype=torch.long)
         for kv, bufs in zip(self._layers, self._bufs, strict=True):
             for (t, s), (buf, sbuf) in zip(_tensors(kv), bufs, strict=True):
-                x = _raw(t).index_select(0, p)
-                if self.mode == "int8":
-                    x = x.float()
-                    scale = x.abs().amax(-1).clamp_min(1e-30) / 127.0
-                    buf.index_copy_(0, sl, (x / scale.unsqueeze(-1)).round_().to(torch.int8).cpu())
-                    assert sbuf is not None
-                    sbuf.index_copy_(0, sl, scale.cpu())
-                else:
-                    buf.index_copy_(0, sl, x.cpu())
-                    if s is not None and sbuf is not None:
-                        sbuf.index_copy_(0, sl, s.index_select(0, p).cpu())
-        self.pages_stored += len(pages)
-        self.seconds += time.perf_counter() - t0
+                yield t, s, buf, sbuf, p, sl
+
+    def store(self, pages: list[int], slots: list[int]) -> None:
+        """Copy device pages into tier slots (pairwise)."""
+        for t, s, buf, sbuf, p, sl in self._pairs(pages, slots):
+            x = _raw(t).index_select(0, p)
+            if self.mode == "int8":
+                x = x.float()
+                scale = x.abs().amax(-1).clamp_min(1e-30) / 127.0
+                buf.index_copy_(0, sl, (x / scale.unsqueeze(-1)).round_().to(torch.int8).cpu())
+                assert sbuf is not None
+                sbuf.index_copy_(0, sl, scale.cpu())
+            else:
+                buf.index_copy_(0, sl, x.cpu())
+                if s is not None and sbuf is not None:
+                    sbuf.index_copy_(0, sl, s.index_select(0, p).cpu())
 
     def load(self, slots: list[int], pages: list[int]) -> None:
         """Copy tier slots into device pages (pairwise)."""
-        t0 = time.perf_counter()
         dev = self._layers[0].k.device
-        p = torch.tensor(pages, dtype=torch.long, device=dev)
-        sl = torch.tensor(slots, dtype=torch.long)
-        for kv, bufs in zip(self._layers, self._bufs, strict=True):
-            for (t, s), (buf, sbuf) in zip(_tensors(kv), bufs, strict=True):
-                x = buf.index_select(0, sl)
-                if self.mode == "int8":
-                    assert sbuf is not None
-                    x = x.float() * sbuf.index_select(0, sl).unsqueeze(-1)
-                dst = _raw(t)
-                dst.index_copy_(0, p, x.to(device=dev, dtype=dst.dtype, non_blocking=True))
-                if s is not None and sbuf is not None:
-                    s.index_copy_(0, p, sbuf.index_select(0, sl).to(dev, non_blocking=True))
-        self.pages_loaded += len(pages)
-        self.seconds += time.perf_counter() - t0
-
+        for t, s, buf, sbuf, p, sl in self._pairs(pages, slots):
+            x = buf.index_select(0, sl)
+            if self.mode == "int8":
+                assert sbuf is not None
+                x = x.float() * sbuf.index_select(0, sl).unsqueeze(-1)
+            dst = _raw(t)
+            dst.index_copy_(0, p, x.to(device=dev, dtype=dst.dtype, non_blocking=True))
+            if s is not None and sbuf is not None:
+                s.index_copy_(0, p, sbuf.index_select(0, sl).to(dev, non_blocking=True))
 
     def _slot_views(self, slot: int) -> list[torch.Tensor]:
         """The slot's tensors, each as flat bytes (views: writing them writes the slot)."""
