@@ -79,6 +79,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="the tier's form: exact (the cache's values, bit for bit) or int8 (one scale per "
                         "token and head: a quarter of an fp32 cache's bytes, error <= max|row|/254); "
                         "auto: int8 on CPU (where the tier shares the pool's memory), exact on GPUs")
+    g.add_argument("--no-kv-offload-writeback", dest="kv_offload_writeback", action="store_false",
+                   help="copy a page to the host tier only when the pool evicts it (default: the pages it "
+                        "will evict next are copied ahead, beside the forward on GPUs and between steps on "
+                        "CPUs, so an admission that evicts a run of pages does not wait for the copies)")
     g.add_argument("--kv-offload-dir", default=None, metavar="DIR",
                    help="a disk tier below the host tier, in DIR/rank<r>/ (files of an earlier run there are "
                         "deleted): host copies about to be reused are written there, one checksummed file per "
@@ -126,6 +130,7 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
                           kv_cache_dtype=args.kv_cache_dtype,
                           hybrid_kv=not args.disable_hybrid_kv_cache_manager,
                           kv_offload_memory=args.kv_offload_memory, kv_offload_dtype=args.kv_offload_dtype,
+                          kv_offload_writeback=args.kv_offload_writeback,
                           kv_offload_dir=args.kv_offload_dir, kv_offload_disk=args.kv_offload_disk),
         kernels=KernelConfig.from_spec(args.kernel_backend),
         scheduling=SchedulingConfig(

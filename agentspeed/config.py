@@ -176,6 +176,9 @@ class CacheConfig:
     # its form: auto (int8 on CPU for float caches, exact on GPUs) | exact | int8.
     kv_offload_memory: int | None = None
     kv_offload_dtype: str = "auto"
+    # Copy the pages the pool will evict next to the tier ahead of their eviction (beside the
+    # forward on GPUs, between steps on CPUs), rather than when an allocation evicts them.
+    kv_offload_writeback: bool = True
     # A disk tier below the host tier (execution/kv_disk.py): a directory and its bytes per rank.
     kv_offload_dir: str | None = None
     kv_offload_disk: int | None = None

@@ -96,20 +96,41 @@ def _gen(llm: LLM, prompt: list[int]) -> tuple[list[int], int]:
     return o.outputs[0].token_ids, o.num_cached_tokens
 
 
-@pytest.mark.parametrize("mode", ["exact", "int8"])
-def test_evicted_prefix_loads_back_with_cold_prefill_tokens(tiny_llama: Path, mode: str) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_write_back_copies_what_store_copies(dtype: torch.dtype) -> None:
+    """begin_store/finish_store (a write-back) leaves the slots store leaves, even with other
+    pages written between them (what the forward beside it does)."""
+    layers = _layers(dtype, fp8=dtype == torch.float8_e4m3fn)
+    a, b = HostKVTier(layers, 4, "exact"), HostKVTier(layers, 4, "exact")
+    a.store([3, 7], [1, 2])
+    b.begin_store([3, 7], [1, 2])
+    with pytest.raises(AssertionError, match="already in flight"):
+        b.begin_store([5], [0])
+    for kv in layers:
+        kv.k[5].zero_()
+    b.finish_store()
+    b.finish_store()  # (nothing in flight: nothing to do)
+    for slot in (1, 2):
+        assert a.read_slot(slot) == b.read_slot(slot)
+
+
+@pytest.mark.parametrize(("mode", "writeback"), [("exact", True), ("exact", False), ("int8", True)])
+def test_evicted_prefix_loads_back_with_cold_prefill_tokens(tiny_llama: Path, mode: str, writeback: bool) -> None:
     """Turn 1 of session A, then B's prompt, which evicts A's pages from a pool of 30 pages;
-    A's second turn loads them back from the tier and decodes what a cold prefill decodes."""
+    A's second turn loads them back from the tier and decodes what a cold prefill decodes,
+    whether the pages were copied ahead of their eviction (write-back) or when evicted."""
     rng = random.Random(1)
     a = [rng.randrange(384) for _ in range(150)]
     b = [rng.randrange(384) for _ in range(200)]
     cold = _llm(tiny_llama, enable_prefix_caching=False)
-    llm = _llm(tiny_llama, num_kv_pages=31, kv_offload_memory=1 << 20, kv_offload_dtype=mode)
+    llm = _llm(tiny_llama, num_kv_pages=31, kv_offload_memory=1 << 20, kv_offload_dtype=mode,
+               kv_offload_writeback=writeback)
     sched = llm.engine.scheduler
     assert sched.tier is not None and llm.runner.tier is not None and llm.runner.tier.mode == mode
     ans_a, _ = _gen(llm, a)
     _gen(llm, b)
     assert sched.pool.evictions > 0 and sched.tier.stores > 0
+    assert (sched.num_tier_writebacks > 0) == writeback
     turn2 = a + ans_a + [5, 6, 7]
     got, cached = _gen(llm, turn2)
     want, _ = _gen(cold, turn2)

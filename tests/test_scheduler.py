@@ -25,7 +25,7 @@ EOS = 0
 # What the stateful runs exercised (checked by test_stateful_run_exercised_pressure).
 COVERAGE = {"preemptions": 0, "evictions": 0, "overlapped_plans": 0, "prefix_hits": 0, "window_drops": 0,
             "window_prefix_hits": 0, "window_preemptions": 0, "partial_claims": 0, "session_groups": 0,
-            "tier_stores": 0, "tier_loads": 0, "disk_spills": 0, "disk_fetches": 0, "disk_failures": 0}
+            "tier_stores": 0, "tier_loads": 0, "tier_writebacks": 0, "disk_spills": 0, "disk_fetches": 0, "disk_failures": 0}
 
 
 def written_pages(plan: ExecutionPlan, pages: list[tuple[int, ...]], page_size: int) -> dict[int, str]:
@@ -151,6 +151,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         # a later load would put in front of some request's reads.
         failed = []
         for op in plan.tier_ops:
+            if op.kind == TierOp.WRITEBACK:
+                continue  # below, after the forward's writes
             if op.kind == TierOp.SPILL:
                 self.disk_slots[op.dst] = list(self.tier_slots[op.src])
                 COVERAGE["disk_spills"] += 1
@@ -175,6 +177,13 @@ class SchedulerMachine(RuleBasedStateMachine):
                 pos = c.start + i
                 slot = self.slots.setdefault(row[pos // self.ps], [None] * self.ps)
                 slot[pos % self.ps] = t if t >= 0 else (c.request_id, pos)
+        # Write-backs may run beside the forward: copying the page after the forward wrote it
+        # is what they must survive (a page the forward writes would be caught by the reads).
+        wbs = [op for op in plan.tier_ops if op.kind == TierOp.WRITEBACK]
+        assert all(op.kind == TierOp.WRITEBACK for op in plan.tier_ops[len(plan.tier_ops) - len(wbs):])
+        for op in wbs:
+            self.tier_slots[op.dst] = list(self.slots.get(op.src, [None] * self.ps))
+            COVERAGE["tier_writebacks"] += 1
         if self.sched.num_partial_hit_tokens > self.partial_seen:
             COVERAGE["partial_claims"] += 1
             self.partial_seen = self.sched.num_partial_hit_tokens

@@ -9,7 +9,11 @@ Per concurrency level:
                           conversations, which re-send the recorded answer rather than the
                           generated one, the previous prompt only
   completion tok/s        completion tokens / wall time
-  useful tok/s            (uncached prompt tokens + completion tokens) / wall time
+  useful tok/s            (uncached prompt tokens + completion tokens) / wall time: the
+                          tokens computed (a prefix miss adds to it)
+  served tok/s            (prompt tokens + completion tokens) / wall time: the tokens the
+                          sessions sent and got back, cached or not (a fixed workload's
+                          rate of service, whatever its hit rate)
   tok/min per device      useful tok/s x 60 / devices
   TTFAT p50               per session: session start to the first token of its final answer
   per replica             behind a gateway that names the worker (SMG): requests and eligible
@@ -58,6 +62,7 @@ def summarize(label: str, concurrency: int, sessions: list[SessionRecord], wall:
         "eligible_hit_rate": cached / eligible if eligible else None,
         "completion_tok_s": completion / wall if wall > 0 else 0.0,
         "useful_tok_s": useful, "tok_min_per_device": useful * 60 / devices,
+        "served_tok_s": (prompt + completion) / wall if wall > 0 else 0.0,
         "first_errors": [r.error for r in reqs if r.error][:3],
         "per_replica": _per_replica(ok),
     }

@@ -214,6 +214,20 @@ class PagePool:
             return self.eviction_order(list(self._cached))
         return sorted(self._cached, key=lambda g: g is not None)  # group None (no sessions) first
 
+    def next_victims(self, n: int) -> list[int]:
+        """The first n full cached pages in eviction order (what allocations would evict
+        next, partial pages aside), evicting nothing."""
+        out: list[int] = []
+        if n <= 0 or not self._n_cached:
+            return out
+        for g in self._order():
+            for p in self._cached.get(g, ()):
+                if p not in self._partial_of:
+                    out.append(p)
+                    if len(out) == n:
+                        return out
+        return out
+
     def _evict_one(self, group: str | None) -> None:
         lru = self._cached[group]
         p = next(iter(lru))

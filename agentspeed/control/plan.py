@@ -105,12 +105,18 @@ class TierOp(msgspec.Struct, frozen=True, gc=False, array_like=True):
       LOAD   src host slot -> dst device page (a prefix hit below the pool)
       SPILL  src host slot -> dst disk slot (a host copy about to be reused), key written along
       FETCH  src disk slot -> dst host slot, if the file holds key's intact copy
-             (StepResult.tier_failed names the fetches that did not)"""
+             (StepResult.tier_failed names the fetches that did not)
+      WRITEBACK  src device page -> dst host slot, a cached page at the front of the eviction
+             order copied before it is evicted, so that its eviction copies nothing. After
+             every other op of its plan; neither the plan nor its forward writes the page, so
+             the copy may run alongside the forward or after it, but it completes before the
+             next plan's ops run."""
 
     STORE: ClassVar[int] = 0
     LOAD: ClassVar[int] = 1
     SPILL: ClassVar[int] = 2
     FETCH: ClassVar[int] = 3
+    WRITEBACK: ClassVar[int] = 4
 
     kind: int
     src: int
@@ -125,8 +131,9 @@ class ExecutionPlan(msgspec.Struct, frozen=True):
     execution-side state is dropped before it runs (so a released id may be registered
     again by the same plan). The scheduler keeps releases for its next non-empty plan.
     tier_ops: copies between the pool and its tiers (control/tier.py), run in order before
-    the forward (which may write a page stored here and reads the pages loaded here). A plan
-    with tier operations and no chunks is run (it is not empty)."""
+    the forward (which may write a page stored here and reads the pages loaded here), except
+    the write-backs at the end, which may overlap it. A plan with tier operations and no
+    chunks is run (it is not empty)."""
 
     step_id: int
     chunks: tuple[ScheduledChunk, ...]

@@ -47,6 +47,12 @@ a host copy about to be reused is spilled to disk first (SPILL), and a prefix th
 continues on disk is read back into the host tier (FETCH) by one plan while its request
 waits, then loaded by a later one: a copy that fails to read back (missing, corrupt) is
 forgotten and those tokens are recomputed, never loaded.
+
+Write-back (tier_writeback): each plan also copies the cached pages at the front of the
+eviction order that a next plan could evict (up to one token budget's pages beyond the free
+ones) into the tier ahead of time (WRITEBACK ops, which the execution plane may run beside
+the forward): evicting a page the tier already holds copies nothing, so an admission that
+evicts a run of pages does not wait for their copies.
 """
 
 from __future__ import annotations
@@ -97,15 +103,16 @@ class SchedulerConfig(SchedulingConfig):
     window_num_pages: int = 0  # pages in the window layers' pool (with window)
     tier_slots: int = 0  # pages the host KV tier holds (0: no tier)
     disk_slots: int = 0  # pages the disk tier below it holds (0: none)
+    tier_writeback: bool = True  # copy the next pages to be evicted ahead (with tier_slots)
 
     @staticmethod
     def of(s: SchedulingConfig, *, num_pages: int, page_size: int, max_model_len: int,
            window: int | None = None, window_num_pages: int = 0, tier_slots: int = 0,
-           disk_slots: int = 0) -> SchedulerConfig:
+           disk_slots: int = 0, tier_writeback: bool = True) -> SchedulerConfig:
         fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(SchedulingConfig)}
         return SchedulerConfig(**fields, num_pages=num_pages, page_size=page_size, max_model_len=max_model_len,
                                window=window, window_num_pages=window_num_pages, tier_slots=tier_slots,
-                               disk_slots=disk_slots)
+                               disk_slots=disk_slots, tier_writeback=tier_writeback)
 
 
 _RUNNING = (fsm.Prefilling, fsm.PrefillDone, fsm.Decoding)
@@ -195,6 +202,7 @@ class Scheduler:
             self.pool.on_evict = self._offload
             if self.disk is not None:
                 self.tier.on_evict = self._spill
+        self.num_tier_writebacks = 0  # pages copied to the host tier ahead of eviction, since start
         self.num_tier_hit_tokens = 0  # prompt tokens loaded back from the host tier, since start
         self.num_disk_hit_tokens = 0  # of those, tokens first read back from disk
         self.num_disk_failed = 0  # disk copies that were missing or corrupt, since start
@@ -319,6 +327,8 @@ class Scheduler:
             raise InvariantViolation("tier loads planned in a plan without chunks")
         released, self._released = tuple(self._released), []
         new, self._new = tuple(self._new), []
+        if self.tier is not None and self.cfg.tier_writeback and chunks:
+            self._writeback()
         ops, self._ops = tuple(self._ops), []
         plan = ExecutionPlan(step_id, tuple(chunks), released, new, ops)
         self._unadvanced.append(plan)
@@ -414,6 +424,28 @@ class Scheduler:
         slot = self.tier.store(key)
         if slot is not None:
             self._ops.append(TierOp(TierOp.STORE, page, slot))
+
+    def _writeback(self) -> None:
+        """Copy ahead the cached pages a next plan could evict (one token budget's pages
+        beyond the free ones) that the tier does not hold yet. Last in the plan: nothing
+        after it allocates, so no page copied here is written by this plan. The slots are
+        pinned for the plan, so that no later write-back of it takes one (its spill would
+        read a copy not made yet); the spills of the slots taken go before every write-back."""
+        tier, pool = self.tier, self.pool
+        assert tier is not None
+        budget = -(-self.cfg.max_num_batched_tokens // self.cfg.page_size)
+        wbs = []
+        for page in pool.next_victims(budget - pool.num_free()):
+            key = pool.page_hash[page]
+            assert key is not None
+            if tier.lookup(key) is None:
+                slot = tier.store(key)  # (a spill it causes joins self._ops)
+                if slot is None:
+                    break
+                tier.pin(slot, self._planning)
+                wbs.append(TierOp(TierOp.WRITEBACK, page, slot))
+        self._ops += wbs
+        self.num_tier_writebacks += len(wbs)
 
     def _spill(self, key: PageKey, slot: int) -> None:
         """The host tier is reusing `slot`: write key's copy there to disk first (the ops

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 import msgspec
 import zmq
@@ -175,7 +175,7 @@ class AsyncLLM:
     async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                        session_key: str | None = None, cache_salt: str | None = None,
                        priority: int = 0, forced_output: Sequence[int] | None = None
-                       ) -> AsyncIterator[RequestDelta]:
+                       ) -> AsyncGenerator[RequestDelta, None]:
         """Deltas of all of the request's n samples until each finished. forced_output is a
         test hook (OutputProcessor.add_request)."""
         if self.dead is not None:

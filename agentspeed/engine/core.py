@@ -19,7 +19,7 @@ import msgspec
 
 from agentspeed.config import resolve_defaults
 from agentspeed.control.fsm import FinishReason
-from agentspeed.control.plan import ExecutionPlan, RequestSpec, RequestUpdate, StepResult
+from agentspeed.control.plan import ExecutionPlan, RequestSpec, RequestUpdate, StepResult, TierOp
 from agentspeed.control.scheduler import RequestRejected, Scheduler, SchedulerConfig
 from agentspeed.sampling_params import SamplingParams
 from agentspeed.structured.backend import GrammarError
@@ -66,12 +66,14 @@ class EngineCore:
             max_model_len=runner.max_model_len, window=runner.kv.window,
             window_num_pages=runner.kv.window_num_pages,
             tier_slots=runner.tier.num_slots if runner.tier is not None else 0,
+            tier_writeback=cfg.cache.kv_offload_writeback,
             disk_slots=runner.disk.num_slots if runner.disk is not None else 0))
         # Steps always execute on this one thread, overlap or not: every OS thread that
         # enters torch gets its own OpenMP team, and two teams spinning on two cores halve
         # the speed of both.
         self._exec = executor or ThreadPoolExecutor(1, thread_name_prefix="agentspeed-exec")
         self._in_flight: tuple[ExecutionPlan, Future[StepResult]] | None = None
+        self._write_back: Future[None] | None = None  # the last step's tier write-back
         self.steps = 0
         self._rejected: list[RequestUpdate] = []
         self.structured = StructuredOutputManager(
@@ -135,14 +137,14 @@ class EngineCore:
             if plan.empty:
                 return self.scheduler.advance_idle()
             self.steps += 1
-            result = self._exec.submit(self.runner.execute_plan, plan).result()
+            result = self._submit(plan).result()
             self._observe()
             return self.scheduler.advance(result)
         if self._in_flight is None:
             plan = self.scheduler.next_plan()
             if plan.empty:
                 return self.scheduler.advance_idle()
-            self._in_flight = (plan, self._exec.submit(self.runner.execute_plan, plan))
+            self._in_flight = (plan, self._submit(plan))
         # Plan the next step while the current one runs.
         nxt = self.scheduler.next_plan()
         _, fut = self._in_flight
@@ -150,8 +152,20 @@ class EngineCore:
         self._observe()  # (before the next step runs: it rewrites the runner's timings)
         self.steps += 1
         updates = self.scheduler.advance(result)
-        self._in_flight = None if nxt.empty else (nxt, self._exec.submit(self.runner.execute_plan, nxt))
+        self._in_flight = None if nxt.empty else (nxt, self._submit(nxt))
         return updates
+
+    def _submit(self, plan: ExecutionPlan) -> Future[StepResult]:
+        """Run plan on the step's thread, then its tier write-back (while this thread handles
+        the result)."""
+        done = self._write_back
+        if done is not None and done.done():
+            self._write_back = None
+            done.result()  # (raises what it raised)
+        fut = self._exec.submit(self.runner.execute_plan, plan)
+        if plan.tier_ops and plan.tier_ops[-1].kind == TierOp.WRITEBACK:
+            self._write_back = self._exec.submit(self.runner.write_back)
+        return fut
 
     def _observe(self) -> None:
         if self.measure_tier_cost:
@@ -162,5 +176,7 @@ class EngineCore:
         if self._in_flight is not None:
             self._in_flight[1].result()
             self._in_flight = None
+        if self._write_back is not None:
+            self._write_back.result()
         self._exec.submit(self.runner.shutdown).result()
         self._exec.shutdown()

@@ -107,6 +107,7 @@ class _Core:
             kv_tier_pages_used=len(s.tier) if s.tier is not None else 0,
             kv_tier_pages_total=s.tier.num_slots if s.tier is not None else 0,
             kv_tier_stores=s.tier.stores if s.tier is not None else 0,
+            kv_tier_writebacks=s.num_tier_writebacks,
             num_disk_hit_tokens=s.num_disk_hit_tokens,
             kv_disk_pages_used=len(s.disk) if s.disk is not None else 0,
             kv_disk_pages_total=s.disk.num_slots if s.disk is not None else 0,

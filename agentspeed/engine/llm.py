@@ -60,6 +60,7 @@ class LLM:
         partial_page_reuse: bool = True,
         kv_offload_memory: int | None = None,
         kv_offload_dtype: str = "auto",
+        kv_offload_writeback: bool = True,
         kv_offload_dir: str | None = None,
         kv_offload_disk: int | None = None,
     ) -> None:
@@ -76,6 +77,7 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype,
                               hybrid_kv=not disable_hybrid_kv_cache_manager,
                               kv_offload_memory=kv_offload_memory, kv_offload_dtype=kv_offload_dtype,
+                              kv_offload_writeback=kv_offload_writeback,
                               kv_offload_dir=kv_offload_dir, kv_offload_disk=kv_offload_disk),
             kernels=KernelConfig.from_spec(kernel_backend),
             scheduling=SchedulingConfig(max_num_batched_tokens, max_num_seqs, enable_prefix_caching, overlap,

@@ -66,6 +66,7 @@ class EngineStats(msgspec.Struct, frozen=True, gc=False):
     kv_tier_pages_used: int = 0  # pages the host tier holds copies of
     kv_tier_pages_total: int = 0  # its slots (0: no tier)
     kv_tier_stores: int = 0  # pages copied into it, since start
+    kv_tier_writebacks: int = 0  # of those, copied ahead of their eviction (write-back)
     num_disk_hit_tokens: int = 0  # prompt tokens read back from the disk tier (then loaded), since start
     kv_disk_pages_used: int = 0  # pages the disk tier holds copies of
     kv_disk_pages_total: int = 0  # its files at most (0: no disk tier)

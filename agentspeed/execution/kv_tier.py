@@ -53,6 +53,10 @@ class HostKVTier:
         for kv in layers:
             self._bufs.append([self._alloc(t, s, pin) for t, s in _tensors(kv)])
         self.page_bytes = self.slot_bytes(layers, mode)
+        # a write-back in flight: (pages, slots, host copies, their event) (see begin_store)
+        self._pending: tuple[list[int], list[int], list[tuple[torch.Tensor, torch.Tensor | None]] | None,
+                             torch.cuda.Event | None] | None = None
+        self._side = torch.cuda.Stream(layers[0].k.device) if layers[0].k.is_cuda else None
 
     @staticmethod
     def slot_bytes(layers: list[LayerKV], mode: str) -> int:
@@ -87,18 +91,60 @@ class HostKVTier:
 
     def store(self, pages: list[int], slots: list[int]) -> None:
         """Copy device pages into tier slots (pairwise)."""
-        for t, s, buf, sbuf, p, sl in self._pairs(pages, slots):
-            x = _raw(t).index_select(0, p)
-            if self.mode == "int8":
-                x = x.float()
-                scale = x.abs().amax(-1).clamp_min(1e-30) / 127.0
-                buf.index_copy_(0, sl, (x / scale.unsqueeze(-1)).round_().to(torch.int8).cpu())
-                assert sbuf is not None
-                sbuf.index_copy_(0, sl, scale.cpu())
-            else:
-                buf.index_copy_(0, sl, x.cpu())
-                if s is not None and sbuf is not None:
-                    sbuf.index_copy_(0, sl, s.index_select(0, p).cpu())
+        self._scatter(self._gather(pages, pin=False), slots)
+
+    def begin_store(self, pages: list[int], slots: list[int]) -> None:
+        """Start a write-back of device pages into tier slots (pairwise) that finish_store()
+        completes; until then the pages must not be written, nor the slots read. On a GPU the
+        device-to-host copy runs on a side stream beside whatever the device runs next; on a
+        CPU there is nothing to overlap on the step's thread (a second thread would bring a
+        second OpenMP team onto the same cores), so all of it runs in finish_store."""
+        assert self._pending is None, "a write-back is already in flight"
+        if self._side is None:
+            self._pending = (pages, slots, None, None)
+            return
+        self._side.wait_stream(torch.cuda.current_stream())  # (the pages' last writes)
+        with torch.cuda.stream(self._side):
+            staged = self._gather(pages, pin=True)
+            done = torch.cuda.Event()
+            done.record(self._side)
+        self._pending = (pages, slots, staged, done)
+
+    def finish_store(self) -> None:
+        """Complete the write-back in flight, if any."""
+        if self._pending is None:
+            return
+        pages, slots, staged, done = self._pending
+        self._pending = None
+        if done is None:
+            self.store(pages, slots)
+            return
+        done.synchronize()
+        self._scatter(staged or [], slots)
+
+    def _gather(self, pages: list[int], pin: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each cache tensor's rows of `pages` in the tier's form, on the host (pin: copied
+        into page-locked memory without waiting, for a side stream)."""
+        p = torch.tensor(pages, dtype=torch.long, device=self._layers[0].k.device)
+        out = []
+        for kv in self._layers:
+            for t, s in _tensors(kv):
+                x = _raw(t).index_select(0, p)
+                sc = s.index_select(0, p) if s is not None else None
+                if self.mode == "int8":
+                    x = x.float()
+                    sc = x.abs().amax(-1).clamp_min(1e-30) / 127.0
+                    x = (x / sc.unsqueeze(-1)).round_().to(torch.int8)
+                out.append((_to_host(x, pin), _to_host(sc, pin) if sc is not None else None))
+        return out
+
+    def _scatter(self, staged: list[tuple[torch.Tensor, torch.Tensor | None]], slots: list[int]) -> None:
+        sl = torch.tensor(slots, dtype=torch.long)
+        bufs = [b for layer in self._bufs for b in layer]
+        for (x, sc), (buf, sbuf) in zip(staged, bufs, strict=True):
+            buf.index_copy_(0, sl, x)
+            if sc is not None and sbuf is not None:
+                sbuf.index_copy_(0, sl, sc)
 
     def load(self, slots: list[int], pages: list[int]) -> None:
         """Copy tier slots into device pages (pairwise)."""
@@ -136,6 +182,16 @@ class HostKVTier:
             off += v.numel()
         if off != len(src):
             raise ValueError(f"a slot is {off} bytes, got {len(src)}")
+
+
+def _to_host(x: torch.Tensor, pin: bool) -> torch.Tensor:
+    if not x.is_cuda:
+        return x
+    if not pin:
+        return x.cpu()
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    out.copy_(x, non_blocking=True)
+    return out
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,11 @@ class ModelRunner:
         plan order: a LAST_SAMPLED input is the token this runner sampled for that request in
         the previous step, and page deltas build on the previous plans'."""
         self.last_costs = _NO_COSTS
-        failed = self._tier_ops(plan.tier_ops) if plan.tier_ops else []
+        failed: list[int] = []
+        if self.tier is not None:
+            self.tier.finish_store()  # the last plan's write-back, if write_back() did not run
+            if plan.tier_ops:
+                failed = self._tier_ops(plan.tier_ops)
         table = self.requests
         for rid in plan.released:  # finished before this plan was made: no chunk of it needs them
             table.release(rid)
@@ -147,9 +151,17 @@ class ModelRunner:
             self.last_costs = (load, fetch, (time.perf_counter() - t0, plan.num_tokens))
         return msgspec.structs.replace(result, tier_failed=tuple(failed)) if failed else result
 
+    def write_back(self) -> None:
+        """Complete the write-back of the plan run last (the engine queues this behind each
+        step on the step's thread, so that on a CPU it runs while the engine handles the
+        step's result; execute_plan completes it otherwise)."""
+        if self.tier is not None:
+            self.tier.finish_store()
+
     def _tier_ops(self, ops: Sequence[TierOp]) -> list[int]:
-        """Run a plan's tier copies in order, consecutive ones of a kind as one batch; returns
-        the host slots of the fetches that failed on any rank."""
+        """Run a plan's tier copies in order, consecutive ones of a kind as one batch, and
+        start its write-back (tier.begin_store); returns the host slots of the fetches that
+        failed on any rank."""
         tier, disk = self.tier, self.disk
         assert tier is not None
         failed: set[int] = set()
@@ -159,7 +171,9 @@ class ModelRunner:
         for kind, run in itertools.groupby(ops, key=lambda op: op.kind):
             batch = list(run)
             t0 = time.perf_counter()
-            if kind == TierOp.STORE:
+            if kind == TierOp.WRITEBACK:  # (last in the plan)
+                tier.begin_store([op.src for op in batch], [op.dst for op in batch])
+            elif kind == TierOp.STORE:
                 tier.store([op.src for op in batch], [op.dst for op in batch])
             elif kind == TierOp.LOAD:
                 tier.load([op.src for op in batch], [op.dst for op in batch])
@@ -221,6 +235,7 @@ class ModelRunner:
         return StepResult(step_id, sampled, logprobs, accepted)
 
     def shutdown(self) -> None:
+        self.write_back()
         if self.disk is not None:
             self.disk.shutdown()
         self.grammar.shutdown()

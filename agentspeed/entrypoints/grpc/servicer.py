@@ -19,6 +19,7 @@ the engine refuses ends with INVALID_ARGUMENT, an engine that is gone with UNAVA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -80,44 +81,47 @@ class SchedulerServicer(pb_grpc.TokenSpeedSchedulerServicer):  # type: ignore[mi
         opened: set[int] = set()
         done = 0
         try:
-            async for d in run_request(self.state, rid, ids, params, None, stats, session=_session(context)):
-                if d.finish_reason == "abort":
-                    await context.abort(grpc.StatusCode.ABORTED, f"request {rid} was aborted")
-                i = d.index
-                toks = list(d.token_ids)
-                counts[i] += len(toks)
-                lps = list(d.logprobs) if d.logprobs is not None else None
-                matched: dict[str, Any] = {}
-                if d.finish_reason == "stop":
-                    if toks and toks[-1] in stop_ids:
-                        matched["matched_token_id"] = toks[-1]
-                        if not keep_stop:
-                            toks.pop()
-                            lps = lps[: len(toks)] if lps is not None else None
-                    elif isinstance(d.stop_reason, str):
-                        matched["matched_stop_str"] = d.stop_reason
-                common = {"prompt_tokens": len(ids), "completion_tokens": counts[i],
-                          "cached_tokens": d.num_cached_tokens, "index": i}
-                if request.stream:
-                    if request.return_logprob and lps:
-                        common["output_logprobs"] = output_logprobs(lps)
-                    if toks or i not in opened:
-                        opened.add(i)
-                        yield pb.GenerateResponse(request_id=rid, chunk=pb.GenerateStreamChunk(token_ids=toks,
-                                                                                                **common))
-                else:  # one Complete with everything
-                    outs[i] += toks
-                    out_lps[i] += lps or []
-                    toks, lps = outs[i], out_lps[i]
-                    if request.return_logprob and lps:
-                        common["output_logprobs"] = output_logprobs(lps)
-                if d.finish_reason is None:
-                    continue
-                yield pb.GenerateResponse(request_id=rid, complete=pb.GenerateComplete(
-                    output_ids=toks, finish_reason=d.finish_reason, **common, **matched))
-                done += 1
-                if done == params.n:
-                    return
+            # (closed on return, not when collected: the request stays live until its generator ends)
+            async with contextlib.aclosing(run_request(self.state, rid, ids, params, None, stats,
+                                                       session=_session(context))) as deltas:
+                async for d in deltas:
+                    if d.finish_reason == "abort":
+                        await context.abort(grpc.StatusCode.ABORTED, f"request {rid} was aborted")
+                    i = d.index
+                    toks = list(d.token_ids)
+                    counts[i] += len(toks)
+                    lps = list(d.logprobs) if d.logprobs is not None else None
+                    matched: dict[str, Any] = {}
+                    if d.finish_reason == "stop":
+                        if toks and toks[-1] in stop_ids:
+                            matched["matched_token_id"] = toks[-1]
+                            if not keep_stop:
+                                toks.pop()
+                                lps = lps[: len(toks)] if lps is not None else None
+                        elif isinstance(d.stop_reason, str):
+                            matched["matched_stop_str"] = d.stop_reason
+                    common = {"prompt_tokens": len(ids), "completion_tokens": counts[i],
+                              "cached_tokens": d.num_cached_tokens, "index": i}
+                    if request.stream:
+                        if request.return_logprob and lps:
+                            common["output_logprobs"] = output_logprobs(lps)
+                        if toks or i not in opened:
+                            opened.add(i)
+                            yield pb.GenerateResponse(request_id=rid, chunk=pb.GenerateStreamChunk(token_ids=toks,
+                                                                                                    **common))
+                    else:  # one Complete with everything
+                        outs[i] += toks
+                        out_lps[i] += lps or []
+                        toks, lps = outs[i], out_lps[i]
+                        if request.return_logprob and lps:
+                            common["output_logprobs"] = output_logprobs(lps)
+                    if d.finish_reason is None:
+                        continue
+                    yield pb.GenerateResponse(request_id=rid, complete=pb.GenerateComplete(
+                        output_ids=toks, finish_reason=d.finish_reason, **common, **matched))
+                    done += 1
+                    if done == params.n:
+                        return
         except APIError as e:
             await context.abort(_STATUS.get(e.status, grpc.StatusCode.INTERNAL), e.message)
         except ValueError as e:  # a duplicate request id

@@ -62,6 +62,8 @@ class _EngineCollector(Collector):
              "(a previous turn's last page)", s.num_partial_hit_tokens),
             ("kv_cache_evictions", "Cached prefix pages evicted from the KV pool", s.kv_evictions),
             ("kv_tier_stores", "KV pages copied to the host tier", s.kv_tier_stores),
+            ("kv_tier_writebacks", "Of the KV pages copied to the host tier, those copied ahead of their "
+             "eviction from the pool", s.kv_tier_writebacks),
             ("kv_disk_read_failures", "Disk-tier KV copies missing or corrupt when read back (recomputed)",
              s.kv_disk_failed),
         ):

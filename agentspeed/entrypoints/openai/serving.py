@@ -6,12 +6,13 @@ usage / logprob / SSE formatting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,7 +220,7 @@ class RunStats:
 async def run_request(state: ServerState, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                       raw: Request | None, stats: RunStats, forced_output: str | None = None, *,
                       cache_salt: str | None = None, priority: int = 0, session: str | None = None
-                      ) -> AsyncIterator[RequestDelta]:
+                      ) -> AsyncGenerator[RequestDelta, None]:
     """Yield the request's deltas; record metrics and log one line when it ends. Raises
     APIError before the first delta for overload, a dead engine or an engine rejection.
     cache_salt: only requests with the same salt share prefix-cache pages. priority: lower
@@ -240,25 +241,26 @@ async def run_request(state: ServerState, request_id: str, prompt_ids: Sequence[
         gen = state.engine.generate(request_id, prompt_ids, params, key or session, cache_salt,
                                     priority,
                                     forced_output=forced)
-        async for d in gen:
-            now = time.monotonic()
-            if d.error is not None:
-                if stats.completion_tokens == 0 and d.index == 0 and state.engine.healthy:
-                    raise APIError(400, d.error)
-                raise APIError(500, f"request failed: {d.error}", "internal_server_error")
-            if d.token_ids:
-                if stats.first_token is None:
-                    stats.first_token = now - t0
-                elif last is not None:
-                    itls.append(now - last)
-                last = now
-                stats.completion_tokens += len(d.token_ids)
-                state.metrics.observe_tokens(len(d.token_ids), now)
-            if d.index == 0:
-                stats.cached_tokens = d.num_cached_tokens
-            if d.finish_reason is not None:
-                stats.finish_reasons[d.index] = d.finish_reason
-            yield d
+        async with contextlib.aclosing(gen):  # (ends the request when this generator is closed)
+            async for d in gen:
+                now = time.monotonic()
+                if d.error is not None:
+                    if stats.completion_tokens == 0 and d.index == 0 and state.engine.healthy:
+                        raise APIError(400, d.error)
+                    raise APIError(500, f"request failed: {d.error}", "internal_server_error")
+                if d.token_ids:
+                    if stats.first_token is None:
+                        stats.first_token = now - t0
+                    elif last is not None:
+                        itls.append(now - last)
+                    last = now
+                    stats.completion_tokens += len(d.token_ids)
+                    state.metrics.observe_tokens(len(d.token_ids), now)
+                if d.index == 0:
+                    stats.cached_tokens = d.num_cached_tokens
+                if d.finish_reason is not None:
+                    stats.finish_reasons[d.index] = d.finish_reason
+                yield d
     except (Overloaded, EngineDeadError) as e:
         raise APIError(503, str(e), "service_unavailable") from None
     finally:

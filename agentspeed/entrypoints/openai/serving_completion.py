@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import Request
@@ -83,7 +83,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
             firsts = await asyncio.gather(*(anext(gen) for _, _, gen in runs))
         except BaseException:
             for _, _, gen in runs:
-                await gen.aclose()  # type: ignore[attr-defined]
+                await gen.aclose()
             raise
         return StreamingResponse(_stream(state, req, rid, runs, firsts), media_type="text/event-stream")
     results = await asyncio.gather(*(collect(raw, gen) for _, _, gen in runs))
@@ -116,7 +116,7 @@ def _total(runs: list[tuple[int, RunStats, Any]]) -> dict[str, Any]:
 
 
 async def _stream(state: ServerState, req: CompletionRequest, rid: str,
-                  runs: list[tuple[int, RunStats, AsyncIterator[RequestDelta]]],
+                  runs: list[tuple[int, RunStats, AsyncGenerator[RequestDelta, None]]],
                   firsts: list[RequestDelta]) -> AsyncIterator[str]:
     base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
     queue: asyncio.Queue[Any] = asyncio.Queue()
