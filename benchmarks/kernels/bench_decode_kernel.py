@@ -15,6 +15,7 @@ import time
 import torch
 
 import agentspeed.kernels  # noqa: F401  (registers backends)
+from agentspeed.kernels import cpu_native
 from agentspeed.kernels.api import AttentionMetadata
 from agentspeed.kernels.reference import quantize_fp8
 from agentspeed.kernels.registry import backends_for
@@ -33,7 +34,11 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16,fp8")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--split", type=int, default=None,
+                    help="cpu_native's tokens per work item (default: its SPLIT_TOKENS)")
     a = ap.parse_args()
+    if a.split:
+        cpu_native.SPLIT_TOKENS = a.split
     if a.threads:
         torch.set_num_threads(a.threads)
     B, L, ps = a.batch, a.context, a.page_size
@@ -51,7 +56,7 @@ def main() -> None:
         pages_cpu=tuple(tuple(range(1 + b * npg, 1 + (b + 1) * npg)) for b in range(B)))
     print(f"command: python benchmarks/kernels/bench_decode_kernel.py --batch {B} --context {L} --heads {a.heads} "
           f"--kv-heads {a.kv_heads} --head-dim {a.head_dim} --page-size {ps} --dtypes {a.dtypes} "
-          f"--threads {torch.get_num_threads()}")
+          f"--threads {torch.get_num_threads()} --split {cpu_native.SPLIT_TOKENS}")
     for name in a.dtypes.split(","):
         dt = DTYPES[name]
         if dt is None:
