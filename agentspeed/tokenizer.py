@@ -3,12 +3,20 @@
 
 transformers builds a GGUF file's tokenizer from its vocabulary in Python (9 s for a
 49K-token vocabulary); the result is saved once under the cache directory, keyed by the
-file's path, size and modification time, and later loads read that (well under a second)."""
+file's path, size and modification time, and later loads read that (well under a second).
+
+The tokenizer class named in a directory's tokenizer_config.json is loaded directly rather
+than through AutoTokenizer, whose config machinery imports torch: the API server's process
+then holds no torch (123 MiB against 308 MiB resident with the SmolLM2 tokenizer). The GGUF
+conversion, which needs torch, runs in a child process for the same reason.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Sequence
@@ -30,25 +38,62 @@ def _cache_root() -> Path:
 
 
 def _gguf_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = _cache_root() / key
     if (cached / "tokenizer_config.json").exists():
         try:
-            return AutoTokenizer.from_pretrained(str(cached))
+            return _from_directory(cached)
         except Exception as e:  # a damaged cache entry: rebuild it
             log.warning("ignoring the cached tokenizer %s: %s", cached, e)
-    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    log.info("building the tokenizer of %s from its GGUF metadata (once; cached in %s)", path.name, cached)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        err = pool.apply(_convert_gguf, (str(path), str(cached)))
+    if err is not None:
+        raise ModelLoadError(err)
+    return _from_directory(cached)
+
+
+def _convert_gguf(path: str, cached: str) -> str | None:
+    """(In a child process.) Build the GGUF file's tokenizer and save it to `cached`; returns
+    why not, or None."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    p = Path(path)
+    try:
+        hf = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except Exception as e:
+        return f"cannot build a tokenizer from {path}: {e}"
     try:  # written aside and renamed, so a concurrent reader never sees half of it
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+        Path(cached).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=Path(cached).parent) as tmp:
             hf.save_pretrained(tmp)
             os.replace(tmp, cached)
     except OSError as e:
-        log.warning("could not cache the tokenizer of %s: %s", path, e)
-    return hf
+        return f"could not save the tokenizer of {path} in {cached}: {e}"
+    return None
+
+
+def _from_directory(path: Path) -> Any:
+    """The tokenizer saved in `path`, by the class its tokenizer_config.json names (without
+    AutoTokenizer, see the module docstring) where transformers exports that class."""
+    import transformers
+
+    name = None
+    cfg = path / "tokenizer_config.json"
+    if cfg.exists():
+        name = json.loads(cfg.read_text()).get("tokenizer_class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        from transformers import AutoTokenizer
+
+        log.info("tokenizer class %r of %s: through AutoTokenizer (which imports torch)", name, path)
+        return AutoTokenizer.from_pretrained(str(path))
+    return cls.from_pretrained(str(path))
 
 
 class Tokenizer:
@@ -61,15 +106,13 @@ class Tokenizer:
     @staticmethod
     def load(source: ModelSource, chat_template: str | None = None) -> Tokenizer:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
-        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         try:
-            if source.format == "gguf":
-                hf = _gguf_tokenizer(source.path)
-            else:
-                hf = AutoTokenizer.from_pretrained(str(source.path))
+            hf = _gguf_tokenizer(source.path) if source.format == "gguf" else _from_directory(source.path)
+        except ModelLoadError:
+            raise
         except Exception as e:
             raise ModelLoadError(f"cannot load a tokenizer for {source.path}: {e}") from None
         eos = [hf.eos_token_id] if hf.eos_token_id is not None else []
