@@ -49,15 +49,20 @@ def _gguf_tokenizer(path: Path) -> Any:
     log.info("building the tokenizer of %s from its GGUF metadata (once; cached in %s)", path.name, cached)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        err = pool.apply(_convert_gguf, (str(path), str(cached)))
-    if err is not None:
-        raise ModelLoadError(err)
-    return _from_directory(cached)
+        built, why = pool.apply(_convert_gguf, (str(path), str(cached)))
+    if not built:
+        raise ModelLoadError(why)
+    if (cached / "tokenizer_config.json").exists():  # (ours, or a concurrent loader's)
+        return _from_directory(cached)
+    log.warning("could not cache the tokenizer of %s (%s): building it here", path, why)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def _convert_gguf(path: str, cached: str) -> str | None:
-    """(In a child process.) Build the GGUF file's tokenizer and save it to `cached`; returns
-    why not, or None."""
+def _convert_gguf(path: str, cached: str) -> tuple[bool, str]:
+    """(In a child process.) Build the GGUF file's tokenizer and save it to `cached`:
+    (False, why) if the file has none, (True, why not saved or "")."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -67,15 +72,15 @@ def _convert_gguf(path: str, cached: str) -> str | None:
     try:
         hf = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     except Exception as e:
-        return f"cannot build a tokenizer from {path}: {e}"
+        return False, f"cannot build a tokenizer from {path}: {e}"
     try:  # written aside and renamed, so a concurrent reader never sees half of it
         Path(cached).parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=Path(cached).parent) as tmp:
             hf.save_pretrained(tmp)
             os.replace(tmp, cached)
-    except OSError as e:
-        return f"could not save the tokenizer of {path} in {cached}: {e}"
-    return None
+    except OSError as e:  # (a concurrent loader's rename won, or the cache is not writable)
+        return True, str(e)
+    return True, ""
 
 
 def _from_directory(path: Path) -> Any:

@@ -43,7 +43,8 @@ def _same(ours: object, ref: object) -> None:
     assert len(ours) == len(ref)  # type: ignore[arg-type]
 
 
-def test_gguf_tokenizer_loads_without_torch_and_equals_autotokenizer(tmp_path: Path, smollm2_path: Path) -> None:
+def test_gguf_tokenizer_loads_without_torch_and_equals_autotokenizer(tmp_path: Path, smollm2_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A cold cache (the GGUF conversion runs in a child process), then a warm one: the
     process that loaded it never imports torch; what it encodes and renders equals
     AutoTokenizer's of the same file."""
@@ -63,12 +64,8 @@ def test_gguf_tokenizer_loads_without_torch_and_equals_autotokenizer(tmp_path: P
     for torch_loaded, ids, vocab in outs:
         assert not torch_loaded
         assert ids == ref.encode("hello owls") and vocab == len(ref)
-    os.environ["AGENTSPEED_CACHE_DIR"] = env["AGENTSPEED_CACHE_DIR"]
-    try:
-        tok = Tokenizer.load(ModelSource("gguf", smollm2_path, "smollm2"))
-    finally:
-        del os.environ["AGENTSPEED_CACHE_DIR"]
-    _same(tok.hf, ref)
+    monkeypatch.setenv("AGENTSPEED_CACHE_DIR", env["AGENTSPEED_CACHE_DIR"])
+    _same(Tokenizer.load(ModelSource("gguf", smollm2_path, "smollm2")).hf, ref)
 
 
 @pytest.mark.parametrize("cls", ["TokenizersBackend", "PreTrainedTokenizerFast", "GPT2Tokenizer", "NoSuchTokenizer"])
@@ -82,3 +79,17 @@ def test_directory_tokenizer_by_its_class_equals_autotokenizer(tmp_path: Path, s
     if cls != "NoSuchTokenizer":
         assert type(ours).__name__ in (cls, "TokenizersBackend")  # (PreTrainedTokenizerFast is an alias)
     _same(ours, AutoTokenizer.from_pretrained(str(tmp_path)))
+
+
+def test_unwritable_cache_builds_the_tokenizer_in_process(tmp_path: Path, smollm2_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A cache directory that cannot be made (below a file) is a warning, not a failure."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(blocker / "cache"))
+    with caplog.at_level("WARNING", logger="agentspeed.tokenizer"):
+        tok = Tokenizer.load(ModelSource("gguf", smollm2_path, "smollm2"))
+    assert "could not cache the tokenizer" in caplog.text
+    assert tok.encode("hello owls") == AutoTokenizer.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name).encode("hello owls")
