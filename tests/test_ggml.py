@@ -40,14 +40,21 @@ def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (k + 4) * U * (x.double().abs() @ (w.abs() + 2 * block_max).T)
 
 
-def i16_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The int16 decode kernel's extra error (native/ggml_i16.cpp): each activation is rounded
-    to a multiple of its 256 columns' max|x| / 16383, so it is off by at most half of that
-    (and a little fp32 rounding of the scaled value): sum_k |w_k| dx(k) / 2."""
+def i16_bound(x: torch.Tensor, w: torch.Tensor, qmax: int = 16383) -> torch.Tensor:
+    """The decode kernels' extra error (native/ggml_i16.cpp, ggml_q8.cpp): each activation is
+    rounded to a multiple of its 256 columns' max|x| / qmax (16383 for int16, 127 for int8),
+    so it is off by at most half of that (and a little fp32 rounding of the scaled value):
+    sum_k |w_k| dx(k) / 2."""
     r, k = x.shape
     xb = torch.nn.functional.pad(x.double().abs(), (0, -k % 256)).reshape(r, -1, 256)
-    dx = (xb.amax(-1) / 16383).repeat_interleave(256, 1)[:, :k]
+    dx = (xb.amax(-1) / qmax).repeat_interleave(256, 1)[:, :k]
     return (dx * 0.5 * (1 + 1e-5) + x.double().abs() * U) @ w.abs().T
+
+
+def rounding_bound(name: str, rows: int, mode: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | float:
+    """The activation rounding's bound for the path cpu_ggml.linear takes (0 for fp32)."""
+    kind = rounding(name, rows, mode, x.shape[1])
+    return 0.0 if kind is None else i16_bound(x, w, 127 if kind == "int8" else 16383)
 
 
 def test_ggml_kernels_cover_the_types_people_download() -> None:
@@ -72,13 +79,22 @@ def test_reference_quantizer_writes_valid_blocks(name: str) -> None:
     assert err < 6 * np.abs(w).max() / 2**bits, (name, err)
 
 
-def uses_i16(name: str, rows: int, mode: str = "auto") -> bool:
-    """Whether cpu_ggml.linear rounds the activations (its docstring's table)."""
+def rounding(name: str, rows: int, mode: str, k: int) -> str | None:
+    """How cpu_ggml.linear rounds the activations (its docstring's table): "int8", "int16"
+    or None (fp32)."""
     from agentspeed.kernels import cpu_ggml
 
     if mode == "exact" or T[name].value not in cpu_ggml.I16_TYPES:
-        return False
-    return mode == "int16" or rows <= cpu_ggml.I16_ROWS
+        return None
+    if mode == "auto" and rows <= cpu_ggml.I16_ROWS and T[name].value in cpu_ggml.Q8_TYPES and k % 256 == 0:
+        return "int8"
+    return "int16" if mode == "int16" or rows <= cpu_ggml.I16_ROWS else None
+
+
+def test_int8_decode_types_are_the_k_quants() -> None:
+    from agentspeed.kernels import cpu_ggml
+
+    assert sorted(NATIVE_TYPES[t][0] for t in cpu_ggml.Q8_TYPES) == ["Q4_K", "Q5_K", "Q6_K"]
 
 
 @needs_native
@@ -100,11 +116,13 @@ def test_linear_within_its_bound(name: str, rows: int) -> None:
     for mode in cpu_ggml.MODES:
         got = cpu_native.linear(x, lin, bias, mode=mode).double()
         err = (got - want).abs()
-        i16 = uses_i16(name, rows, mode)
-        limit = bound(x, ref) + (i16_bound(x, ref) if i16 else 0) + 1e-6
+        kind = rounding(name, rows, mode, 768)
+        limit = bound(x, ref) + rounding_bound(name, rows, mode, x, ref) + 1e-6
         assert (err <= limit).all(), f"{name} rows={rows} {mode}: max err {err.max():.3g}"
-        if i16:  # the rounding shows (so this path ran), within a bound that is not loose
+        if kind:  # the rounding shows (so this path ran), within a bound that is not loose
             assert err.max() > 0 and (err / limit).max() > 1e-3
+        if kind == "int8":  # coarser than int16 would be: the int8 kernel ran, not the int16 one
+            assert err.max() > 3 * i16_bound(x, ref).max()
     assert cpu_native.linear(x[None], lin, None).shape == (1, rows, 83)
 
 
@@ -131,6 +149,33 @@ def test_int16_activations_stay_exact_in_integers_at_their_extremes(name: str, r
     got = cpu_ggml.linear(x, GgmlLinear(n, ((0, gw),)), None, mode="int16").double()
     torch.testing.assert_close(got, xhat @ ref.T, rtol=1e-5, atol=1e-3)
     # x row 0 has w row 0's signs: every product adds, and a wrapped int32 sum would not
+    torch.testing.assert_close(got[0, 0], ref[0].abs().sum(), rtol=1e-5, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_int8_activations_stay_exact_in_integers_at_their_extremes(name: str, rows: int) -> None:
+    """The int8 decode kernel (native/ggml_q8.cpp) at its extremes: every |x| its block's max
+    (codes +-127) against the largest codes (Q6_K: 63 with its offset of 32 taken off through
+    the column sums): equal to float64 of the rounded activations, so no u8 x s8 pair
+    saturated and no int32 lane wrapped."""
+    from agentspeed.kernels import cpu_ggml
+
+    n, k = 16, 512
+    w = np.where(np.random.default_rng(2).random((n, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    w[:, ::7] *= 0.25
+    w[3] = 1.0  # a row of only the largest positive code
+    raw = quantize(w, name)
+    ref = torch.from_numpy(np.asarray(gguf_dequantize(raw, T[name]), np.float64).reshape(n, k))
+    gw = GgmlWeight.of(T[name].value, (n, k), raw)
+    scale = torch.tensor([[1.0], [-1.0], [3.0]]).repeat(3, 1)[:rows]
+    x = torch.sign(ref[:1]).float().repeat(rows, 1) * scale
+    xq, dx = cpu_ggml.quantize_q8(x)
+    assert (xq.abs() == 127).all()
+    xhat = xq.double() * dx.double().repeat_interleave(256, 1)
+    got = cpu_ggml.linear(x, GgmlLinear(n, ((0, gw),)), None).double()
+    torch.testing.assert_close(got, xhat @ ref.T, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(got[0, 0], ref[0].abs().sum(), rtol=1e-5, atol=0)
 
 
@@ -177,7 +222,7 @@ def test_views_stay_packed_and_mixed_parts_land_side_by_side(name: str) -> None:
 # Builds of the ggml kernels alone, beside the default one: CI machines may be AVX2-only or
 # AVX-512, so each checks the others' code paths too. AGENTSPEED_FORCE_W16 gives the AVX-512
 # build's 16-lane indexing without AVX-512 (split vectors, portable loads).
-GGML_SOURCES = ("ggml_linear.cpp", "ggml_i16.cpp", "ggml_gemm_i16.cpp")
+GGML_SOURCES = ("ggml_linear.cpp", "ggml_i16.cpp", "ggml_gemm_i16.cpp", "ggml_q8.cpp")
 
 
 def compile_all(sources: tuple[str, ...], flags: list[str], out: Path) -> None:
@@ -216,7 +261,8 @@ def test_other_builds_of_ggml_kernels(build: str, tmp_path: Path, monkeypatch: p
                     "-o", str(lib_path)], check=True, capture_output=True)
     lib = ctypes.CDLL(str(lib_path))
     symbols = {"_gemv": "ggml_gemv", "_gemm": "ggml_gemm", "_dequant": "ggml_dequant",
-               "_quantize": "ggml_quantize_x", "_linear_i16": "ggml_linear_i16", "_gemm_i16": "ggml_gemm_i16"}
+               "_quantize": "ggml_quantize_x", "_linear_i16": "ggml_linear_i16", "_gemm_i16": "ggml_gemm_i16",
+               "_linear_q8": "ggml_linear_q8"}
     for attr, sym in list(symbols.items())[:3 if build == "16-lane" else None]:
         f = getattr(lib, sym)
         f.argtypes, f.restype = getattr(cpu_ggml, attr).argtypes, cpu_ggml._I
@@ -225,7 +271,7 @@ def test_other_builds_of_ggml_kernels(build: str, tmp_path: Path, monkeypatch: p
         w, ref = packed(name, 33, 512)
         for rows, mode in ((1, "auto"), (2, "auto"), (7, "auto"), (9, "auto"), (9, "int16"), (130, "int16")):
             x = torch.randn(rows, 512)
-            limit = bound(x, ref) + (i16_bound(x, ref) if uses_i16(name, rows, mode) else 0) + 1e-6
+            limit = bound(x, ref) + rounding_bound(name, rows, mode, x, ref) + 1e-6
             got = cpu_ggml.linear(x, GgmlLinear(33, ((0, w),)), None, mode=mode).double()
             assert ((got - x.double() @ ref.T).abs() <= limit).all(), (build, name, rows, mode)
         torch.testing.assert_close(cpu_ggml.dequantize(w).double(), ref, rtol=1e-6, atol=1e-7)
@@ -251,45 +297,77 @@ def tiny_k_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "llama": make_tiny("llama", root, tie_word_embeddings=True, **big)}
 
 
+@pytest.fixture
+def int8_reference_backend(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A `linear` backend for the test only: dense fp32 weights whose decode-sized inputs
+    (<= 8 rows, 256-column blocks) are first rounded to int8 exactly as ggml_linear_q8 rounds
+    them (cpu_ggml.quantize_q8), then multiplied in float64: the model the int8 decode
+    kernels compute, without their integer arithmetic."""
+    from agentspeed.kernels import cpu_ggml, registry
+
+    def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k).float().contiguous()
+        if x2.shape[0] <= cpu_ggml.I16_ROWS and k % 256 == 0:
+            xq, dx = cpu_ggml.quantize_q8(x2)
+            x2 = (xq.double() * dx.double().repeat_interleave(256, 1)).float()
+        y = (x2.double() @ w.double().T).float()
+        return (y if bias is None else y + bias).view(*x.shape[:-1], w.shape[0])
+
+    impls = dict(registry._REGISTRY["linear"])
+    monkeypatch.setitem(registry._REGISTRY, "linear", impls)
+    registry.register_kernel("linear", "test_int8_reference", ("cpu",), (torch.float32,), priority=-100)(linear)
+    return "test_int8_reference"
+
+
 @needs_native
 @pytest.mark.parametrize("name", TYPES)
 def test_tiny_model_in_each_type_equals_its_dense_fp32_path(
-        name: str, tiny_k_models: dict[str, Path], tmp_path: Path) -> None:
-    """Greedy tokens of a tiny model stored in `name`: packed (default kernels, int16
-    activations in decode steps) equal the same file dequantized by the gguf package and run
-    dense in fp32 (`linear=cpu`); logits equal it with fp32 activations (cpu_native_exact) and
-    are within the activations' rounding with the default ones and with int16 activations
-    throughout (cpu_native_int16, prefill included)."""
+        name: str, tiny_k_models: dict[str, Path], tmp_path: Path, int8_reference_backend: str) -> None:
+    """Greedy tokens of a tiny model stored in `name`: packed (default kernels) equal the
+    same file dequantized by the gguf package and run dense with the same activation rounding:
+    fp32 (`linear=cpu`) where decode steps round to int16, or int8-rounded inputs in decode
+    steps for the K-quants the int8 kernels read (Q4_K, Q5_K, Q6_K; the rounding, llama.cpp's,
+    flips near-tied greedy tokens of this random model against fp32, so fp32 is not their
+    reference). Logits equal fp32 with fp32 activations (cpu_native_exact), and are within the
+    activations' rounding with the default ones and with int16 activations throughout
+    (cpu_native_int16, prefill included)."""
     from test_hf_parity import PROMPTS, runner_for
 
     from agentspeed.config import KernelConfig
     from agentspeed.control.plan import ScheduledChunk
     from agentspeed.engine.simple_generate import generate
+    from agentspeed.kernels import cpu_ggml
     from agentspeed.sampling_params import SamplingParams
 
     arch = "llama" if name in ("Q4_K", "Q8_0", "Q6_K") else "qwen2"  # llama: tied head, permuted q/k
     path = write_gguf(tiny_k_models[arch], tmp_path / f"tiny-{name}.gguf", name, arch)
+    int8 = T[name].value in cpu_ggml.Q8_TYPES
     packed_runner = runner_for(path)
     dense_runner = runner_for(path, kernels=KernelConfig.parse("linear=cpu"))
+    ref_runner = runner_for(path, kernels=KernelConfig.parse(f"linear={int8_reference_backend}")) if int8 else dense_runner
     assert packed_runner.kernels.widened == {}
     # 2 layers x (qkv, o, gate|up, down), the embedding, and an untied head
     assert sum(n for n, _ in dense_runner.kernels.widened.values()) == 2 * 4 + 1 + (arch == "qwen2")
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     ours = generate(packed_runner, PROMPTS, params)
-    ref = generate(dense_runner, PROMPTS, params)
+    ref = generate(ref_runner, PROMPTS, params)
     assert [o.token_ids for o in ours] == [r.token_ids for r in ref]
     assert len({t for o in ours for t in o.token_ids}) > 3  # not a degenerate constant output
     exact_runner = runner_for(path, kernels=KernelConfig.parse("linear=cpu_native_exact"))
     assert exact_runner.kernels.backends["linear"] == "cpu_native_exact" and exact_runner.kernels.widened == {}
     int16_runner = runner_for(path, kernels=KernelConfig.parse("linear=cpu_native_int16"))
     assert int16_runner.kernels.backends["linear"] == "cpu_native_int16" and int16_runner.kernels.widened == {}
-    for prompt in [*PROMPTS, PROMPTS[0][:3]]:  # a 3-token prompt: a prefill of int16 size
+    for prompt in [*PROMPTS, PROMPTS[0][:3]]:  # a 3-token prompt: a prefill of decode size
         pages = list(range(1, 1 + -(-len(prompt) // 16)))
         chunk = [ScheduledChunk("x", prompt, 0, pages)]
         want = dense_runner.forward(chunk)
         torch.testing.assert_close(exact_runner.forward(chunk), want, rtol=1e-4, atol=1e-4)
-        assert (packed_runner.forward(chunk) - want).abs().max() < 1e-2 * want.std()
         assert (int16_runner.forward(chunk) - want).abs().max() < 1e-2 * want.std()
+        got = packed_runner.forward(chunk)
+        assert (got - ref_runner.forward(chunk)).abs().max() < 1e-2 * want.std()
+        if int8:  # the rounding shows: int8's error against fp32 is far above int16's
+            assert (got - want).abs().max() > 10 * (int16_runner.forward(chunk) - want).abs().max()
 
 
 @needs_native

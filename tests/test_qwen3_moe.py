@@ -77,7 +77,10 @@ def test_f32_gguf_matches_transformers(models: dict[str, Path], tmp_path: Path) 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
 def test_quantized_gguf_experts_stay_packed(tmp_path: Path, qtype: str) -> None:
     """Experts of a quantized GGUF are read packed (one GgmlLinear per expert projection, no
-    dense copy) and give the greedy tokens of the same file dequantized and run dense."""
+    dense copy) and give the greedy tokens of the same file dequantized and run dense (Q4_K
+    with int16 activations, cpu_native_int16: the default int8 rounding of K-quant decode
+    steps, llama.cpp's, flips near-tied tokens of this random model; its products are held to
+    their bound in tests/test_ggml.py, and the fused call to the loop below)."""
     hf = make_tiny("qwen3_moe", tmp_path, hidden_size=256, moe_intermediate_size=256, intermediate_size=512,
                    num_attention_heads=8, num_key_value_heads=2, head_dim=32)
     path = write_gguf(hf, tmp_path / f"moe-{qtype}.gguf", qtype, "qwen3moe")
@@ -89,15 +92,17 @@ def test_quantized_gguf_experts_stay_packed(tmp_path: Path, qtype: str) -> None:
     dense = runner_for(path, kernels=KernelConfig.parse("linear=cpu"))
     # per layer: qkv, o, and 8 experts x (gate|up, down); the embedding and the untied head
     assert sum(n for n, _ in dense.kernels.widened.values()) == 2 * (2 + 8 * 2) + 2
-    ours = generate(packed, PROMPTS, GREEDY)
+    int8 = qtype == "Q4_K"
+    same_rounding = runner_for(path, kernels=KernelConfig.parse("linear=cpu_native_int16")) if int8 else packed
+    ours = generate(same_rounding, PROMPTS, GREEDY)
     ref = generate(dense, PROMPTS, GREEDY)
     assert [o.token_ids for o in ours] == [r.token_ids for r in ref]
     assert len({t for o in ours for t in o.token_ids}) > 3
     chunk = [ScheduledChunk("x", PROMPTS[1], 0, [1, 2, 3])]
     want = dense.forward(chunk)
-    assert (packed.forward(chunk) - want).abs().max() < 1e-2 * want.std()
+    assert (same_rounding.forward(chunk) - want).abs().max() < 1e-2 * want.std()
     # Steps of up to 64 tokens take the fused routed-experts call: the per-expert loop's
-    # sums, with its int16 activations, in one native call.
+    # sums, with the same activation rounding, in one native call.
     moe = moes[0]
     assert moe._fused is not None and moe._fused[1] == 64
     g = torch.Generator().manual_seed(0)
@@ -115,6 +120,11 @@ def test_quantized_gguf_experts_stay_packed(tmp_path: Path, qtype: str) -> None:
         # too (1e-3 relative, 6.5e-5 absolute): there the loop's small-row product is exact
         # fp32. Not yet explained: see the issue 18 note.
         tol = 1e-5 if T <= 3 else 1e-3
+        if int8 and int(torch.bincount(ids.flatten()).max()) > 8:
+            # an expert with more than 8 tokens: the loop's exact fp32 product against the
+            # fused call's int8 rows (measured 2.5% of the largest output at T=64)
+            assert (fused - loop).abs().max() < 5e-2 * loop.abs().max()
+            continue
         torch.testing.assert_close(fused, loop, rtol=tol, atol=tol)
 
 

@@ -40,6 +40,11 @@ GGUF_MODELS: dict[str, tuple[str, str, dict[str, object]]] = {
     # Gemma 3 as llama.cpp stores it (1 + w norms), packed
     "gguf_q8_0_gemma3": ("gemma3", "Q8_0", {"query_pre_attn_scalar": 16}),
 }
+# Kernel choices per model, the same for TP=1 and TP=2. The Q4_K file runs with int16 decode
+# activations: the default int8 rounding groups 256 columns, which the 128-column o_proj
+# shards (dequantized, fp32) do not round at all, so TP=2 would differ from TP=1 by the int8
+# rounding level (a few % of a logit), not by reassociation.
+KERNELS = {"gguf_q4_k": "linear=cpu_native_int16"}
 EXTRA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
     # fewer KV heads than ranks: the one KV head is replicated on both ranks
     "llama_kv1": ("llama", {"num_key_value_heads": 1}),
@@ -144,6 +149,7 @@ def tp2_results(
             str(port),
             "--out",
             str(out),
+            *(f"--kernels={tp_models[name]}={spec}" for name, spec in KERNELS.items()),
             *map(str, tp_models.values()),
         ]
         for r in range(2)
@@ -157,7 +163,7 @@ def test_tp2_matches_tp1(
     name: str, tp_models: dict[str, Path], tp2_results: list[dict[str, dict[str, torch.Tensor]]]
 ) -> None:
     path = str(tp_models[name])
-    ref = tp_worker.compute(tp_worker.make_runner(path))
+    ref = tp_worker.compute(tp_worker.make_runner(path, kernels=KERNELS.get(name)))
     rank0, rank1 = (r[path] for r in tp2_results)
 
     # TP=1 really ran unsharded and TP=2 really sharded.
@@ -171,7 +177,8 @@ def test_tp2_matches_tp1(
     assert rank0["logits"].shape == ref["logits"].shape == (2 * len(tp_worker.PROMPTS), vocab)
     # Packed GGUF decode steps round activations to int16 per 256 columns of each shard, so
     # a sharded K regroups them: equal within that rounding, not to fp32 reassociation.
-    tol = 1e-3 if name in GGUF_MODELS else 1e-4
+    # The int16 backend (KERNELS) rounds prefill rows too: measured 1.5e-3 on the Q4_K file.
+    tol = 3e-3 if name in KERNELS else 1e-3 if name in GGUF_MODELS else 1e-4
     torch.testing.assert_close(rank0["logits"], ref["logits"], rtol=tol, atol=tol)
     # logits leave the model replicated: both ranks hold the same values
     torch.testing.assert_close(rank1["logits"], rank0["logits"], rtol=1e-6, atol=1e-6)

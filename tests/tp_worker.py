@@ -1,6 +1,6 @@
 """One tensor-parallel rank for tests/test_tp.py, run as a plain subprocess:
 
-    python tests/tp_worker.py --rank R --world-size N --port P --out FILE MODEL [MODEL ...]
+    python tests/tp_worker.py --rank R --world-size N --port P --out FILE [--kernels MODEL=SPEC ...] MODEL [MODEL ...]
 
 For every model it builds a ModelRunner on this rank, runs greedy generation for PROMPTS and
 the final-position logits via runner.forward (the same `compute` the test runs in-process
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agentspeed.config import CacheConfig, EngineConfig, ParallelConfig
+from agentspeed.config import CacheConfig, EngineConfig, KernelConfig, ParallelConfig
 from agentspeed.control.plan import ScheduledChunk
 from agentspeed.engine.simple_generate import generate
 from agentspeed.execution.model_runner import ModelRunner
@@ -36,7 +36,7 @@ PROMPTS = [
 ]
 
 
-def make_runner(model: str, tp: int = 1, rank: int = 0, port: int = 29517) -> ModelRunner:
+def make_runner(model: str, tp: int = 1, rank: int = 0, port: int = 29517, kernels: str | None = None) -> ModelRunner:
     return ModelRunner(
         EngineConfig(
             model=model,
@@ -44,6 +44,7 @@ def make_runner(model: str, tp: int = 1, rank: int = 0, port: int = 29517) -> Mo
             dtype="float32",
             parallel=ParallelConfig(tp=tp, rank=rank, master_port=port),
             cache=CacheConfig(page_size=PAGE_SIZE, num_pages=NUM_PAGES),
+            **({"kernels": KernelConfig.parse(kernels)} if kernels else {}),  # type: ignore[arg-type]
         )
     )
 
@@ -85,12 +86,14 @@ def main() -> int:
     ap.add_argument("--world-size", type=int, required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--kernels", action="append", default=[], help="MODEL=SPEC: that model's --kernel-backend")
     args = ap.parse_args()
+    kernels = dict(k.split("=", 1) for k in args.kernels)
     torch.set_num_threads(1)
     results: dict[str, dict[str, torch.Tensor]] = {}
     runner = None
     for model in args.models:
-        runner = make_runner(model, args.world_size, args.rank, args.port)
+        runner = make_runner(model, args.world_size, args.rank, args.port, kernels.get(model))
         results[model] = compute(runner)
     out = args.out if args.rank == 0 else f"{args.out}.rank{args.rank}"
     torch.save(results, f"{out}.tmp")

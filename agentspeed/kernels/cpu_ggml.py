@@ -2,16 +2,18 @@
 and ggml_gemm_i16.cpp), for the `cpu_native`, `cpu_native_exact` and `cpu_native_int16` backends.
 
 linear, by rows of x, for integer types (all parts of a merged projection in one call):
-- 1-8 rows (decode steps): x rounded to int16 per 256 columns (2^-15 of their largest |x|)
-  once per call, each weight streamed once in its stored form into integer multiply-adds
-  (ggml_linear_i16); error bound in native/ggml_i16.cpp.
+- 1-8 rows (decode steps): x rounded once per call to integers per 256 columns, each weight
+  streamed once in its stored form into integer multiply-adds: to int8 (max|x| / 127, as
+  llama.cpp's Q8_K) where every part is Q4_K, Q5_K or Q6_K and K is whole 256-column blocks
+  (ggml_linear_q8, native/ggml_q8.cpp), else to int16 (2^-15 of their largest |x|;
+  ggml_linear_i16, native/ggml_i16.cpp); error bounds in those files.
 - more than 128 rows (prefill): fp32 products of the stored weights, decoded PANEL_ROWS rows at a
   time into a transient fp32 panel multiplied by torch's sgemm.
 9-128 rows, mode "exact" (the `cpu_native_exact` backend), and F16/BF16 weights or
 projections with such a part keep fp32 activations: 1-2 rows decode in registers
 (ggml_gemv), up to 128 rows decode each weight row once per call into an L2-sized fp32
 buffer multiplied in register tiles (ggml_gemm), more rows as above. Mode "int16" (the
-`cpu_native_int16` backend) rounds x at every row count: above 8 rows decoded int16 panels in
+`cpu_native_int16` backend) rounds x to int16 at every row count (decode steps included): above 8 rows decoded int16 panels in
 register tiles (ggml_gemm_i16; vpmaddwd, or VNNI's fused vpdpwssd where the CPU has it). No
 dense copy of a weight outlives the call.
 """
@@ -57,6 +59,16 @@ _has_i16 = _lib.ggml_has_i16
 _has_i16.argtypes = (_I,)
 _has_i16.restype = _I
 I16_TYPES = frozenset(t for t in NATIVE_TYPES if _has_i16(t))  # every type but F16 and BF16
+_linear_q8 = _lib.ggml_linear_q8
+_linear_q8.argtypes = _linear_i16.argtypes
+_linear_q8.restype = _I
+_quantize_q8 = _lib.ggml_quantize_q8
+_quantize_q8.argtypes = (_P, _I, _L, _I, _P, _P, _P, _P)
+_quantize_q8.restype = _I
+_has_q8 = _lib.ggml_has_q8
+_has_q8.argtypes = (_I,)
+_has_q8.restype = _I
+Q8_TYPES = frozenset(t for t in NATIVE_TYPES if _has_q8(t))  # Q4_K, Q5_K, Q6_K
 _rows = _lib.ggml_get_rows
 _rows.argtypes = (_I, _P, _L, _I, _I, _P, _I, _P, _I)
 _rows.restype = _I
@@ -118,6 +130,28 @@ def _i16_args(lin: GgmlLinear) -> tuple[int, ...] | None:
     return args
 
 
+def _takes_q8(lin: GgmlLinear, k: int) -> bool:
+    """Whether decode steps round x to int8 for this weight (every part a type of
+    ggml_linear_q8, K whole 256-column blocks); cached per weight."""
+    q8 = lin.call_cache.get("q8")
+    if q8 is None:
+        q8 = lin.call_cache["q8"] = k % 256 == 0 and all(qtype in Q8_TYPES for _, qtype, *_ in lin.native)
+    return bool(q8)
+
+
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] (unit column stride, K a multiple of 256) as ggml_linear_q8 quantizes it: int8
+    codes [R, K] and one fp32 scale per 256 columns [R, K / 256]."""
+    r, k = x.shape
+    xq = torch.empty(r, k, dtype=torch.int8)
+    dx = torch.empty(r, k // 256)
+    bs = torch.empty(r, k // 16, dtype=torch.int16)
+    xs = torch.empty(r, k // 32)
+    if _quantize_q8(x.data_ptr(), r, x.stride(0), k, xq.data_ptr(), dx.data_ptr(), bs.data_ptr(), xs.data_ptr()) != 0:
+        raise RuntimeError(f"ggml_quantize_q8: {k} columns are not a multiple of 256")
+    return xq, dx
+
+
 def _linear_sgemm(x: torch.Tensor, lin: GgmlLinear, y: torch.Tensor) -> None:
     """y = x @ W.T, W decoded PANEL_ROWS rows at a time to fp32 and multiplied by torch's
     sgemm (MKL/oneDNN): exact fp32 products of the stored weights, and on this AVX2 box the
@@ -160,7 +194,12 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: st
     threads = torch.get_num_threads()
     yp, bp = y.data_ptr(), None if bias is None else bias.data_ptr()
     if args is not None and (rows <= I16_ROWS or mode == "int16"):
-        fn, what = (_linear_i16, "linear_i16") if rows <= I16_ROWS else (_gemm_i16, "gemm_i16")
+        if rows > I16_ROWS:
+            fn, what = _gemm_i16, "gemm_i16"
+        elif mode == "auto" and _takes_q8(lin, k):
+            fn, what = _linear_q8, "linear_q8"
+        else:
+            fn, what = _linear_i16, "linear_i16"
         rc = fn(x2.data_ptr(), rows, x2.stride(0), k, *args, bp, yp, n, threads)
         if rc != 0:
             raise RuntimeError(f"ggml {what} returned {rc} for {lin.describe()} weights ({n}, {k})")
@@ -175,7 +214,7 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: st
 
 
 _moe_i16 = _lib.ggml_moe_i16
-_moe_i16.argtypes = (_P, _I, _L, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I)
+_moe_i16.argtypes = (_P, _I, _L, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I, _I)
 _moe_i16.restype = _I
 MOE_ROWS = 64  # most tokens per step the fused expert call takes (benchmarks/kernels/bench_moe.py)
 
@@ -217,9 +256,11 @@ class MoEPlan:
         return MoEPlan(g13, g2)
 
 
-def moe_i16(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
+def moe_i16(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, plan: MoEPlan, int8: bool = True) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for T <= MOE_ROWS tokens, each expert a
-    SwiGLU of packed weights with int16-rounded activations (as linear() for decode rows)."""
+    SwiGLU of packed weights with its activations rounded as linear() rounds decode rows in
+    mode auto (int8 where the product's types allow; int16 throughout with int8=False, as
+    mode int16)."""
     T, K = x.shape
     x = x.float().contiguous()
     ids32 = ids.to(torch.int32).contiguous()
@@ -227,17 +268,23 @@ def moe_i16(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, plan: MoE
     y = torch.empty(T, plan.N)
     t13, p13, s13, t2, p2, s2 = plan.args
     rc = _moe_i16(x.data_ptr(), T, K, K, ids.shape[1], ids32.data_ptr(), w.data_ptr(), plan.E, t13, p13, s13,
-                  plan.F, t2, p2, s2, plan.N, y.data_ptr(), torch.get_num_threads())
+                  plan.F, t2, p2, s2, plan.N, y.data_ptr(), int(int8), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"ggml_moe_i16 returned {rc} ({plan.E} experts, {T} tokens)")
     return y
 
 
-def packed_moe(w13: list[object], w2: list[object]) -> tuple[Callable[..., torch.Tensor], int] | None:
-    """For the linear backends that round decode activations to int16: a layer's fused
-    expert call (x, ids, weights) -> y and the most tokens it takes, or None where its
-    experts are not all packed int16-decodable weights."""
+def packed_moe(w13: list[object], w2: list[object], int8: bool = True) -> tuple[Callable[..., torch.Tensor], int] | None:
+    """For the linear backends that round decode activations (int8 where the types allow, as
+    mode auto; int16 only with int8=False, as mode int16): a layer's fused expert call
+    (x, ids, weights) -> y and the most tokens it takes, or None where its experts are not
+    all packed integer-decodable weights."""
     plan = MoEPlan.of(w13, w2)
     if plan is None:
         return None
-    return (lambda x, ids, weights: moe_i16(x, ids, weights, plan)), MOE_ROWS
+    return (lambda x, ids, weights: moe_i16(x, ids, weights, plan, int8)), MOE_ROWS
+
+
+def packed_moe_int16(w13: list[object], w2: list[object]) -> tuple[Callable[..., torch.Tensor], int] | None:
+    """packed_moe with int16 activations throughout (the cpu_native_int16 backend)."""
+    return packed_moe(w13, w2, int8=False)

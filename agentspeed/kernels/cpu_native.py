@@ -209,8 +209,9 @@ def _prepare_linear(w: torch.Tensor | GgmlLinear) -> torch.Tensor | GgmlLinear:
 
 def linear(x: torch.Tensor, w: torch.Tensor | GgmlLinear, bias: torch.Tensor | None,
            mode: str = "auto") -> torch.Tensor:
-    """x @ w.T + bias: packed ggml weights by kernels/cpu_ggml.py (decode steps with int16
-    activations in mode auto), dense ones by oneDNN."""
+    """x @ w.T + bias: packed ggml weights by kernels/cpu_ggml.py (decode steps with int8
+    activations for K-quants and int16 for the other integer types in mode auto), dense ones
+    by oneDNN."""
     if isinstance(w, GgmlLinear):
         return cpu_ggml.linear(x, w, bias, mode)
     if x.numel() == 0:  # a step whose chunks all stop short of their prompt's end wants no logits
@@ -283,7 +284,7 @@ else:
                         prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows)(linear_exact)
         register_kernel("linear", INT16_BACKEND, ("cpu",), (torch.float32,), priority=5,
                         prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows,
-                        packed_moe=cpu_ggml.packed_moe)(linear_int16)
+                        packed_moe=cpu_ggml.packed_moe_int16)(linear_int16)
         _silu = load().silu_and_mul
         _silu.argtypes = (_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, _I)
         _silu.restype = _I
