@@ -26,6 +26,7 @@ from agentspeed.modeling.compiler import (
     Insertion,
     Redistribute,
     Residual,
+    RowBlocks,
     SpmdModule,
     collective_for,
     compile_placements,
@@ -260,7 +261,7 @@ TINY_CFG = ModelConfig(
 def expected_llama_insertions(num_layers: int) -> list[Insertion]:
     ins = [Insertion("body.embed_tokens", "body.layer0", Partial(), Replicate(), "all_reduce")]
     for i in range(num_layers):
-        for block, last in (("attn", "o_proj"), ("mlp", "down")):
+        for block, last in (("attn", "o_proj"), ("mlp", "ffn")):
             chain = f"body.layer{i}.{block}.body"
             ins.append(
                 Insertion(
@@ -316,6 +317,54 @@ def test_llama_forward_runs_exactly_those_collectives_in_order() -> None:
     assert torch.isfinite(logits).all()
     expected = [("all_reduce", None)] * (1 + 2 * TINY_CFG.num_layers) + [("all_gather", -1)]
     assert comm.calls == expected
+
+
+def test_row_blocks_refuse_a_body_with_collectives_inside() -> None:
+    body = Chain([("row", Step(Shard(-1), Partial())), ("norm", Step(Replicate(), Replicate()))])
+    with pytest.raises(PlacementError, match="RowBlocks"):
+        compile_placements(Chain([("blocks", RowBlocks(body, 2))]), Communicator(0, 2))
+    with pytest.raises(ValueError):
+        RowBlocks(body, 0)
+
+
+def test_mlp_row_blocks_leave_the_forward_unchanged() -> None:
+    """A dense MLP run 2 token rows at a time (7 rows: blocks of 2, 2, 2, 1) gives the logits
+    of the whole step at once, and the blocks really run (the body sees at most 2 rows)."""
+    torch.manual_seed(0)
+    model = build_tiny(TINY_CFG, Communicator(0, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    blocks = [m for m in model.modules() if isinstance(m, RowBlocks)]
+    assert len(blocks) == TINY_CFG.num_layers
+
+    def logits(rows: int) -> torch.Tensor:
+        for m in blocks:
+            m.rows = rows
+        kv = KVCache(TINY_CFG, CacheConfig(page_size=4, num_pages=8), 1, torch.float32, "cpu")
+        table = RequestTable("cpu")
+        chunk = ScheduledChunk("a", [1, 2, 3, 4, 5, 6, 7], 0, [1, 2])
+        inputs = build_inputs([chunk], [table.apply(chunk, create=True)], table, 4)
+        ctx = ForwardContext(inputs.positions, inputs.attn, kv.layers, inputs.logits_indices)
+        with torch.inference_mode():
+            return model(inputs.input_ids, ctx)
+
+    whole = logits(64)
+    seen: list[int] = []
+    body = blocks[0].body
+    run = body.forward
+
+    def counted(x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return run(x, ctx)
+
+    body.forward = counted  # type: ignore[method-assign]
+    try:
+        blocked = logits(2)
+    finally:
+        del body.forward
+    assert seen == [2, 2, 2, 1]
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- model code is local SPMD

@@ -143,11 +143,33 @@ class Residual(SpmdModule):
         return x + self.body.forward(x, ctx)
 
 
+class RowBlocks(SpmdModule):
+    """body over at most `rows` token rows at a time: the same output, the body's intermediates
+    (an MLP's [T, 2F] gate|up and [T, F] activations, fp32) bounded by `rows` instead of the
+    step's token count. Rows are independent through a position-wise body, so only the peak
+    memory changes. Placements are the body's; a body that needs collectives inside is refused,
+    since its ranks would have to agree on the blocks."""
+
+    def __init__(self, body: Chain, rows: int) -> None:
+        super().__init__()
+        if rows < 1:
+            raise ValueError(f"RowBlocks needs rows >= 1, got {rows}")
+        self.body, self.rows = body, rows
+        self.in_placement, self.out_placement = body.in_placement, body.out_placement
+
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        if x.shape[0] <= self.rows:
+            return self.body.forward(x, ctx)
+        blocks = [self.body.forward(x[i:i + self.rows], ctx) for i in range(0, x.shape[0], self.rows)]
+        return torch.cat(blocks)
+
+
 def compile_placements(root: nn.Module, comm: Communicator) -> list[Insertion]:
     """Insert the collectives of every Chain under root (including root). Idempotent.
     Returns what was inserted, outermost first, in execution order."""
     inserted: list[Insertion] = []
     chains = [(n, m) for n, m in root.named_modules() if isinstance(m, Chain)]
+    blocked = {id(m.body) for m in root.modules() if isinstance(m, RowBlocks)}
     for name, mod in chains:
         prefix = f"{name}." if name else ""
         entry = f"{name or '<root>'} (input)"
@@ -166,6 +188,9 @@ def compile_placements(root: nn.Module, comm: Communicator) -> list[Insertion]:
             else:
                 boundaries.append(Redistribute(coll, src, dst, comm))
                 inserted.append(Insertion(producer, consumer, src, dst, coll))
+        if id(mod) in blocked and any(isinstance(b, Redistribute) for b in boundaries[:-1]):
+            raise PlacementError(f"{name or '<root>'}: a RowBlocks body must not need collectives before its "
+                                 "last step (its ranks would have to agree on the row blocks)")
         mod.boundaries = nn.ModuleList(boundaries)
         redist = [b if isinstance(b, Redistribute) else None for b in boundaries]
         mod._plan = list(zip(redist[:-1], steps))

@@ -4,6 +4,9 @@ the step in ms per step (native kernels are the ctypes wrappers that call them: 
 for packed projections and the LM head, moe_i16 for routed experts, paged_attention_decode).
 cProfile adds overhead to every Python call, so its total exceeds the plain time; the gap
 between the named kernels and the plain step is the per-layer Python and small torch ops.
+Then, without cProfile, each packed linear's wall time per step by shape and storage type with
+the rate it streams the stored bytes (GB/s, against the machine's DRAM read rate), and the step
+with every packed linear replaced by a cached result (what the rest of the step costs).
 
     python benchmarks/model/profile_decode_step.py --model .cache/gguf/qwen3-moe-8l-Q4_K_M.gguf
 """
@@ -14,10 +17,16 @@ import argparse
 import cProfile
 import pstats
 import time
+from collections import defaultdict
+from typing import Any
+
+import torch
 
 from agentspeed.config import CacheConfig, EngineConfig
 from agentspeed.control.plan import ScheduledChunk
 from agentspeed.execution.model_runner import ModelRunner
+from agentspeed.kernels import cpu_ggml
+from agentspeed.kernels.ggml import GgmlLinear
 
 
 def main() -> None:
@@ -55,6 +64,44 @@ def main() -> None:
     for (file, line, fn), (_, calls, tottime, _, _) in rows[: a.top]:
         where = file.rsplit("/agentspeed/", 1)[-1] if "/agentspeed/" in file else file
         print(f"  {tottime / a.steps * 1e3:6.2f}  {calls // a.steps:4d} calls  {where}:{line}({fn})")
+
+    real = cpu_ggml.linear
+    spent: defaultdict[tuple[int, int, str], float] = defaultdict(float)
+    streamed: defaultdict[tuple[int, int, str], int] = defaultdict(int)
+
+    def timed(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: str = "auto") -> torch.Tensor:
+        t = time.perf_counter()
+        y = real(x, lin, bias, mode)
+        key = (lin.out_features, lin.in_features, lin.describe())
+        spent[key] += time.perf_counter() - t
+        streamed[key] += lin.nbytes
+        return y
+
+    cached: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def memo(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: str = "auto") -> torch.Tensor:
+        key = (tuple(x.shape), id(lin))
+        if key not in cached:
+            cached[key] = real(x, lin, bias, mode)
+        return cached[key]
+
+    try:
+        cpu_ggml.linear = timed  # type: ignore[assignment]
+        steps(a.steps)
+        cpu_ggml.linear = memo  # type: ignore[assignment]
+        steps(2)
+        t0 = time.perf_counter()
+        steps(a.steps)
+        rest = (time.perf_counter() - t0) / a.steps * 1e3
+    finally:
+        cpu_ggml.linear = real  # type: ignore[assignment]
+    total = sum(spent.values())
+    print(f"packed linears, wall time (ms per step; {total / a.steps * 1e3:.1f} in all, "
+          f"{sum(streamed.values()) / total / 1e9:.1f} GB/s):")
+    for key in sorted(spent, key=lambda k: -spent[k]):
+        n, k, what = key
+        print(f"  {spent[key] / a.steps * 1e3:6.2f}  {n} x {k} {what}: {streamed[key] / spent[key] / 1e9:.1f} GB/s")
+    print(f"the step with every packed linear's result cached: {rest:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -164,14 +164,23 @@ void qgemv(const int8_t* xq, const float* dx, const int16_t* bs, const float* xs
             const uint8_t* blk = row + static_cast<int64_t>(b) * B::BYTES;
             typename B::IState st;
             B::prep(blk, st);
-            v8i acc[R] = {};
+            // A accumulators per row: vpdpwssd's latency chains the 8 products of a block into
+            // one dependency; with few rows, split chains keep the multiply-add ports busy.
+            constexpr int A = R == 1 ? 4 : R < 4 ? 2 : 1;
+            v8i part[R][A] = {};
             const int8_t* xb = xq + static_cast<int64_t>(b) * XB;
             unroll<0, 8>([&](auto gc) {
                 constexpr int G = decltype(gc)::value;
                 const v32b c = B::template codes<G>(blk, st);
                 const v16s s = B::template scale<G>(st);
-                for (int r = 0; r < R; ++r) acc[r] = dot_u8(acc[r], c, ld32(xb + static_cast<int64_t>(r) * K + 32 * G), s);
+                for (int r = 0; r < R; ++r)
+                    part[r][G % A] = dot_u8(part[r][G % A], c, ld32(xb + static_cast<int64_t>(r) * K + 32 * G), s);
             });
+            v8i acc[R];
+            for (int r = 0; r < R; ++r) {
+                acc[r] = part[r][0];
+                for (int a = 1; a < A; ++a) acc[r] += part[r][a];
+            }
             if constexpr (!B::MIN) {  // Q6_K: minus 32 * sum_g scale_g * (column sum of xq over g's 16)
                 const v16s sc = ld16(st.sc);
                 for (int r = 0; r < R; ++r) {

@@ -13,7 +13,7 @@ import torch
 from agentspeed.config import ModelConfig
 from agentspeed.kernels.api import KernelSet
 from agentspeed.modeling.comm import Communicator
-from agentspeed.modeling.compiler import Chain, Residual, SpmdModule
+from agentspeed.modeling.compiler import Chain, Residual, RowBlocks, SpmdModule
 from agentspeed.modeling.layers.attention import PagedAttention
 from agentspeed.modeling.layers.basic import RMSNorm, SiluAndMul
 from agentspeed.modeling.layers.embedding import VocabParallelEmbedding
@@ -34,13 +34,24 @@ def dense_mlp(
     }
 
 
+# Most token rows a dense MLP takes at once: a 2048-token prefill step of Qwen2.5-1.5B would
+# otherwise hold 2048 x 17920 fp32 gate|up values (147 MB) and their 2048 x 8960 activations at
+# its peak; 512-row blocks keep prefill's products at the many-row kernels' sizes
+# (docs/benchmarks.md, "Peak memory of a prefill step").
+MLP_ROWS = 512
+
+
 def decoder_layer(mods: dict[str, SpmdModule]) -> Chain:
     """Pre-norm residual attention block then MLP block. mods holds attn_norm, the attention
-    steps up to o_proj, mlp_norm and the MLP steps (in insertion order)."""
+    steps up to o_proj, mlp_norm and the MLP steps (in insertion order); a dense MLP
+    (gate_up, act, down) runs MLP_ROWS token rows at a time."""
     names = list(mods)
     split = names.index("mlp_norm")
     attn = Chain([(n, mods[n]) for n in names[:split]], out_placement=Replicate())
-    mlp = Chain([(n, mods[n]) for n in names[split:]], out_placement=Replicate())
+    ffn = [(n, mods[n]) for n in names[split + 1:]]
+    if [n for n, _ in ffn] == ["gate_up", "act", "down"]:
+        ffn = [("ffn", RowBlocks(Chain(ffn), MLP_ROWS))]
+    mlp = Chain([("mlp_norm", mods["mlp_norm"]), *ffn], out_placement=Replicate())
     return Chain([("attn", Residual(attn)), ("mlp", Residual(mlp))])
 
 
