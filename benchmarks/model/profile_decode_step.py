@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12, help="functions to print")
     a = ap.parse_args()
     page = 16
-    pages = list(range(1, (a.prompt + 3 * a.steps + 10) // page + 2))
+    pages = list(range(1, (a.prompt + 4 * a.steps + 20) // page + 2))
     runner = ModelRunner(EngineConfig(model=a.model, cache=CacheConfig(page_size=page, num_pages=len(pages) + 1)))
     runner.forward([ScheduledChunk("x", list(range(100, 100 + a.prompt)), 0, pages)])
     pos = a.prompt
