@@ -147,8 +147,8 @@ class RowBlocks(SpmdModule):
     """body over at most `rows` token rows at a time: the same output, the body's intermediates
     (an MLP's [T, 2F] gate|up and [T, F] activations, fp32) bounded by `rows` instead of the
     step's token count. Rows are independent through a position-wise body, so only the peak
-    memory changes. Placements are the body's; a body that needs collectives inside is refused,
-    since its ranks would have to agree on the blocks."""
+    memory changes. Placements are the body's; a body that needs a collective (at its entry,
+    between its steps or at its exit) is refused: it would run once per block."""
 
     def __init__(self, body: Chain, rows: int) -> None:
         super().__init__()
@@ -188,9 +188,9 @@ def compile_placements(root: nn.Module, comm: Communicator) -> list[Insertion]:
             else:
                 boundaries.append(Redistribute(coll, src, dst, comm))
                 inserted.append(Insertion(producer, consumer, src, dst, coll))
-        if id(mod) in blocked and any(isinstance(b, Redistribute) for b in boundaries[:-1]):
-            raise PlacementError(f"{name or '<root>'}: a RowBlocks body must not need collectives before its "
-                                 "last step (its ranks would have to agree on the row blocks)")
+        if id(mod) in blocked and any(isinstance(b, Redistribute) for b in boundaries):
+            raise PlacementError(f"{name or '<root>'}: a RowBlocks body must not need a collective "
+                                 "(it would run once per row block)")
         mod.boundaries = nn.ModuleList(boundaries)
         redist = [b if isinstance(b, Redistribute) else None for b in boundaries]
         mod._plan = list(zip(redist[:-1], steps))
