@@ -1,5 +1,5 @@
-"""Products and lookups on packed ggml weights (kernels/native/ggml_linear.cpp, ggml_i16.cpp
-and ggml_gemm_i16.cpp), for the `cpu_native`, `cpu_native_exact` and `cpu_native_int16` backends.
+"""Products and lookups on packed ggml weights (kernels/native/ggml_linear.cpp, ggml_i16.cpp,
+ggml_q8.cpp, ggml_gemm_i16.cpp and ggml_gemm_q8.cpp), for the `cpu_native`, `cpu_native_exact` and `cpu_native_int16` backends.
 
 linear, by rows of x, for integer types (all parts of a merged projection in one call):
 - 1-8 rows (decode steps): x rounded once per call to integers per 256 columns, each weight
@@ -7,9 +7,14 @@ linear, by rows of x, for integer types (all parts of a merged projection in one
   llama.cpp's Q8_K) where every part is Q4_K, Q5_K or Q6_K and K is whole 256-column blocks
   (ggml_linear_q8, native/ggml_q8.cpp), else to int16 (2^-15 of their largest |x|;
   ggml_linear_i16, native/ggml_i16.cpp); error bounds in those files.
-- more than 128 rows (prefill): fp32 products of the stored weights, decoded PANEL_ROWS rows at a
+- more than 8 rows (prefill, big batches) where this build has AVX-512 VNNI (GEMM_Q8_FAST)
+  and the decode steps round to int8 (the K-quants above): x rounded the same way, each
+  weight unpacked once per call into u8 code panels multiplied by vpdpbusd (ggml_gemm_q8,
+  native/ggml_gemm_q8.cpp, which reads the legacy 4-8 bit types too; llama.cpp's prefill
+  scheme; 2.5-3x sgemm's rate at 512 rows, docs/benchmarks.md).
+- otherwise more than 128 rows: fp32 products of the stored weights, decoded PANEL_ROWS rows at a
   time into a transient fp32 panel multiplied by torch's sgemm.
-9-128 rows, mode "exact" (the `cpu_native_exact` backend), and F16/BF16 weights or
+Otherwise 9-128 rows, mode "exact" (the `cpu_native_exact` backend), and F16/BF16 weights or
 projections with such a part keep fp32 activations: 1-2 rows decode in registers
 (ggml_gemv), up to 128 rows decode each weight row once per call into an L2-sized fp32
 buffer multiplied in register tiles (ggml_gemm), more rows as above. Mode "int16" (the
@@ -69,6 +74,15 @@ _has_q8 = _lib.ggml_has_q8
 _has_q8.argtypes = (_I,)
 _has_q8.restype = _I
 Q8_TYPES = frozenset(t for t in NATIVE_TYPES if _has_q8(t))  # Q4_K, Q5_K, Q6_K
+_gemm_q8 = _lib.ggml_gemm_q8
+_gemm_q8.argtypes = _linear_i16.argtypes
+_gemm_q8.restype = _I
+_has_gemm_q8 = _lib.ggml_has_gemm_q8
+_has_gemm_q8.argtypes = (_I,)
+_has_gemm_q8.restype = _I
+GEMM_Q8_TYPES = frozenset(t for t in NATIVE_TYPES if _has_gemm_q8(t))  # the 4-8 bit types but Q2_K, Q3_K
+# Whether this build has the VNNI loop of ggml_gemm_q8; elsewhere its portable loop is for tests only.
+GEMM_Q8_FAST = bool(_lib.ggml_gemm_q8_fast())
 _rows = _lib.ggml_get_rows
 _rows.argtypes = (_I, _P, _L, _I, _I, _P, _I, _P, _I)
 _rows.restype = _I
@@ -139,6 +153,19 @@ def _takes_q8(lin: GgmlLinear, k: int) -> bool:
     return bool(q8)
 
 
+def _takes_gemm_q8(lin: GgmlLinear, k: int) -> bool:
+    """Whether steps of more than 8 rows round x to int8 for this weight in mode auto
+    (ggml_gemm_q8: its VNNI loop built here, K whole 256-column blocks, and every part a
+    K-quant, whose decode steps round to int8 too). The legacy types keep fp32 products:
+    one int8 scale per 256 columns is coarser than llama.cpp's per 32 for them (Q8_0), and on
+    SmolLM2's Q4_1/Q8_0 file it moved the logits by 20% of their spread (measured), where
+    int16 decode moves them by under 1%."""
+    q8 = lin.call_cache.get("gemm_q8")
+    if q8 is None:
+        q8 = lin.call_cache["gemm_q8"] = GEMM_Q8_FAST and _takes_q8(lin, k)
+    return bool(q8)
+
+
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, K] (unit column stride, K a multiple of 256) as ggml_linear_q8 quantizes it: int8
     codes [R, K] and one fp32 scale per 256 columns [R, K / 256]."""
@@ -150,6 +177,23 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if _quantize_q8(x.data_ptr(), r, x.stride(0), k, xq.data_ptr(), dx.data_ptr(), bs.data_ptr(), xs.data_ptr()) != 0:
         raise RuntimeError(f"ggml_quantize_q8: {k} columns are not a multiple of 256")
     return xq, dx
+
+
+def gemm_q8(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [R, K] @ W.T + bias by ggml_gemm_q8 at any row count on any build (its portable
+    loop where GEMM_Q8_FAST is false): what linear() computes above 8 rows in mode auto where
+    it takes that kernel; for tests and benchmarks of the kernel itself."""
+    r, k = x.shape
+    args = _i16_args(lin)
+    if args is None or not all(qtype in GEMM_Q8_TYPES for _, qtype, *_ in lin.native):
+        raise ValueError(f"gemm_q8 has no kernel for {lin.describe()} weights")
+    x = x.float().contiguous()
+    y = torch.empty(r, lin.out_features) if lin.covered else torch.zeros(r, lin.out_features)
+    rc = _gemm_q8(x.data_ptr(), r, k, k, *args, None if bias is None else bias.data_ptr(), y.data_ptr(),
+                  lin.out_features, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"ggml gemm_q8 returned {rc} for {lin.describe()} weights ({lin.out_features}, {k})")
+    return y
 
 
 def _linear_sgemm(x: torch.Tensor, lin: GgmlLinear, y: torch.Tensor) -> None:
@@ -186,15 +230,18 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: st
     if rows == 0:
         return y.view(*x.shape[:-1], n)
     args = _i16_args(lin) if mode != "exact" else None
-    if rows > SGEMM_ROWS and (mode != "int16" or args is None):
+    gemm_q8 = rows > I16_ROWS and mode == "auto" and _takes_gemm_q8(lin, k)
+    if rows > SGEMM_ROWS and not gemm_q8 and (mode != "int16" or args is None):
         _linear_sgemm(x2, lin, y)
         if bias is not None:
             y += bias
         return y.view(*x.shape[:-1], n)
     threads = torch.get_num_threads()
     yp, bp = y.data_ptr(), None if bias is None else bias.data_ptr()
-    if args is not None and (rows <= I16_ROWS or mode == "int16"):
-        if rows > I16_ROWS:
+    if args is not None and (rows <= I16_ROWS or mode == "int16" or gemm_q8):
+        if gemm_q8:
+            fn, what = _gemm_q8, "gemm_q8"
+        elif rows > I16_ROWS:
             fn, what = _gemm_i16, "gemm_i16"
         elif mode == "auto" and _takes_q8(lin, k):
             fn, what = _linear_q8, "linear_q8"

@@ -1,10 +1,12 @@
 """Linear layers on packed GGUF weights (kernels/cpu_ggml.py) against oneDNN on the same
 weights dequantized to fp32 and prepacked, per storage type and row count: ms per call (the
 fastest of --reps, the paths taking turns so this machine's drift hits all alike) of the
-default path (int16 activations up to 8 rows, fp32 tiles to 128, dequantized panels and
-sgemm above), of mode exact (fp32 activations: `cpu_native_exact`), of mode int16 (int16
-activations at every row count: `cpu_native_int16`) and of oneDNN, and for decode-sized
-calls the rate at which the default path streams the weight's stored bytes (GB/s).
+default path (up to 8 rows int8 activations for K-quants, int16 for the others; above 8 rows
+the int8 GEMM where this build has AVX-512 VNNI, else fp32 tiles to 128 rows and dequantized
+panels through sgemm above; kernels/cpu_ggml.py), of mode exact (fp32 activations:
+`cpu_native_exact`), of mode int16 (int16 activations at every row count:
+`cpu_native_int16`) and of oneDNN, and the default path's rate: for decode-sized calls the
+stored bytes it streams (GB/s), above 8 rows its multiply-adds (GFLOP/s, 2 per weight and row).
 
     python benchmarks/kernels/bench_ggml_linear.py [--n 8960 --k 1536] [--types Q4_K,Q6_K,Q8_0]
         [--rows 1,4,8,16,32,128,512]
@@ -67,11 +69,11 @@ def main() -> None:
             ours, exact, int16, onednn = timed(
                 [lambda x=x, lin=lin, m=m: cpu_native.linear(x, lin, None, mode=m) for m in ("auto", "exact", "int16")]
                 + [lambda x=x, dense=dense: cpu._linear(x, dense, None)], a.reps)
-            rate = f" {gw.nbytes / ours / 1e6:4.1f}GB/s" if r <= 8 else ""
+            rate = f" {gw.nbytes / ours / 1e6:4.1f}GB/s" if r <= 8 else f" {2 * r * a.n * a.k / ours / 1e9:4.0f}GF/s"
             cells.append(f"{ours:.2f}/{exact:.2f}/{int16:.2f}/{onednn:.2f}{rate}")
         print(f"{name:6} {gw.nbytes / 1e6:7.1f} " + " ".join(f"{c:>30}" for c in cells))
     print("cells: default / exact / int16 / oneDNN-on-fp32 ms (fastest of --reps); GB/s = stored bytes streamed "
-          "per second by the default path")
+          "per second by the default path, GF/s = its GFLOP/s")
 
 
 if __name__ == "__main__":
