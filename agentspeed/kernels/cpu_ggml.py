@@ -36,6 +36,10 @@ from agentspeed.kernels.native import load
 
 GEMV_ROWS = 2  # above this ggml_gemm is as fast or faster (benchmarks/kernels/bench_ggml_linear.py)
 I16_ROWS = 8  # the most rows ggml_linear_i16 takes
+# Below this many rows 8-row calls of the decode kernel beat ggml_gemm_q8, whose unpacking
+# of each weight into panels is then most of its time (8960 x 1536, 16 rows: Q4_K 1.66 against
+# 2.03 ms, Q6_K 1.62 against 3.66; 32 rows: Q4_K 3.32 against 2.80; bench_ggml_linear.py).
+GEMM_Q8_ROWS = 24
 SGEMM_ROWS = 128  # above this, dequantized panels and sgemm beat both packed kernels (same benchmark)
 MODES = ("auto", "exact", "int16")  # activations: see the module docstring
 PANEL_ROWS = 512  # weight rows per sgemm call (256-512 measured best; 1,365 rows: 0.75x)
@@ -239,6 +243,13 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: st
     threads = torch.get_num_threads()
     yp, bp = y.data_ptr(), None if bias is None else bias.data_ptr()
     if args is not None and (rows <= I16_ROWS or mode == "int16" or gemm_q8):
+        if gemm_q8 and rows < GEMM_Q8_ROWS:  # the decode kernel, 8 rows at a time (same rounding)
+            for r0 in range(0, rows, I16_ROWS):
+                r = min(I16_ROWS, rows - r0)
+                rc = _linear_q8(x2[r0].data_ptr(), r, x2.stride(0), k, *args, bp, yp + 4 * r0 * n, n, threads)
+                if rc != 0:
+                    raise RuntimeError(f"ggml linear_q8 returned {rc} for {lin.describe()} weights ({n}, {k})")
+            return y.view(*x.shape[:-1], n)
         if gemm_q8:
             fn, what = _gemm_q8, "gemm_q8"
         elif rows > I16_ROWS:

@@ -2,9 +2,11 @@
 
 linear reads GGUF weights as they are stored (kernels/ggml.py, kernels/cpu_ggml.py): every
 common ggml type (Q4_0 ... Q8_0, Q2_K ... Q6_K, F16, BF16) is decoded block by block in the
-kernel, so a decode step streams the file's bytes (0.56 per weight for Q4_K) and the
-products are fp32 products of the stored weights. Dense weights (safetensors) go to oneDNN
-as in the `cpu` backend.
+kernel, so a decode step streams the file's bytes (0.56 per weight for Q4_K); activations are
+rounded to integers where the kernels multiply integer codes (int8 for K-quants, as
+llama.cpp; int16 in decode steps for the other integer types; cpu_ggml's docstring has the
+table) and `cpu_native_exact` keeps them fp32. Dense weights (safetensors) go to oneDNN as in
+the `cpu` backend.
 
 paged_attention_decode reads K/V pages in their storage type (fp32, bf16, fp16, fp8 with
 per-token scales) and converts rows in registers while streaming them, once per KV head for
@@ -209,9 +211,9 @@ def _prepare_linear(w: torch.Tensor | GgmlLinear) -> torch.Tensor | GgmlLinear:
 
 def linear(x: torch.Tensor, w: torch.Tensor | GgmlLinear, bias: torch.Tensor | None,
            mode: str = "auto") -> torch.Tensor:
-    """x @ w.T + bias: packed ggml weights by kernels/cpu_ggml.py (decode steps with int8
-    activations for K-quants and int16 for the other integer types in mode auto), dense ones
-    by oneDNN."""
+    """x @ w.T + bias: packed ggml weights by kernels/cpu_ggml.py (in mode auto int8
+    activations for K-quants, in prefill too where the CPU has AVX-512 VNNI, and int16 in
+    decode steps for the other integer types), dense ones by oneDNN."""
     if isinstance(w, GgmlLinear):
         return cpu_ggml.linear(x, w, bias, mode)
     if x.numel() == 0:  # a step whose chunks all stop short of their prompt's end wants no logits

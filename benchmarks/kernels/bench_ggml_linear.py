@@ -69,7 +69,7 @@ def main() -> None:
             ours, exact, int16, onednn = timed(
                 [lambda x=x, lin=lin, m=m: cpu_native.linear(x, lin, None, mode=m) for m in ("auto", "exact", "int16")]
                 + [lambda x=x, dense=dense: cpu._linear(x, dense, None)], a.reps)
-            rate = f" {gw.nbytes / ours / 1e6:4.1f}GB/s" if r <= 8 else f" {2 * r * a.n * a.k / ours / 1e9:4.0f}GF/s"
+            rate = f" {gw.nbytes / ours / 1e6:4.1f}GB/s" if r <= 8 else f" {2 * r * a.n * a.k / ours / 1e6:4.0f}GF/s"
             cells.append(f"{ours:.2f}/{exact:.2f}/{int16:.2f}/{onednn:.2f}{rate}")
         print(f"{name:6} {gw.nbytes / 1e6:7.1f} " + " ".join(f"{c:>30}" for c in cells))
     print("cells: default / exact / int16 / oneDNN-on-fp32 ms (fastest of --reps); GB/s = stored bytes streamed "

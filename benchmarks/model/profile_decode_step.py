@@ -9,6 +9,8 @@ the rate it streams the stored bytes (GB/s, against the machine's DRAM read rate
 with every packed linear replaced by a cached result (what the rest of the step costs).
 
     python benchmarks/model/profile_decode_step.py --model .cache/gguf/qwen3-moe-8l-Q4_K_M.gguf
+    python benchmarks/model/profile_decode_step.py --model .cache/gguf/qwen2.5-1.5b-Q4_K_M.gguf \
+        --prompt 1750 --kv-cache-dtype float16    # the peer decode benchmark's context
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=300, help="prompt tokens before the decode steps")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--top", type=int, default=12, help="functions to print")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="as the server's flag (the peer benchmarks use float16)")
     a = ap.parse_args()
     page = 16
     pages = list(range(1, (a.prompt + 4 * a.steps + 20) // page + 2))
-    runner = ModelRunner(EngineConfig(model=a.model, cache=CacheConfig(page_size=page, num_pages=len(pages) + 1)))
+    cache = CacheConfig(page_size=page, num_pages=len(pages) + 1, kv_cache_dtype=a.kv_cache_dtype)
+    runner = ModelRunner(EngineConfig(model=a.model, cache=cache))
     runner.forward([ScheduledChunk("x", list(range(100, 100 + a.prompt)), 0, pages)])
     pos = a.prompt
 
