@@ -15,11 +15,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from plan_mirror import PageRows
 
 from agentspeed.control import fsm
-from agentspeed.control.errors import HandleReleased, IllegalTransition
+from agentspeed.control.errors import HandleReleased, IllegalTransition, InvariantViolation
 from agentspeed.control.kv_events import PagesStored
 from agentspeed.control.page_pool import PagePool, PageState
 from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, RequestSpec, StepResult, TierOp
 from agentspeed.control.scheduler import RequestRejected, Scheduler, SchedulerConfig
+from agentspeed.control.tier import TierIndex
 
 EOS = 0
 # What the stateful runs exercised (checked by test_stateful_run_exercised_pressure).
@@ -550,3 +551,48 @@ def test_retention_forgets_long_idle_sessions_without_pages() -> None:
         r.turn_ended(key, float(i))
     r.prune(100.0, lambda: ["b"])  # b still holds cached pages
     assert set(r.sessions) == {"b"}
+
+
+def test_a_fetch_with_every_host_slot_pinned_leaves_no_disk_pin():
+    """Found by the stateful test: a disk read planned while every host slot is pinned is not
+    planned, and its disk slot was left pinned by a step whose plan came out empty and so was
+    never advanced; a later failed read of the same page then could not forget the copy."""
+    m = DiskSchedulerMachine()
+
+    def abort(rid: str) -> None:
+        m.sched.abort(rid)
+        m.live.discard(rid)
+
+    steps = [
+        lambda: m.submit(length=23, max_tokens=1, prefix=0, session="s0", shared=False),
+        m.plan, lambda: m.advance(eos_prob=0.0),
+        lambda: m.submit(length=4, max_tokens=1, prefix=1, session=None, shared=True),
+        lambda: m.submit(length=3, max_tokens=1, prefix=0, session=None, shared=False),
+        lambda: abort("r0"), lambda: abort("r2"),
+        m.plan, lambda: m.advance(eos_prob=0.0),
+        lambda: m.submit(length=9, max_tokens=1, prefix=0, session=None, shared=True),
+        m.plan,
+        lambda: m.submit(length=7, max_tokens=1, prefix=0, session=None, shared=False),
+        lambda: abort("r3"), lambda: abort("r4"),
+        lambda: m.submit(length=14, max_tokens=1, prefix=1, session=None, shared=True),
+        m.plan, lambda: m.advance(eos_prob=0.0),
+        m.plan, lambda: m.advance(eos_prob=0.0),
+    ]
+    for step in steps:
+        step()
+        m.invariants_hold()
+        m.kv_events_replay_to_the_index()
+    assert m.sched.num_disk_failed  # (the read that failed is what this sequence reaches)
+    m.teardown()
+
+
+def test_tier_unpin_undoes_only_the_last_pin():
+    t = TierIndex(2)
+    s = t.store(b"k" * 16)
+    assert s is not None
+    t.pin(s, 5)
+    with pytest.raises(InvariantViolation):
+        t.unpin(s, 6)
+    t.unpin(s, 5)
+    assert not t.fenced(5) and t.pins[s] == 0
+    t.check_invariants()

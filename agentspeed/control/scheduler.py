@@ -322,6 +322,9 @@ class Scheduler:
                 # Prefills wait for window pages that only other running prefills hold and
                 # nothing in flight will give back: the newest makes room (it is re-queued).
                 self._preempt(self._running[-1])
+            for t in (self.tier, self.disk):
+                if t is not None and t.fenced(step_id):
+                    raise InvariantViolation(f"tier slots pinned by step {step_id}, which never runs")
             return ExecutionPlan(step_id, ())
         if not chunks and any(op.kind == TierOp.LOAD for op in self._ops):  # (admissions schedule chunks)
             raise InvariantViolation("tier loads planned in a plan without chunks")
@@ -468,7 +471,8 @@ class Scheduler:
                 break
             disk.pin(d, self._planning)  # (before the host store: its spill must not take d)
             slot = tier.store(h)
-            if slot is None:
+            if slot is None:  # held already, or every host slot pinned: no read, no pin
+                disk.unpin(d, self._planning)
                 break
             tier.pin(slot, self._planning)
             self._ops.append(TierOp(TierOp.FETCH, d, slot, h))

@@ -75,6 +75,20 @@ class TierIndex:
         self._fences.setdefault(step, []).append(slot)
         self._lru.move_to_end(key)
 
+    def unpin(self, slot: int, step: int) -> None:
+        """Undo the last `pin(slot, step)` (the operation it was for is not planned)."""
+        fence = self._fences.get(step)
+        if not fence or fence[-1] != slot:
+            raise InvariantViolation(f"unpin of tier slot {slot} not last pinned by step {step}")
+        fence.pop()
+        if not fence:
+            del self._fences[step]
+        self.pins[slot] -= 1
+
+    def fenced(self, step: int) -> bool:
+        """Whether step `step` pins any slot."""
+        return step in self._fences
+
     def drop(self, key: PageKey) -> None:
         """Forget the copy of `key` (it failed to read back), if it is still here."""
         slot = self._lru.pop(key, None)
