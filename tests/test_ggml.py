@@ -388,6 +388,19 @@ def int8_reference_backend(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callabl
     return backend
 
 
+def teacher_forced(a: object, b: object, prompts: list[list[int]], tokens: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Both runners' logits ([len(prompts), vocab] each) at every step of a greedy run that
+    emits `tokens`, batched as generate() batches it: every prompt in one prefill, then one
+    decode step of all of them per token."""
+    from agentspeed.control.plan import ScheduledChunk
+
+    pages = [list(range(1 + 4 * i, 5 + 4 * i)) for i in range(len(prompts))]
+    steps = [[ScheduledChunk(f"s{i}", p, 0, pages[i]) for i, p in enumerate(prompts)]]
+    for j in range(len(tokens[0]) - 1):
+        steps.append([ScheduledChunk(f"s{i}", [tokens[i][j]], len(p) + j, pages[i]) for i, p in enumerate(prompts)])
+    return [(a.forward(c).float(), b.forward(c).float()) for c in steps]  # type: ignore[attr-defined]
+
+
 @needs_native
 @pytest.mark.parametrize("name", TYPES)
 def test_tiny_model_in_each_type_equals_its_dense_fp32_path(
@@ -424,7 +437,25 @@ def test_tiny_model_in_each_type_equals_its_dense_fp32_path(
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     ours = generate(packed_runner, PROMPTS, params)
     ref = generate(ref_runner, PROMPTS, params)
-    assert [o.token_ids for o in ours] == [r.token_ids for r in ref]
+    if not int8(cpu_ggml.I16_ROWS + 1):
+        assert [o.token_ids for o in ours] == [r.token_ids for r in ref]
+    else:
+        # Prefill rounds to int8 as well, which is discontinuous (see below): a prompt's KV,
+        # and every later logit of it, can move by a few percent of the logits' spread, so
+        # greedy tokens may part at a near-tie (measured on an AVX-512 Xeon: Q6_K's third
+        # prompt, top two 0.034 apart, logits 0.064 apart). Teacher-forced on the reference's
+        # tokens, as generate() batches them: each step's choice agrees wherever the reference's
+        # top two are further apart than the two paths' logits, and nearly always.
+        steps = teacher_forced(packed_runner, ref_runner, PROMPTS, [r.token_ids for r in ref])
+        agree = 0
+        for got, want in steps:
+            gap = (got - want).abs().amax(-1)
+            top = want.topk(2, dim=-1).values
+            same = got.argmax(-1) == want.argmax(-1)
+            assert (same | (top[:, 0] - top[:, 1] < 2 * gap)).all()
+            assert (gap < 0.1 * want.std()).all()
+            agree += int(same.sum())
+        assert agree >= 0.9 * len(steps) * len(PROMPTS)
     assert len({t for o in ours for t in o.token_ids}) > 3  # not a degenerate constant output
     exact_runner = runner_for(path, kernels=KernelConfig.parse("linear=cpu_native_exact"))
     assert exact_runner.kernels.backends["linear"] == "cpu_native_exact" and exact_runner.kernels.widened == {}
