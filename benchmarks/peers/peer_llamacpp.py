@@ -67,9 +67,16 @@ def build(jobs: int) -> Path:
         with tarfile.open(sdist) as tf:
             tf.extractall(CACHE, filter="data")
     cpp = src / "vendor" / "llama.cpp"
+    flags = []
+    if "amx_tile" in Path("/proc/cpuinfo").read_text():
+        # On an AMX VM here (2026-12-05) a -march=native build died at startup with SIGILL on
+        # `tilezero` in ggml_backend_amx_mul_mat; without AMX it runs (AVX-512 VNNI kernels).
+        print("AMX advertised: building llama.cpp without it (its AMX path faults on these VMs)")
+        flags = ["-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+                 "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"]
     subprocess.run(["cmake", "-S", str(cpp), "-B", str(CACHE / "build"), "-DCMAKE_BUILD_TYPE=Release",
                     "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True)
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", *flags], check=True)
     subprocess.run(["cmake", "--build", str(CACHE / "build"), "--target", *TOOLS, "-j", str(jobs)],
                    check=True)
     return server_binary()

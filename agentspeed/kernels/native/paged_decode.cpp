@@ -413,7 +413,11 @@ void run(const Args& a, int split, int threads) {
     }
     const int items = first[a.B];
     std::vector<float> m(static_cast<size_t>(items) * H), l(m.size()), acc(m.size() * D);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    // One parallel region for both loops (the for's barrier orders them): a second fork/join
+    // cost a few microseconds per call, most of a short context's kernel time.
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(dynamic, 1)
     for (int it = 0; it < items; ++it) {
         int b = 0;
         while (first[b + 1] <= it) ++b;
@@ -423,7 +427,7 @@ void run(const Args& a, int split, int threads) {
         attend<DT>(a, b, t0, t1, &m[o], &l[o], &acc[o * D]);
     }
     // Merge each (sequence, virtual head)'s spans by log-sum-exp.
-#pragma omp parallel for num_threads(threads)
+#pragma omp for
     for (int bh = 0; bh < a.B * H; ++bh) {
         const int b = bh / H, h = bh % H, Q = a.num_queries(b), QG = Q * G;
         if (h >= a.H * Q) continue;
@@ -445,6 +449,7 @@ void run(const Args& a, int split, int threads) {
         const float inv = 1.0f / den;
 #pragma omp simd
         for (int d = 0; d < D; ++d) o[d] *= inv;
+    }
     }
 }
 
