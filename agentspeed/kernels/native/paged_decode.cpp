@@ -221,17 +221,94 @@ inline void prefetch_rows(const void* cache, const int64_t* slot, int64_t stride
     }
 }
 
+// Query heads are taken GC at a time (a "head chunk"): scores keep GC dot products in
+// registers while each K row is converted once, and values keep GC x CV output vectors in
+// registers while each V row is converted once per CV-vector column slice. The former layout
+// (every row converted into an fp32 block buffer, re-read per head) spent a fifth of its time
+// storing that buffer; this one reads the stored K/V directly (measured 1800-token context,
+// 12 heads over 2 KV heads, D 128, fp16, AVX-512: 231 -> 155 us on one thread, 133 -> 85 us
+// on two; AVX2 build 264 -> 213 us; see docs/benchmarks.md).
+constexpr int MAX_GC = W == 16 ? 6 : 3;  // GC x CV accumulators + CV rows fit the register file
+template <int DT>
+constexpr int64_t ELEM_BYTES = DT == F32 ? 4 : DT == FP8_E4M3 ? 1 : 2;  // bytes per stored value
+
+// s[g][j] = q[g] . K[slot[j]] for the GC heads of one chunk over the n <= BLOCK rows of a block.
+template <int DT, int NV, int GC>
+void chunk_scores(const void* kc, const int64_t* slot, int64_t row, int64_t off, int n, const vf (*q)[NV],
+                  float (*s)[BLOCK], const int64_t* nslot, int nn) {
+    for (int j0 = 0; j0 < n; j0 += 8) {
+        if (nslot) prefetch_rows<NV * W * ELEM_BYTES<DT>>(kc, nslot, row * ELEM_BYTES<DT>, off * ELEM_BYTES<DT>, j0, std::min(j0 + 8, nn));
+        v8f d[GC][8];
+        for (int j = 0; j < 8; ++j) {
+            if (j0 + j >= n) {
+                for (int g = 0; g < GC; ++g) d[g][j] = v8f{};
+                continue;
+            }
+            const int64_t e = slot[j0 + j] * row + off;
+            vf t[GC];
+            {
+                const vf k = loadw<DT>(kc, e);
+                for (int g = 0; g < GC; ++g) t[g] = q[g][0] * k;
+            }
+            for (int i = 1; i < NV; ++i) {
+                const vf k = loadw<DT>(kc, e + i * W);
+                for (int g = 0; g < GC; ++g) t[g] += q[g][i] * k;
+            }
+            for (int g = 0; g < GC; ++g) d[g][j] = fold8(t[g]);
+        }
+        for (int g = 0; g < GC; ++g) {
+            const v8f r = hsum8(d[g]);
+            std::memcpy(&s[g][j0], &r, 32);
+        }
+    }
+}
+
+// acc[g] += sum_j p[g][j] * V[slot[j]] for the GC heads of one chunk.
+template <int DT, int NV, int GC>
+void chunk_values(const void* vc, const int64_t* slot, int64_t row, int64_t off, int n, const float (*p)[BLOCK],
+                  vf (*acc)[NV], const int64_t* nslot, int nn) {
+    constexpr int CV = NV < 4 ? NV : 4;
+    for (int c0 = 0; c0 < NV; c0 += CV) {
+        vf r[GC][CV];
+        for (int g = 0; g < GC; ++g)
+            for (int i = 0; i < CV; ++i) r[g][i] = acc[g][c0 + i];
+        for (int j = 0; j < n; ++j) {
+            if (nslot && c0 == 0 && j < nn) prefetch_rows<NV * W * ELEM_BYTES<DT>>(vc, nslot, row * ELEM_BYTES<DT>, off * ELEM_BYTES<DT>, j, j + 1);
+            const int64_t e = slot[j] * row + off + c0 * W;
+            vf v[CV];
+            for (int i = 0; i < CV; ++i) v[i] = loadw<DT>(vc, e + i * W);
+            for (int g = 0; g < GC; ++g) {
+                const float pg = p[g][j];
+                for (int i = 0; i < CV; ++i) r[g][i] += pg * v[i];
+            }
+        }
+        for (int g = 0; g < GC; ++g)
+            for (int i = 0; i < CV; ++i) acc[g][c0 + i] = r[g][i];
+    }
+}
+
+template <int DT, int NV, int GC = MAX_GC>
+void chunk_dispatch(bool values, int gc, const void* cache, const int64_t* slot, int64_t row, int64_t off, int n,
+                    const vf (*q)[NV], float (*s)[BLOCK], vf (*acc)[NV], const int64_t* nslot, int nn) {
+    if constexpr (GC > 1) {
+        if (gc < GC) return chunk_dispatch<DT, NV, GC - 1>(values, gc, cache, slot, row, off, n, q, s, acc, nslot, nn);
+    }
+    if (values) chunk_values<DT, NV, GC>(cache, slot, row, off, n, s, acc, nslot, nn);
+    else chunk_scores<DT, NV, GC>(cache, slot, row, off, n, q, s, nslot, nn);
+}
+
 template <int DT, int NV>
 void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, float* accf) {
     // All KV heads per item: a token's K (then V) row is read whole and in order, instead of
     // a KV head's slice per item (which left the hardware prefetcher fetching the rest).
     constexpr int D = NV * W;
-    constexpr int64_t ELEM = DT == F32 ? 4 : DT == FP8_E4M3 ? 1 : 2;  // bytes per stored value
     // Virtual heads are KV-head-major here (v = kh * QG + token * G + g), so each KV head's
     // rows are contiguous; the caller's m/l/acc use the same order.
     const int G = a.H / a.KVH, Q = a.num_queries(b), QG = Q * G, L = a.seq_lens[b];
     const int64_t row = static_cast<int64_t>(a.KVH) * D;
     const int32_t* pages = a.page_table + b * a.pt_stride;
+    // Head chunks of near-equal size, at most MAX_GC each (7 heads: 4 + 3, not 6 + 1).
+    const int chunks = (QG + MAX_GC - 1) / MAX_GC, gc = (QG + chunks - 1) / chunks;
     vf qs[MAX_HEADS][NV];
     vf acc[MAX_HEADS][NV] = {};
     for (int v = 0; v < a.KVH * QG; ++v) {
@@ -244,7 +321,6 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
         m[v] = -1e30f;
         l[v] = 0.0f;
     }
-    vf kv[BLOCK][NV];
     float s[MAX_HEADS][BLOCK];
     int64_t slot[BLOCK], nslot[BLOCK];
     for (int start = t0; start < t1; start += BLOCK) {
@@ -253,10 +329,8 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
             const int t = start + j;
             slot[j] = static_cast<int64_t>(pages[t / a.page_size]) * a.page_size + t % a.page_size;
         }
-        for (int j = n; j < ((n + 7) & ~7); ++j)  // pad the last group of 8 with zero rows
-            for (int i = 0; i < NV; ++i) kv[j][i] = vf{};
         // The next block's rows are prefetched while this one computes, a few at a time
-        // inside the score and value loops (one KV head's slice of 8 tokens, then of 2):
+        // inside the score and value loops (one KV head's slice of 8 tokens, then of 1):
         // issued all at once at the top of the block they filled the core's miss buffers
         // and stalled it until most had landed (measured 11% slower in fp32, 23% in fp16).
         const int nn = start + BLOCK < t1 ? std::min(BLOCK, t1 - start - BLOCK) : 0;
@@ -265,21 +339,11 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
             nslot[j] = static_cast<int64_t>(pages[t / a.page_size]) * a.page_size + t % a.page_size;
         }
         for (int kh = 0; kh < a.KVH; ++kh) {
-            for (int j = 0; j < n; ++j)
-                for (int i = 0; i < NV; ++i) kv[j][i] = loadw<DT>(a.k_cache, slot[j] * row + kh * D + i * W);
+            const int64_t off = kh * D;
+            for (int h0 = 0; h0 < QG; h0 += gc)
+                chunk_dispatch<DT, NV>(false, std::min(gc, QG - h0), a.k_cache, slot, row, off, n, qs + kh * QG + h0,
+                                       s + h0, nullptr, h0 == 0 ? nslot : nullptr, nn);
             for (int g = 0; g < QG; ++g) {
-                const vf* qh = qs[kh * QG + g];
-                for (int j0 = 0; j0 < n; j0 += 8) {
-                    if (g == 0) prefetch_rows<D * ELEM>(a.k_cache, nslot, row * ELEM, kh * D * ELEM, j0, std::min(j0 + 8, nn));
-                    v8f d[8];
-                    for (int j = 0; j < 8; ++j) {
-                        vf t = qh[0] * kv[j0 + j][0];
-                        for (int i = 1; i < NV; ++i) t += qh[i] * kv[j0 + j][i];
-                        d[j] = fold8(t);
-                    }
-                    v8f r = hsum8(d);
-                    std::memcpy(&s[g][j0], &r, 32);
-                }
                 if (a.k_scale)
                     for (int j = 0; j < n; ++j) s[g][j] *= a.k_scale[slot[j]] * FP8_VIA_F16;
                 const int h = kh * QG + g;
@@ -302,26 +366,9 @@ void attend_span_vec(const Args& a, int b, int t0, int t1, float* m, float* l, f
                 if (a.v_scale)
                     for (int j = 0; j < n; ++j) s[g][j] *= a.v_scale[slot[j]] * FP8_VIA_F16;
             }
-            for (int j = 0; j < n; ++j)
-                for (int i = 0; i < NV; ++i) kv[j][i] = loadw<DT>(a.v_cache, slot[j] * row + kh * D + i * W);
-            for (int g = 0; g < QG; ++g) {
-                // Two accumulator sets (even and odd tokens): one set is a chain of dependent
-                // FMAs per token, bound by FMA latency rather than throughput.
-                vf r[NV], r2[NV] = {};
-                vf* ah = acc[kh * QG + g];
-                for (int i = 0; i < NV; ++i) r[i] = ah[i];
-                int j = 0;
-                for (; j + 2 <= n; j += 2) {
-                    if (g == 0) prefetch_rows<D * ELEM>(a.v_cache, nslot, row * ELEM, kh * D * ELEM, j, std::min(j + 2, nn));
-                    for (int i = 0; i < NV; ++i) {
-                        r[i] += s[g][j] * kv[j][i];
-                        r2[i] += s[g][j + 1] * kv[j + 1][i];
-                    }
-                }
-                if (j < n)
-                    for (int i = 0; i < NV; ++i) r[i] += s[g][j] * kv[j][i];
-                for (int i = 0; i < NV; ++i) ah[i] = r[i] + r2[i];
-            }
+            for (int h0 = 0; h0 < QG; h0 += gc)
+                chunk_dispatch<DT, NV>(true, std::min(gc, QG - h0), a.v_cache, slot, row, off, n, nullptr, s + h0,
+                                       acc + kh * QG + h0, h0 == 0 ? nslot : nullptr, nn);
         }
     }
     for (int h = 0; h < a.KVH * QG; ++h)
@@ -350,21 +397,37 @@ void run(const Args& a, int split, int threads) {
     int qmax = 1;
     for (int b = 0; b < a.B; ++b) qmax = std::max(qmax, a.num_queries(b));
     const int H = a.H * qmax;  // virtual heads per item (room for the most query tokens)
-    std::vector<int> first(a.B + 1, 0);  // items [first[b], first[b+1]) are sequence b's spans
-    for (int b = 0; b < a.B; ++b) first[b + 1] = first[b] + (a.seq_lens[b] - a.first_key(b) + split - 1) / split;
+    // Items [first[b], first[b+1]) are sequence b's spans of span[b] <= split tokens, equal in
+    // length. With fewer items than a few per thread, each sequence's count is rounded up to a
+    // multiple of the threads so they finish together (one 1800-token sequence on 2 threads:
+    // 4 spans of 450, not 512 + 512 + 512 + 264, whose 1024 : 776 split cost 12%).
+    std::vector<int> first(a.B + 1, 0), span(a.B);
+    int total = 0;
+    for (int b = 0; b < a.B; ++b) total += (a.seq_lens[b] - a.first_key(b) + split - 1) / split;
+    for (int b = 0; b < a.B; ++b) {
+        const int len = a.seq_lens[b] - a.first_key(b);
+        int n = (len + split - 1) / split;
+        if (total < 4 * threads) n = std::min((n + threads - 1) / threads * threads, (len + 7) / 8);
+        span[b] = (len + n - 1) / n;
+        first[b + 1] = first[b] + (len + span[b] - 1) / span[b];
+    }
     const int items = first[a.B];
     std::vector<float> m(static_cast<size_t>(items) * H), l(m.size()), acc(m.size() * D);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    // One parallel region for both loops (the for's barrier orders them): a second fork/join
+    // cost a few microseconds per call, most of a short context's kernel time.
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(dynamic, 1)
     for (int it = 0; it < items; ++it) {
         int b = 0;
         while (first[b + 1] <= it) ++b;
-        const int t0 = a.first_key(b) + (it - first[b]) * split;
-        const int t1 = t0 + split < a.seq_lens[b] ? t0 + split : a.seq_lens[b];
+        const int t0 = a.first_key(b) + (it - first[b]) * span[b];
+        const int t1 = t0 + span[b] < a.seq_lens[b] ? t0 + span[b] : a.seq_lens[b];
         const size_t o = static_cast<size_t>(it) * H;
         attend<DT>(a, b, t0, t1, &m[o], &l[o], &acc[o * D]);
     }
     // Merge each (sequence, virtual head)'s spans by log-sum-exp.
-#pragma omp parallel for num_threads(threads)
+#pragma omp for
     for (int bh = 0; bh < a.B * H; ++bh) {
         const int b = bh / H, h = bh % H, Q = a.num_queries(b), QG = Q * G;
         if (h >= a.H * Q) continue;
@@ -386,6 +449,7 @@ void run(const Args& a, int split, int threads) {
         const float inv = 1.0f / den;
 #pragma omp simd
         for (int d = 0; d < D; ++d) o[d] *= inv;
+    }
     }
 }
 
