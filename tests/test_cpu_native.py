@@ -153,6 +153,28 @@ def test_decode_with_several_query_tokens_matches_reference(heads: int, kvh: int
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_few_sequences_split_into_equal_spans_per_thread(threads: int) -> None:
+    """With fewer spans than a few per thread the kernel evens them out over the threads
+    (spans then start off multiples of SPLIT and of the page size): one long sequence, one
+    just past a span, a short one; alone, with several query tokens, and two together."""
+    cases = [([1800], [1]), ([SPLIT + 1], [1]), ([19], [1]), ([1800], [5]), ([SPLIT + 1, 1800], [1, 1]),
+             ([700], [8])]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i, (ctx, ql) in enumerate(cases):
+            for dtype in ("float32", "float16"):
+                q, k, v, meta = _prefill_case(ctx, ql, 9, 3, 64, ps=16, seed=i)
+                k, v, ks, vs = _stored(k, v, dtype)
+                want = reference._paged_attention(q, k, v, meta, 0.125, ks, vs)
+                got = cpu_native.paged_attention_decode(q, k, v, meta, 0.125, ks, vs)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{ctx} {ql} {dtype}")
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
 def test_decode_refuses_more_query_tokens_than_it_takes() -> None:
     q, k, v, meta = _prefill_case([20], [9], 9, 3, 64, 16)
     with pytest.raises(RuntimeError, match="returned -2"):
