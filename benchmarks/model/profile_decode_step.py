@@ -10,7 +10,9 @@ with every packed linear replaced by a cached result (what the rest of the step 
 
     python benchmarks/model/profile_decode_step.py --model .cache/gguf/qwen3-moe-8l-Q4_K_M.gguf
     python benchmarks/model/profile_decode_step.py --model .cache/gguf/qwen2.5-1.5b-Q4_K_M.gguf \
-        --prompt 1750 --kv-cache-dtype float16    # the peer decode benchmark's context
+        --prompt 1750 --kv-cache-dtype float16    # the peer benchmark's prefill length
+    python benchmarks/model/profile_decode_step.py --model .cache/gguf/qwen2.5-1.5b-Q4_K_M.gguf \
+        --prompt 10 --kv-cache-dtype float16      # its decode stream's (a 10-token prompt)
 """
 
 from __future__ import annotations
