@@ -1,9 +1,10 @@
-"""The decode GEMV (up to 8 rows, int8 activations: kernels/native/ggml_q8.cpp) reading its
-weights from DRAM, as a decode step does: --copies copies of one packed matrix are cycled so no
+"""The decode GEMV (up to 8 rows) reading its weights from DRAM, as the engine runs it per type:
+int8 activations for the K-quants Q4_K..Q6_K (kernels/native/ggml_q8.cpp), int16 for the others
+(Q8_0, Q4_0, ...: kernels/native/ggml_i16.cpp), as a decode step does: --copies copies of one packed matrix are cycled so no
 call finds its weights in the last-level cache. Prints ms per call and the stored bytes streamed
 per second, the median of --reps passes over all copies.
 
-    python benchmarks/kernels/bench_gemv_dram.py [--n 17920 --k 1536] [--types Q4_K,Q5_K,Q6_K]
+    python benchmarks/kernels/bench_gemv_dram.py [--n 17920 --k 1536] [--types Q4_K,Q5_K,Q6_K,Q8_0]
         [--threads 2] [--copies 40]
 
 The default shape is Qwen2.5-1.5B's fused gate|up. To compare a build without the software
@@ -26,14 +27,17 @@ from ggml_quant import quantize
 
 from agentspeed.kernels import native
 
-TYPES = {"Q4_K": (12, 144), "Q5_K": (13, 176), "Q6_K": (14, 210)}
+# name: (ggml type id, bytes per block, weights per block)
+TYPES = {"Q4_0": (2, 18, 32), "Q4_1": (3, 20, 32), "Q5_0": (6, 22, 32), "Q5_1": (7, 24, 32),
+         "Q8_0": (8, 34, 32), "Q2_K": (10, 84, 256), "Q3_K": (11, 110, 256), "Q4_K": (12, 144, 256),
+         "Q5_K": (13, 176, 256), "Q6_K": (14, 210, 256)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=17920)
     ap.add_argument("--k", type=int, default=1536)
-    ap.add_argument("--types", default="Q4_K,Q5_K,Q6_K")
+    ap.add_argument("--types", default="Q4_K,Q5_K,Q6_K,Q8_0", help=f"comma-separated, of {','.join(TYPES)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--copies", type=int, default=40, help="copies cycled (their total must exceed the LLC)")
     ap.add_argument("--reps", type=int, default=6)
@@ -45,16 +49,18 @@ def main() -> None:
     y = np.zeros((a.n,), np.float32)
     w = np.random.default_rng(0).standard_normal((a.n, a.k)).astype(np.float32) * 0.1
     for name in a.types.split(","):
-        typ, bpb = TYPES[name]
+        typ, bpb, qk = TYPES[name]
+        q8 = bool(lib.ggml_has_q8(typ))
+        linear = lib.ggml_linear_q8 if q8 else lib.ggml_linear_i16
         raw = np.ascontiguousarray(quantize(w, name)).view(np.uint8).reshape(-1)
         big = np.tile(raw, a.copies)
-        stride = a.k // 256 * bpb
+        stride = a.k // qk * bpb
 
         times = []
         for _ in range(a.reps):
             t0 = time.perf_counter()
             for c in range(a.copies):
-                rc = lib.ggml_linear_q8(
+                rc = linear(
                     P(x.ctypes.data), 1, ctypes.c_int64(a.k), a.k, 1, (ctypes.c_int * 1)(typ),
                     (P * 1)(big.ctypes.data + c * raw.size), (ctypes.c_int64 * 1)(stride),
                     (ctypes.c_int * 1)(a.n), (ctypes.c_int * 1)(0), None, P(y.ctypes.data),
@@ -62,7 +68,8 @@ def main() -> None:
                 assert rc == 0, rc
             times.append((time.perf_counter() - t0) / a.copies)
         t = statistics.median(times)
-        print(f"{name} {a.n}x{a.k} threads={a.threads}: {t * 1e3:.3f} ms, {raw.size / t / 1e9:.1f} GB/s")
+        path = "int8" if q8 else "int16"
+        print(f"{name} ({path} x) {a.n}x{a.k} threads={a.threads}: {t * 1e3:.3f} ms, {raw.size / t / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

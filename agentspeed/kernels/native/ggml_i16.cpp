@@ -56,6 +56,7 @@ void igemv(const int16_t* xq, const float* dx, const float* xg, const float* xs,
             const uint8_t* blk = row + static_cast<int64_t>(b) * B::BYTES;
             typename B::IState st;
             B::iprep(blk, st);
+            prefetch_ahead<B::BYTES>(blk);  // ggml_blocks.h: the page-boundary stalls
             v8i acc[R] = {};
             const int16_t* xb = xq + b * B::QK;
             if constexpr (R <= 2) {  // decoded into registers, used at once

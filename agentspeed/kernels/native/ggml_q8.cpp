@@ -31,11 +31,6 @@ namespace {
 constexpr int XB = 256;  // activation columns per scale (one K-quant super-block)
 constexpr int QMAX = 127;
 constexpr int MAX_ROWS = 8;
-#ifndef AGENTSPEED_Q8_PF
-#define AGENTSPEED_Q8_PF 2048
-#endif
-// Prefetch distance in bytes (0: none); 512: 16.5, 1024: 19.3, 2048-4096: 23.6 GB/s.
-constexpr int PF = AGENTSPEED_Q8_PF;
 
 // acc + sum over lane pairs of (u[2i] x[2i] + u[2i+1] x[2i+1]) * s[i] for unsigned codes u
 // (< 64), signed activations x and int16 scales s: 32 products into 8 int32 lanes.
@@ -86,11 +81,7 @@ void qgemv(const int8_t* xq, const float* dx, const int16_t* bs, const float* xs
             const uint8_t* blk = row + static_cast<int64_t>(b) * B::BYTES;
             typename B::IState st;
             B::prep(blk, st);
-            // Software prefetch PF bytes ahead in the (contiguous) weight stream: the hardware
-            // prefetcher restarts at every 4 KiB page of the mmapped file. Measured on Q4_K
-            // 17920x1536 from DRAM (docs/benchmarks.md): 2 threads 13.6 -> 23.6 GB/s.
-            if constexpr (PF > 0)
-                for (int o = 0; o < B::BYTES; o += 64) __builtin_prefetch(blk + PF + o);
+            prefetch_ahead<B::BYTES>(blk);  // ggml_blocks.h: the page-boundary stalls
             // A accumulators per row: vpdpwssd's latency chains the 8 products of a block into
             // one dependency; with few rows, split chains keep the multiply-add ports busy.
             constexpr int A = R == 1 ? 4 : R < 4 ? 2 : 1;
