@@ -1,7 +1,7 @@
-"""The decode GEMV (up to 8 rows) reading its weights from DRAM, as the engine runs it per type:
-int8 activations for the K-quants Q4_K..Q6_K (kernels/native/ggml_q8.cpp), int16 for the others
-(Q8_0, Q4_0, ...: kernels/native/ggml_i16.cpp), as a decode step does: --copies copies of one packed matrix are cycled so no
-call finds its weights in the last-level cache. Prints ms per call and the stored bytes streamed
+"""The decode GEMV (up to 8 rows) reading its weights from DRAM as a decode step does, on the
+engine's path for each type: int8 activations for Q4_K..Q6_K (kernels/native/ggml_q8.cpp),
+int16 for the others (Q8_0, Q4_0, ...: kernels/native/ggml_i16.cpp). --copies copies of one
+packed matrix are cycled so no call finds its weights in the last-level cache. Prints ms per call and the stored bytes streamed
 per second, the median of --reps passes over all copies.
 
     python benchmarks/kernels/bench_gemv_dram.py [--n 17920 --k 1536] [--types Q4_K,Q5_K,Q6_K,Q8_0]
@@ -26,11 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from ggml_quant import quantize
 
 from agentspeed.kernels import native
+from agentspeed.kernels.ggml import NATIVE_TYPES
 
-# name: (ggml type id, bytes per block, weights per block)
-TYPES = {"Q4_0": (2, 18, 32), "Q4_1": (3, 20, 32), "Q5_0": (6, 22, 32), "Q5_1": (7, 24, 32),
-         "Q8_0": (8, 34, 32), "Q2_K": (10, 84, 256), "Q3_K": (11, 110, 256), "Q4_K": (12, 144, 256),
-         "Q5_K": (13, 176, 256), "Q6_K": (14, 210, 256)}
+# name: (ggml type id, weights per block, bytes per block), the integer types
+TYPES = {name: (typ, qk, bpb) for typ, (name, qk, bpb) in NATIVE_TYPES.items() if name.startswith("Q")}
 
 
 def main() -> None:
@@ -49,7 +48,7 @@ def main() -> None:
     y = np.zeros((a.n,), np.float32)
     w = np.random.default_rng(0).standard_normal((a.n, a.k)).astype(np.float32) * 0.1
     for name in a.types.split(","):
-        typ, bpb, qk = TYPES[name]
+        typ, qk, bpb = TYPES[name]
         q8 = bool(lib.ggml_has_q8(typ))
         linear = lib.ggml_linear_q8 if q8 else lib.ggml_linear_i16
         raw = np.ascontiguousarray(quantize(w, name)).view(np.uint8).reshape(-1)
