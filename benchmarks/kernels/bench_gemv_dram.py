@@ -1,8 +1,8 @@
 """The decode GEMV (up to 8 rows) reading its weights from DRAM as a decode step does, on the
 engine's path for each type: int8 activations for Q4_K..Q6_K (kernels/native/ggml_q8.cpp),
 int16 for the others (Q8_0, Q4_0, ...: kernels/native/ggml_i16.cpp). --copies copies of one
-packed matrix are cycled so no call finds its weights in the last-level cache. Prints ms per call and the stored bytes streamed
-per second, the median of --reps passes over all copies.
+packed matrix are cycled so no call finds its weights in the last-level cache. Prints ms per
+call and the stored bytes streamed per second, the median of --reps passes over all copies.
 
     python benchmarks/kernels/bench_gemv_dram.py [--n 17920 --k 1536] [--types Q4_K,Q5_K,Q6_K,Q8_0]
         [--threads 2] [--copies 40]
