@@ -95,12 +95,12 @@ def rounding(name: str, rows: int, mode: str, k: int) -> str | None:
 def int8_rows(name: str) -> Callable[[int], bool]:
     """For a weight type, which row counts cpu_ggml.linear rounds to int8 in mode auto (K
     whole 256-column blocks): for the K-quants decode steps (ggml_linear_q8), and more than 8
-    rows where this build has the VNNI loop of ggml_gemm_q8."""
+    rows where this build has the VNNI loop of ggml_gemm_q8 or the AVX2 loop of ggml_gemm_k8."""
     from agentspeed.kernels import cpu_ggml
 
     value = T[name].value
     decode = value in cpu_ggml.Q8_TYPES
-    many = cpu_ggml.GEMM_Q8_FAST and decode
+    many = (cpu_ggml.GEMM_Q8_FAST or cpu_ggml.GEMM_K8_FAST) and decode
     return lambda rows: decode if rows <= cpu_ggml.I16_ROWS else many
 
 
@@ -113,10 +113,14 @@ def test_int8_decode_types_are_the_k_quants() -> None:
 
 
 GEMM_Q8_NAMES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]
+# The many-row int8 kernels and the types each reads: ggml_gemm_q8 (fp32 sub-block scales; VNNI)
+# and ggml_gemm_k8 (integer sub-block scales; AVX2).
+GEMM_KERNELS = [*(("q8", n) for n in GEMM_Q8_NAMES), *(("k8", n) for n in K_QUANTS)]
 
 
-def check_gemm_q8(name: str, rows: int, seed: int = 0) -> None:
-    """ggml_gemm_q8 (this build's loop) on a merged projection of two parts, one a row slice
+def check_gemm_q8(name: str, rows: int, seed: int = 0, kernel: str = "q8") -> None:
+    """ggml_gemm_q8 or ggml_gemm_k8 (this build's loop) on a merged projection of two parts, one a row slice
     with a gap after it (83 + 40 rows: partial 32-row panels; 768 columns: 3 activation scales):
     the float64 product of its own int8 rounding of x to fp32's accuracy, and the float64
     product of x within the rounding's bound; uncovered rows stay zero."""
@@ -130,22 +134,22 @@ def check_gemm_q8(name: str, rows: int, seed: int = 0) -> None:
     x = torch.randn(rows, 768)
     x[:, 300] *= 50
     bias = torch.randn(130)
-    got = cpu_ggml.gemm_q8(x, lin, bias).double()
+    got = cpu_ggml.gemm_q8(x, lin, bias, kernel=kernel).double()
     xq, dx = cpu_ggml.quantize_q8(x)
     xhat = xq.double() * dx.double().repeat_interleave(256, 1)
     b = bias.double() * (wref != 0).any(1)  # the parts' rows take the bias, the gap none
     err = (got - xhat @ wref.T - b).abs()
-    assert (err <= bound(xhat, wref) + 1e-6).all(), f"{name} rows={rows}: max err {err.max():.3g}"
+    assert (err <= bound(xhat, wref) + 1e-6).all(), f"{kernel} {name} rows={rows}: max err {err.max():.3g}"
     full = (got - x.double() @ wref.T - b).abs()
     assert (full <= bound(x, wref) + i16_bound(x, wref, 127) + 1e-6).all()
     assert not got[:, 83:90].any()
 
 
 @needs_native
-@pytest.mark.parametrize("name", GEMM_Q8_NAMES)
-@pytest.mark.parametrize("rows", [1, 3, 9, 34, 130])  # register tiles of 4 rows and their remainders
-def test_int8_gemm_within_its_bound(name: str, rows: int) -> None:
-    check_gemm_q8(name, rows, seed=rows)
+@pytest.mark.parametrize(("kernel", "name"), GEMM_KERNELS)
+@pytest.mark.parametrize("rows", [1, 3, 5, 9, 34, 130])  # register tiles of 3 and 4 rows and their remainders
+def test_int8_gemm_within_its_bound(kernel: str, name: str, rows: int) -> None:
+    check_gemm_q8(name, rows, seed=rows, kernel=kernel)
 
 
 @needs_native
@@ -205,14 +209,14 @@ def test_int16_activations_stay_exact_in_integers_at_their_extremes(name: str, r
 
 @needs_native
 @pytest.mark.parametrize(("name", "rows", "gemm"), [
-    *((n, r, False) for n in ["Q4_K", "Q5_K", "Q6_K"] for r in [1, 2, 3, 8]),
-    *((n, r, True) for n in GEMM_Q8_NAMES for r in [5, 9])])
-def test_int8_activations_stay_exact_in_integers_at_their_extremes(name: str, rows: int, gemm: bool) -> None:
-    """The int8 kernels (native/ggml_q8.cpp for decode steps; ggml_gemm_q8.cpp) at their
-    extremes: every |x| its block's max (codes +-127) against the largest codes (Q6_K: 63 with
-    its offset of 32 taken off through the column sums; Q8_0: 255 after its +128): equal to
-    float64 of the rounded activations, so no u8 x s8 pair saturated and no int32 lane
-    wrapped."""
+    *((n, r, None) for n in K_QUANTS for r in [1, 2, 3, 8]),
+    *((n, r, kernel) for kernel, n in GEMM_KERNELS for r in [5, 9])])
+def test_int8_activations_stay_exact_in_integers_at_their_extremes(name: str, rows: int, gemm: str | None) -> None:
+    """The int8 kernels (native/ggml_q8.cpp for decode steps; ggml_gemm_q8.cpp, ggml_gemm_k8.cpp)
+    at their extremes: every |x| its block's max (codes +-127) against the largest codes (Q6_K:
+    63 with its offset of 32 taken off through the column sums; Q8_0: 255 after its +128):
+    equal to float64 of the rounded activations, so no u8 x s8 pair or int16 run of them
+    saturated and no int32 lane wrapped."""
     from agentspeed.kernels import cpu_ggml
 
     n, k = 16, 512
@@ -228,7 +232,7 @@ def test_int8_activations_stay_exact_in_integers_at_their_extremes(name: str, ro
     assert (xq.abs() == 127).all()
     xhat = xq.double() * dx.double().repeat_interleave(256, 1)
     lin = GgmlLinear(n, ((0, gw),))
-    got = (cpu_ggml.gemm_q8(x, lin) if gemm else cpu_ggml.linear(x, lin, None)).double()
+    got = (cpu_ggml.gemm_q8(x, lin, kernel=gemm) if gemm else cpu_ggml.linear(x, lin, None)).double()
     torch.testing.assert_close(got, xhat @ ref.T, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(got[0, 0], ref[0].abs().sum(), rtol=1e-5, atol=0)
 
@@ -276,7 +280,7 @@ def test_views_stay_packed_and_mixed_parts_land_side_by_side(name: str) -> None:
 # Builds of the ggml kernels alone, beside the default one: CI machines may be AVX2-only or
 # AVX-512, so each checks the others' code paths too. AGENTSPEED_FORCE_W16 gives the AVX-512
 # build's 16-lane indexing without AVX-512 (split vectors, portable loads).
-GGML_SOURCES = ("ggml_linear.cpp", "ggml_i16.cpp", "ggml_gemm_i16.cpp", "ggml_q8.cpp", "ggml_gemm_q8.cpp")
+GGML_SOURCES = ("ggml_linear.cpp", "ggml_i16.cpp", "ggml_gemm_i16.cpp", "ggml_q8.cpp", "ggml_gemm_q8.cpp", "ggml_gemm_k8.cpp")
 
 
 def compile_all(sources: tuple[str, ...], flags: list[str], out: Path) -> None:
@@ -316,7 +320,7 @@ def test_other_builds_of_ggml_kernels(build: str, tmp_path: Path, monkeypatch: p
     lib = ctypes.CDLL(str(lib_path))
     symbols = {"_gemv": "ggml_gemv", "_gemm": "ggml_gemm", "_dequant": "ggml_dequant",
                "_quantize": "ggml_quantize_x", "_linear_i16": "ggml_linear_i16", "_gemm_i16": "ggml_gemm_i16",
-               "_linear_q8": "ggml_linear_q8", "_gemm_q8": "ggml_gemm_q8"}
+               "_linear_q8": "ggml_linear_q8", "_gemm_q8": "ggml_gemm_q8", "_gemm_k8": "ggml_gemm_k8"}
     for attr, sym in list(symbols.items())[:3 if build == "16-lane" else None]:
         f = getattr(lib, sym)
         f.argtypes, f.restype = getattr(cpu_ggml, attr).argtypes, cpu_ggml._I
@@ -329,9 +333,9 @@ def test_other_builds_of_ggml_kernels(build: str, tmp_path: Path, monkeypatch: p
             got = cpu_ggml.linear(x, GgmlLinear(33, ((0, w),)), None, mode=mode).double()
             assert ((got - x.double() @ ref.T).abs() <= limit).all(), (build, name, rows, mode)
         torch.testing.assert_close(cpu_ggml.dequantize(w).double(), ref, rtol=1e-6, atol=1e-7)
-    if build != "16-lane":  # the portable loop of the int8 GEMM (this build has no VNNI)
-        for name in GEMM_Q8_NAMES:
-            check_gemm_q8(name, 6)
+    if build != "16-lane":  # the int8 GEMMs' loops (no VNNI here: ggml_gemm_q8's portable one)
+        for kernel, name in GEMM_KERNELS:
+            check_gemm_q8(name, 6, kernel=kernel)
 
 
 @needs_native

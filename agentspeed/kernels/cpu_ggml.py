@@ -7,11 +7,14 @@ linear, by rows of x, for integer types (all parts of a merged projection in one
   llama.cpp's Q8_K) where every part is Q4_K, Q5_K or Q6_K and K is whole 256-column blocks
   (ggml_linear_q8, native/ggml_q8.cpp), else to int16 (2^-15 of their largest |x|;
   ggml_linear_i16, native/ggml_i16.cpp); error bounds in those files.
-- more than 8 rows (prefill, big batches) where this build has AVX-512 VNNI (GEMM_Q8_FAST)
-  and the decode steps round to int8 (the K-quants above): x rounded the same way, each
-  weight unpacked once per call into u8 code panels multiplied by vpdpbusd (ggml_gemm_q8,
-  native/ggml_gemm_q8.cpp, which reads the legacy 4-8 bit types too; llama.cpp's prefill
-  scheme; 2.5-3x sgemm's rate at 512 rows, docs/benchmarks.md).
+- more than 8 rows (prefill, big batches) where the decode steps round to int8 (the K-quants
+  above) and this build has AVX-512 VNNI (GEMM_Q8_FAST) or else AVX2 (GEMM_K8_FAST): x
+  rounded the same way, each weight unpacked once per call (per 256 rows of x on AVX2) into
+  u8 code panels multiplied by vpdpbusd (ggml_gemm_q8, native/ggml_gemm_q8.cpp, which reads
+  the legacy 4-8 bit types too; llama.cpp's prefill scheme; 2.5-3x sgemm's rate at 512 rows)
+  or by vpmaddubsw with the integer sub-block scales applied by vpmaddwd (ggml_gemm_k8,
+  native/ggml_gemm_k8.cpp; 1.3-1.8x sgemm's rate at 512 rows on an AVX2 EPYC;
+  docs/benchmarks.md).
 - otherwise more than 128 rows: fp32 products of the stored weights, decoded PANEL_ROWS rows at a
   time into a transient fp32 panel multiplied by torch's sgemm.
 Otherwise 9-128 rows, mode "exact" (the `cpu_native_exact` backend), and F16/BF16 weights or
@@ -39,6 +42,7 @@ I16_ROWS = 8  # the most rows ggml_linear_i16 takes
 # Below this many rows 8-row calls of the decode kernel beat ggml_gemm_q8, whose unpacking
 # of each weight into panels is then most of its time (8960 x 1536, 16 rows: Q4_K 1.66 against
 # 2.03 ms, Q6_K 1.62 against 3.66; 32 rows: Q4_K 3.32 against 2.80; bench_ggml_linear.py).
+# ggml_gemm_k8 on AVX2 crosses over near the same count (Q4_K from 16 rows, Q6_K from 24).
 GEMM_Q8_ROWS = 24
 SGEMM_ROWS = 128  # above this, dequantized panels and sgemm beat both packed kernels (same benchmark)
 MODES = ("auto", "exact", "int16")  # activations: see the module docstring
@@ -87,6 +91,12 @@ _has_gemm_q8.restype = _I
 GEMM_Q8_TYPES = frozenset(t for t in NATIVE_TYPES if _has_gemm_q8(t))  # the 4-8 bit types but Q2_K, Q3_K
 # Whether this build has the VNNI loop of ggml_gemm_q8; elsewhere its portable loop is for tests only.
 GEMM_Q8_FAST = bool(_lib.ggml_gemm_q8_fast())
+_gemm_k8 = _lib.ggml_gemm_k8
+_gemm_k8.argtypes = _linear_i16.argtypes
+_gemm_k8.restype = _I
+# Whether this build has the AVX2 loop of ggml_gemm_k8 (K-quants, integer sub-block scales): the
+# many-row int8 kernel where ggml_gemm_q8 has no VNNI loop.
+GEMM_K8_FAST = bool(_lib.ggml_gemm_k8_fast())
 _rows = _lib.ggml_get_rows
 _rows.argtypes = (_I, _P, _L, _I, _I, _P, _I, _P, _I)
 _rows.restype = _I
@@ -159,14 +169,14 @@ def _takes_q8(lin: GgmlLinear, k: int) -> bool:
 
 def _takes_gemm_q8(lin: GgmlLinear, k: int) -> bool:
     """Whether steps of more than 8 rows round x to int8 for this weight in mode auto
-    (ggml_gemm_q8: its VNNI loop built here, K whole 256-column blocks, and every part a
-    K-quant, whose decode steps round to int8 too). The legacy types keep fp32 products:
+    (ggml_gemm_q8's VNNI loop or else ggml_gemm_k8's AVX2 loop built here, K whole 256-column
+    blocks, and every part a K-quant, whose decode steps round to int8 too). The legacy types keep fp32 products:
     one int8 scale per 256 columns is coarser than llama.cpp's per 32 for them (Q8_0), and on
     SmolLM2's Q4_1/Q8_0 file it moved the logits by 20% of their spread (measured), where
     int16 decode moves them by under 1%."""
     q8 = lin.call_cache.get("gemm_q8")
     if q8 is None:
-        q8 = lin.call_cache["gemm_q8"] = GEMM_Q8_FAST and _takes_q8(lin, k)
+        q8 = lin.call_cache["gemm_q8"] = (GEMM_Q8_FAST or GEMM_K8_FAST) and _takes_q8(lin, k)
     return bool(q8)
 
 
@@ -183,20 +193,23 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, dx
 
 
-def gemm_q8(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [R, K] @ W.T + bias by ggml_gemm_q8 at any row count on any build (its portable
-    loop where GEMM_Q8_FAST is false): what linear() computes above 8 rows in mode auto where
-    it takes that kernel; for tests and benchmarks of the kernel itself."""
+def gemm_q8(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None = None, kernel: str = "q8") -> torch.Tensor:
+    """x [R, K] @ W.T + bias by ggml_gemm_q8 (kernel "q8"; every type of GEMM_Q8_TYPES) or
+    ggml_gemm_k8 ("k8"; the K-quants) at any row count on any build (their portable loops
+    where GEMM_Q8_FAST / GEMM_K8_FAST is false): what linear() computes above 8 rows in mode
+    auto where it takes one of them; for tests and benchmarks of the kernels themselves."""
     r, k = x.shape
     args = _i16_args(lin)
-    if args is None or not all(qtype in GEMM_Q8_TYPES for _, qtype, *_ in lin.native):
-        raise ValueError(f"gemm_q8 has no kernel for {lin.describe()} weights")
+    types = GEMM_Q8_TYPES if kernel == "q8" else Q8_TYPES
+    if args is None or not all(qtype in types for _, qtype, *_ in lin.native):
+        raise ValueError(f"gemm_{kernel} has no kernel for {lin.describe()} weights")
     x = x.float().contiguous()
     y = torch.empty(r, lin.out_features) if lin.covered else torch.zeros(r, lin.out_features)
-    rc = _gemm_q8(x.data_ptr(), r, k, k, *args, None if bias is None else bias.data_ptr(), y.data_ptr(),
-                  lin.out_features, torch.get_num_threads())
+    fn = _gemm_q8 if kernel == "q8" else _gemm_k8
+    rc = fn(x.data_ptr(), r, k, k, *args, None if bias is None else bias.data_ptr(), y.data_ptr(),
+            lin.out_features, torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"ggml gemm_q8 returned {rc} for {lin.describe()} weights ({lin.out_features}, {k})")
+        raise RuntimeError(f"ggml gemm_{kernel} returned {rc} for {lin.describe()} weights ({lin.out_features}, {k})")
     return y
 
 
@@ -251,7 +264,7 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: st
                     raise RuntimeError(f"ggml linear_q8 returned {rc} for {lin.describe()} weights ({n}, {k})")
             return y.view(*x.shape[:-1], n)
         if gemm_q8:
-            fn, what = _gemm_q8, "gemm_q8"
+            fn, what = (_gemm_q8, "gemm_q8") if GEMM_Q8_FAST else (_gemm_k8, "gemm_k8")
         elif rows > I16_ROWS:
             fn, what = _gemm_i16, "gemm_i16"
         elif mode == "auto" and _takes_q8(lin, k):

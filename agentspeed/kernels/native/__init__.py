@@ -26,7 +26,7 @@ from pathlib import Path
 
 from agentspeed.errors import AgentspeedError
 
-SOURCES = ("elementwise.cpp", "ggml_gemm_i16.cpp", "ggml_gemm_q8.cpp", "ggml_i16.cpp", "ggml_linear.cpp", "ggml_moe.cpp", "ggml_q8.cpp", "paged_decode.cpp",
+SOURCES = ("elementwise.cpp", "ggml_gemm_i16.cpp", "ggml_gemm_k8.cpp", "ggml_gemm_q8.cpp", "ggml_i16.cpp", "ggml_linear.cpp", "ggml_moe.cpp", "ggml_q8.cpp", "paged_decode.cpp",
            "paged_prefill.cpp")
 HEADERS = ("ggml_blocks.h", "ggml_iblocks.h", "ggml_qblocks.h", "kv_load.h", "vec.h")  # part of the cache key, not compiled on their own
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17")
