@@ -23,10 +23,10 @@
 // QMAX * 127 (< 2^15, static_assert below), an int32 lane 256 products times a scale (< 2^29),
 // so the error is the activations' rounding, the bound of ggml_gemm_q8 (tests/test_ggml.py).
 //
-// Blocking: NT = 16 weight rows (two 8-lane vectors) of KCB super-blocks are unpacked once per
-// call into a panel (codes as 32-bit words of 4 columns of one row, [block][64][NT]; the scales
-// twice per word for vpmaddwd, [block][16][NT]; two sub-blocks' mins per word, [block][8][NT];
-// fp32 d and dm, [block][NT]); all of x's rows then run over it M at a time.
+// Blocking: NT = 16 weight rows (two 8-lane vectors) of KCB super-blocks are unpacked into a
+// panel (codes as 32-bit words of 4 columns of one row, [block][64][NT]; the scales twice per
+// word for vpmaddwd, [block][16][NT]; two sub-blocks' mins per word, [block][8][NT]; fp32 d
+// and dm, [block][NT]) once per MC rows of x, which then run over it MR at a time.
 
 #include <algorithm>
 #include <cstdint>
@@ -45,10 +45,7 @@ namespace {
 constexpr int XB = 256;  // activation columns per scale: one super-block
 constexpr int NT = 16;   // weight rows per panel
 constexpr int KCB = 4;   // super-blocks per panel: 16 KB of codes
-#ifndef AGENTSPEED_K8_MC
-#define AGENTSPEED_K8_MC 256
-#endif
-constexpr int MC = AGENTSPEED_K8_MC;  // rows of x per pass over the weights
+constexpr int MC = 256;  // rows of x per pass over the weights (see ggml_gemm_k8)
 
 struct Panel {
     uint32_t codes[KCB * 64 * NT];
@@ -130,6 +127,51 @@ inline int32_t word4(const void* p) {
     return v;
 }
 
+#if defined(__AVX2__)
+// h[m][v] += the pair sums of wv's codes times the 4 activations at xp[m] (in every 32-bit
+// lane), for M rows. Four rows are one asm block: with the intrinsics gcc kept the 8 sums in
+// memory or copied each between two registers every quad (37 instructions a quad, not 22).
+template <int M>
+inline void quads(__m256i (&h)[M][2], __m256i w0, __m256i w1, const int8_t* const (&xp)[M], int off) {
+    if constexpr (M == 4) {
+        __m256i t, p;
+        asm("vpbroadcastd %[x0], %[t]\n\t"
+            "vpmaddubsw %[t], %[w0], %[p]\n\t"
+            "vpmaddubsw %[t], %[w1], %[t]\n\t"
+            "vpaddw %[p], %[a0], %[a0]\n\t"
+            "vpaddw %[t], %[a1], %[a1]\n\t"
+            "vpbroadcastd %[x1], %[t]\n\t"
+            "vpmaddubsw %[t], %[w0], %[p]\n\t"
+            "vpmaddubsw %[t], %[w1], %[t]\n\t"
+            "vpaddw %[p], %[b0], %[b0]\n\t"
+            "vpaddw %[t], %[b1], %[b1]\n\t"
+            "vpbroadcastd %[x2], %[t]\n\t"
+            "vpmaddubsw %[t], %[w0], %[p]\n\t"
+            "vpmaddubsw %[t], %[w1], %[t]\n\t"
+            "vpaddw %[p], %[c0], %[c0]\n\t"
+            "vpaddw %[t], %[c1], %[c1]\n\t"
+            "vpbroadcastd %[x3], %[t]\n\t"
+            "vpmaddubsw %[t], %[w0], %[p]\n\t"
+            "vpmaddubsw %[t], %[w1], %[t]\n\t"
+            "vpaddw %[p], %[d0], %[d0]\n\t"
+            "vpaddw %[t], %[d1], %[d1]"
+            : [a0] "+x"(h[0][0]), [a1] "+x"(h[0][1]), [b0] "+x"(h[1][0]), [b1] "+x"(h[1][1]),
+              [c0] "+x"(h[2][0]), [c1] "+x"(h[2][1]), [d0] "+x"(h[3][0]), [d1] "+x"(h[3][1]),
+              [t] "=&x"(t), [p] "=&x"(p)
+            : [w0] "x"(w0), [w1] "x"(w1), [x0] "m"(*reinterpret_cast<const int32_t*>(xp[0] + off)),
+              [x1] "m"(*reinterpret_cast<const int32_t*>(xp[1] + off)),
+              [x2] "m"(*reinterpret_cast<const int32_t*>(xp[2] + off)),
+              [x3] "m"(*reinterpret_cast<const int32_t*>(xp[3] + off)));
+    } else {
+        for (int m = 0; m < M; ++m) {
+            const __m256i xv = _mm256_set1_epi32(word4(xp[m] + off));
+            h[m][0] = _mm256_add_epi16(h[m][0], _mm256_maddubs_epi16(w0, xv));
+            h[m][1] = _mm256_add_epi16(h[m][1], _mm256_maddubs_epi16(w1, xv));
+        }
+    }
+}
+#endif
+
 // y rows [m0, m0 + M), columns [0, rows) += x times the panel's nb super-blocks from kb.
 template <int M, class T>
 void tile(const Panel& p, int nb, const XQ& x, int kb, int m0, float* y, int64_t ldy, int rows) {
@@ -157,11 +199,7 @@ void tile(const Panel& p, int nb, const XQ& x, int kb, int m0, float* y, int64_t
             for (int g = g0; g < g0 + RUN; ++g) {
                 const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * NT));
                 const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * NT + 8));
-                for (int m = 0; m < M; ++m) {
-                    const __m256i xv = _mm256_set1_epi32(word4(xb[m] + 4 * g));
-                    h[m][0] = _mm256_add_epi16(h[m][0], _mm256_maddubs_epi16(w0, xv));
-                    h[m][1] = _mm256_add_epi16(h[m][1], _mm256_maddubs_epi16(w1, xv));
-                }
+                quads<M>(h, w0, w1, xb, 4 * g);
             }
             const uint32_t* s = p.sc + (b * 16 + g0 / KG) * NT;
             const __m256i s0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
@@ -216,10 +254,11 @@ void tile(const Panel& p, int nb, const XQ& x, int kb, int m0, float* y, int64_t
         for (int n = 0; n < rows; ++n) y[(m0 + m) * ldy + n] += tot[m][n];
 }
 
-#ifndef AGENTSPEED_K8_MR
-#define AGENTSPEED_K8_MR 4
-#endif
-constexpr int MR = AGENTSPEED_K8_MR;  // rows of x per register tile: 2 MR run sums, 2 weight vectors, 1 x
+// Rows of x per tile: 8 run sums, 2 weight vectors and 2 temporaries in AVX2's 16 registers,
+// the int32 sums in L1. Measured with the intrinsics (before quads' asm): 4 rows 156 GFLOP/s
+// on one thread against 3 rows with the int32 sums in registers 132, 5 rows 144, 6 rows 131
+// (Q4_K, 8960 x 1536, 128 rows).
+constexpr int MR = 4;
 
 template <class T, int M = MR - 1>
 void tail_rows(const Panel& p, int nb, const XQ& x, int kb, int m0, int left, float* y, int64_t ldy, int rows) {
@@ -271,8 +310,8 @@ int ggml_gemm_k8(const float* x, int R, int64_t ldx, int K, int nparts, const in
         }
         Panel* panel = new Panel;
         // MC rows of x at a time, so that their codes stay in L2 while every panel passes over
-        // them (at 2,048 rows from L3: 259 against 300 GFLOP/s at 512, Q4_K 8960 x 1536); each
-        // chunk unpacks the weights again, a small cost at MC rows per unpacked code.
+        // them (2,048 rows, Q4_K 8960 x 1536: 259 GFLOP/s all at once, 269 by 256 and 264 by
+        // 512); each chunk unpacks the weights again, a small cost at MC rows per code.
         for (int m0 = 0; m0 < R; m0 += MC) {
             const int mr = std::min(MC, R - m0);
 #pragma omp for schedule(static)
