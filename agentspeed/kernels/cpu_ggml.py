@@ -13,7 +13,7 @@ linear, by rows of x, for integer types (all parts of a merged projection in one
   u8 code panels multiplied by vpdpbusd (ggml_gemm_q8, native/ggml_gemm_q8.cpp, which reads
   the legacy 4-8 bit types too; llama.cpp's prefill scheme; 2.5-3x sgemm's rate at 512 rows)
   or by vpmaddubsw with the integer sub-block scales applied by vpmaddwd (ggml_gemm_k8,
-  native/ggml_gemm_k8.cpp; 1.3-1.8x sgemm's rate at 512 rows on an AVX2 EPYC;
+  native/ggml_gemm_k8.cpp; Q4_K 2.0-2.3x, Q6_K 1.5-1.7x sgemm's rate at 512 rows on an AVX2 EPYC;
   docs/benchmarks.md).
 - otherwise more than 128 rows: fp32 products of the stored weights, decoded PANEL_ROWS rows at a
   time into a transient fp32 panel multiplied by torch's sgemm.

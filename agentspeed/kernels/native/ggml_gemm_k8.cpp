@@ -112,13 +112,16 @@ void fill(const uint8_t* w, int64_t ws, int rows, int nb, Panel& p) {
         for (int b = 0; b < nb; ++b) T::unpack(w + i * ws + b * T::BYTES, p, b, i);
 }
 
-// The activations as the tiles read them: int8 codes [R][K], scales [R][K / 256], and the
-// int16 sums of the codes per S columns [R][K / S].
+// The activations as the tiles read them: int8 codes in groups of 4 rows, each group's column
+// quads side by side (quad k / 4 of rows 4i..4i+3 in 16 bytes, so a tile's 4 broadcasts read one
+// stream, not 4 rows K bytes apart), scales [R][K / 256], and the int16 sums of the codes per S
+// columns [R][K / S].
 struct XQ {
     const int8_t* q;
     const float* dx;
     const int16_t* sum;
     int64_t K;
+    const int8_t* at(int64_t m, int64_t k) const { return q + ((m / 4) * (K / 4) + k / 4) * 16 + (m % 4) * 4 + k % 4; }
 };
 
 inline int32_t word4(const void* p) {
@@ -182,7 +185,7 @@ void tile(const Panel& p, int nb, const XQ& x, int kb, int m0, float* y, int64_t
     for (int b = 0; b < nb; ++b) {
 #if defined(__AVX2__)
         const int8_t* xb[M];
-        for (int m = 0; m < M; ++m) xb[m] = x.q + (m0 + m) * x.K + (kb + b) * XB;
+        for (int m = 0; m < M; ++m) xb[m] = x.at(m0 + m, (kb + b) * XB);
         // acc in memory (L1): touched once a run, so the registers hold M x 2 run sums
         alignas(32) int32_t acc[M][NT] = {};
         __m256i mac[M][2];
@@ -199,7 +202,7 @@ void tile(const Panel& p, int nb, const XQ& x, int kb, int m0, float* y, int64_t
             for (int g = g0; g < g0 + RUN; ++g) {
                 const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * NT));
                 const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * NT + 8));
-                quads<M>(h, w0, w1, xb, 4 * g);
+                quads<M>(h, w0, w1, xb, 16 * g);
             }
             const uint32_t* s = p.sc + (b * 16 + g0 / KG) * NT;
             const __m256i s0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
@@ -234,12 +237,12 @@ void tile(const Panel& p, int nb, const XQ& x, int kb, int m0, float* y, int64_t
 #else
         const uint8_t* codes = reinterpret_cast<const uint8_t*>(p.codes + b * 64 * NT);
         for (int m = 0; m < M; ++m) {
-            const int8_t* xr = x.q + (m0 + m) * x.K + (kb + b) * XB;
             for (int n = 0; n < NT; ++n) {
                 int32_t a = 0, mins = 0;
                 for (int j = 0; j < J; ++j) {
                     int32_t s = 0;
-                    for (int k = j * T::S; k < (j + 1) * T::S; ++k) s += codes[(k / 4 * NT + n) * 4 + k % 4] * xr[k];
+                    for (int k = j * T::S; k < (j + 1) * T::S; ++k)
+                        s += codes[(k / 4 * NT + n) * 4 + k % 4] * *x.at(m0 + m, (kb + b) * XB + k);
                     a += s * static_cast<int16_t>(p.sc[(b * 16 + j) * NT + n]);
                     const uint32_t w = p.mn[(b * 8 + j / 2) * NT + n];
                     mins += static_cast<int16_t>(j % 2 ? w >> 16 : w) * x.sum[(m0 + m) * nsub + (kb + b) * J + j];
@@ -292,7 +295,7 @@ int ggml_gemm_k8(const float* x, int R, int64_t ldx, int K, int nparts, const in
         for (int n = 0; n < rows[p]; n += NT) tiles.insert(tiles.end(), {p, n});
     }
     const int nxb = K / XB;
-    std::vector<int8_t> xq(static_cast<size_t>(R) * K);
+    std::vector<int8_t> xq(static_cast<size_t>((R + 3) / 4 * 4) * K);  // XQ's layout; padding rows zero
     std::vector<int16_t> sum16(static_cast<size_t>(R) * (K / 16)), sum32(static_cast<size_t>(R) * (K / 32));
     std::vector<float> xf(static_cast<size_t>(R) * (nxb + K / 32));
     float* dx = xf.data();
@@ -300,11 +303,14 @@ int ggml_gemm_k8(const float* x, int R, int64_t ldx, int K, int nparts, const in
     const int ntiles = static_cast<int>(tiles.size() / 2);
 #pragma omp parallel num_threads(threads)
     {
+        std::vector<int8_t> row(K);
+        const XQ packed{xq.data(), nullptr, nullptr, K};
 #pragma omp for schedule(static)
         for (int r = 0; r < R; ++r) {
             int16_t* s16 = sum16.data() + static_cast<int64_t>(r) * (K / 16);
-            ggml_quantize_q8(x + r * ldx, 1, ldx, K, xq.data() + static_cast<int64_t>(r) * K, dx + r * nxb, s16,
-                             xs + r * (K / 32));
+            ggml_quantize_q8(x + r * ldx, 1, ldx, K, row.data(), dx + r * nxb, s16, xs + r * (K / 32));
+            int8_t* dst = const_cast<int8_t*>(packed.at(r, 0));
+            for (int g = 0; g < K / 4; ++g) std::memcpy(dst + 16 * g, row.data() + 4 * g, 4);
             // |a 32-column sum| <= 32 * 127: int16
             for (int j = 0; j < K / 32; ++j) sum32[r * (K / 32) + j] = static_cast<int16_t>(s16[2 * j] + s16[2 * j + 1]);
         }
