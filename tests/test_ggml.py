@@ -100,7 +100,7 @@ def int8_rows(name: str) -> Callable[[int], bool]:
 
     value = T[name].value
     decode = value in cpu_ggml.Q8_TYPES
-    many = (cpu_ggml.GEMM_Q8_FAST or cpu_ggml.GEMM_K8_FAST) and decode
+    many = cpu_ggml.MANY_INT8 is not None and decode
     return lambda rows: decode if rows <= cpu_ggml.I16_ROWS else many
 
 

@@ -97,6 +97,8 @@ _gemm_k8.restype = _I
 # Whether this build has the AVX2 loop of ggml_gemm_k8 (K-quants, integer sub-block scales): the
 # many-row int8 kernel where ggml_gemm_q8 has no VNNI loop.
 GEMM_K8_FAST = bool(_lib.ggml_gemm_k8_fast())
+# The many-row int8 kernel linear() takes in mode auto on this build: "q8", "k8" or None.
+MANY_INT8 = "q8" if GEMM_Q8_FAST else "k8" if GEMM_K8_FAST else None
 _rows = _lib.ggml_get_rows
 _rows.argtypes = (_I, _P, _L, _I, _I, _P, _I, _P, _I)
 _rows.restype = _I
@@ -176,7 +178,7 @@ def _takes_gemm_q8(lin: GgmlLinear, k: int) -> bool:
     int16 decode moves them by under 1%."""
     q8 = lin.call_cache.get("gemm_q8")
     if q8 is None:
-        q8 = lin.call_cache["gemm_q8"] = (GEMM_Q8_FAST or GEMM_K8_FAST) and _takes_q8(lin, k)
+        q8 = lin.call_cache["gemm_q8"] = MANY_INT8 is not None and _takes_q8(lin, k)
     return bool(q8)
 
 
@@ -198,6 +200,8 @@ def gemm_q8(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None = None, 
     ggml_gemm_k8 ("k8"; the K-quants) at any row count on any build (their portable loops
     where GEMM_Q8_FAST / GEMM_K8_FAST is false): what linear() computes above 8 rows in mode
     auto where it takes one of them; for tests and benchmarks of the kernels themselves."""
+    if kernel not in ("q8", "k8"):
+        raise ValueError(f"gemm kernel {kernel!r}: expected 'q8' or 'k8'")
     r, k = x.shape
     args = _i16_args(lin)
     types = GEMM_Q8_TYPES if kernel == "q8" else Q8_TYPES
@@ -264,7 +268,7 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: st
                     raise RuntimeError(f"ggml linear_q8 returned {rc} for {lin.describe()} weights ({n}, {k})")
             return y.view(*x.shape[:-1], n)
         if gemm_q8:
-            fn, what = (_gemm_q8, "gemm_q8") if GEMM_Q8_FAST else (_gemm_k8, "gemm_k8")
+            fn, what = (_gemm_q8, "gemm_q8") if MANY_INT8 == "q8" else (_gemm_k8, "gemm_k8")
         elif rows > I16_ROWS:
             fn, what = _gemm_i16, "gemm_i16"
         elif mode == "auto" and _takes_q8(lin, k):
