@@ -131,33 +131,33 @@ inline int32_t word4(const void* p) {
 }
 
 #if defined(__AVX2__)
-// h[m][v] += the pair sums of wv's codes times the 4 activations at xp[m] (in every 32-bit
-// lane), for M rows. Four rows are one asm block: with the intrinsics gcc kept the 8 sums in
-// memory or copied each between two registers every quad (37 instructions a quad, not 22).
-template <int M>
+// One row of a quad: the row's 4 activations (X) broadcast, their pair sums with w0 and w1
+// into D0 and D1, then ACC (adding them to the run sums; nothing in a run's first quad, whose
+// products are the sums: that saves a run's first adds, 1 in 2 of Q6_K's).
+#define K8_ROW(X, D0, D1, ACC)               \
+    "vpbroadcastd %[" X "], %[t]\n\t"      \
+    "vpmaddubsw %[t], %[w0], %[" D0 "]\n\t" \
+    "vpmaddubsw %[t], %[w1], %[" D1 "]\n\t" ACC
+// h[m][v] += (FIRST: =) the pair sums of wv's codes times the 4 activations at xp[m] (in every
+// 32-bit lane), for M rows. Four rows are one asm block: with the intrinsics gcc kept the 8 sums
+// in memory or copied each between two registers every quad (37 instructions a quad, not 22).
+template <int M, bool FIRST>
 inline void quads(__m256i (&h)[M][2], __m256i w0, __m256i w1, const int8_t* const (&xp)[M], int off) {
-    if constexpr (M == 4) {
+    if constexpr (M == 4 && FIRST) {
+        __m256i t;
+        asm(K8_ROW("x0", "a0", "a1", "") K8_ROW("x1", "b0", "b1", "") K8_ROW("x2", "c0", "c1", "")
+            K8_ROW("x3", "d0", "d1", "")
+            : [a0] "=&x"(h[0][0]), [a1] "=&x"(h[0][1]), [b0] "=&x"(h[1][0]), [b1] "=&x"(h[1][1]),
+              [c0] "=&x"(h[2][0]), [c1] "=&x"(h[2][1]), [d0] "=&x"(h[3][0]), [d1] "=&x"(h[3][1]), [t] "=&x"(t)
+            : [w0] "x"(w0), [w1] "x"(w1), [x0] "m"(*reinterpret_cast<const int32_t*>(xp[0] + off)),
+              [x1] "m"(*reinterpret_cast<const int32_t*>(xp[1] + off)),
+              [x2] "m"(*reinterpret_cast<const int32_t*>(xp[2] + off)),
+              [x3] "m"(*reinterpret_cast<const int32_t*>(xp[3] + off)));
+    } else if constexpr (M == 4) {
         __m256i t, p;
-        asm("vpbroadcastd %[x0], %[t]\n\t"
-            "vpmaddubsw %[t], %[w0], %[p]\n\t"
-            "vpmaddubsw %[t], %[w1], %[t]\n\t"
-            "vpaddw %[p], %[a0], %[a0]\n\t"
-            "vpaddw %[t], %[a1], %[a1]\n\t"
-            "vpbroadcastd %[x1], %[t]\n\t"
-            "vpmaddubsw %[t], %[w0], %[p]\n\t"
-            "vpmaddubsw %[t], %[w1], %[t]\n\t"
-            "vpaddw %[p], %[b0], %[b0]\n\t"
-            "vpaddw %[t], %[b1], %[b1]\n\t"
-            "vpbroadcastd %[x2], %[t]\n\t"
-            "vpmaddubsw %[t], %[w0], %[p]\n\t"
-            "vpmaddubsw %[t], %[w1], %[t]\n\t"
-            "vpaddw %[p], %[c0], %[c0]\n\t"
-            "vpaddw %[t], %[c1], %[c1]\n\t"
-            "vpbroadcastd %[x3], %[t]\n\t"
-            "vpmaddubsw %[t], %[w0], %[p]\n\t"
-            "vpmaddubsw %[t], %[w1], %[t]\n\t"
-            "vpaddw %[p], %[d0], %[d0]\n\t"
-            "vpaddw %[t], %[d1], %[d1]"
+#define K8_ADD(A, B) "vpaddw %[p], %[" A "], %[" A "]\n\tvpaddw %[t], %[" B "], %[" B "]\n\t"
+        asm(K8_ROW("x0", "p", "t", K8_ADD("a0", "a1")) K8_ROW("x1", "p", "t", K8_ADD("b0", "b1"))
+            K8_ROW("x2", "p", "t", K8_ADD("c0", "c1")) K8_ROW("x3", "p", "t", K8_ADD("d0", "d1"))
             : [a0] "+x"(h[0][0]), [a1] "+x"(h[0][1]), [b0] "+x"(h[1][0]), [b1] "+x"(h[1][1]),
               [c0] "+x"(h[2][0]), [c1] "+x"(h[2][1]), [d0] "+x"(h[3][0]), [d1] "+x"(h[3][1]),
               [t] "=&x"(t), [p] "=&x"(p)
@@ -165,14 +165,17 @@ inline void quads(__m256i (&h)[M][2], __m256i w0, __m256i w1, const int8_t* cons
               [x1] "m"(*reinterpret_cast<const int32_t*>(xp[1] + off)),
               [x2] "m"(*reinterpret_cast<const int32_t*>(xp[2] + off)),
               [x3] "m"(*reinterpret_cast<const int32_t*>(xp[3] + off)));
+#undef K8_ADD
     } else {
         for (int m = 0; m < M; ++m) {
             const __m256i xv = _mm256_set1_epi32(word4(xp[m] + off));
-            h[m][0] = _mm256_add_epi16(h[m][0], _mm256_maddubs_epi16(w0, xv));
-            h[m][1] = _mm256_add_epi16(h[m][1], _mm256_maddubs_epi16(w1, xv));
+            const __m256i p0 = _mm256_maddubs_epi16(w0, xv), p1 = _mm256_maddubs_epi16(w1, xv);
+            h[m][0] = FIRST ? p0 : _mm256_add_epi16(h[m][0], p0);
+            h[m][1] = FIRST ? p1 : _mm256_add_epi16(h[m][1], p1);
         }
     }
 }
+#undef K8_ROW
 #endif
 
 // y rows [m0, m0 + M), columns [0, rows) += x times the panel's nb super-blocks from kb.
@@ -197,13 +200,10 @@ void tile(const Panel& p, int nb, const XQ& x, int kb, int m0, float* y, int64_t
 #pragma GCC unroll 1
         for (int g0 = 0; g0 < 64; g0 += RUN) {
             __m256i h[M][2];
-            for (int m = 0; m < M; ++m) h[m][0] = h[m][1] = _mm256_setzero_si256();
+            const auto w = [&](int g, int v) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * NT + 8 * v)); };
+            quads<M, true>(h, w(g0, 0), w(g0, 1), xb, 16 * g0);
 #pragma GCC unroll 1
-            for (int g = g0; g < g0 + RUN; ++g) {
-                const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * NT));
-                const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * NT + 8));
-                quads<M>(h, w0, w1, xb, 16 * g);
-            }
+            for (int g = g0 + 1; g < g0 + RUN; ++g) quads<M, false>(h, w(g, 0), w(g, 1), xb, 16 * g);
             const uint32_t* s = p.sc + (b * 16 + g0 / KG) * NT;
             const __m256i s0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
             const __m256i s1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 8));
