@@ -202,6 +202,36 @@ def test_residual_body_must_be_replicated() -> None:
         Residual(Chain([("x", Step(Replicate(), Partial()))]))
 
 
+class Scale(Step):
+    """A replicated step whose output is a fresh tensor: x times k, keeping the first `cols` columns."""
+
+    def __init__(self, k: float, cols: int | None = None) -> None:
+        super().__init__(Replicate(), Replicate())
+        self.k, self.cols = k, cols
+
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        return x[..., :self.cols] * self.k
+
+
+def test_residual_sums_into_the_body_output_and_leaves_x_alone() -> None:
+    res = Residual(Chain([("scale", Scale(3.0))]))
+    compile_placements(res, Communicator())
+    x = torch.arange(6.0).view(2, 3)
+    keep = x.clone()
+    torch.testing.assert_close(res(x), 4 * keep)
+    torch.testing.assert_close(x, keep)  # the in-place add wrote the body's output, not x
+
+
+def test_row_blocks_fill_one_output_of_the_body_rows_shape() -> None:
+    """7 rows in blocks of 3, 3, 1, the body narrowing 4 columns to 2: the whole step's result."""
+    blocks = RowBlocks(Chain([("scale", Scale(2.0, cols=2))]), 3)
+    compile_placements(Chain([("blocks", blocks)]), Communicator())
+    x = torch.randn(7, 4)
+    got = blocks(x)
+    assert got.shape == (7, 2)
+    torch.testing.assert_close(got, 2 * x[:, :2])
+
+
 def test_chain_used_before_compile_raises() -> None:
     chain = Chain([("a", Step(Replicate(), Replicate()))])
     with pytest.raises(RuntimeError, match="compile_placements"):
