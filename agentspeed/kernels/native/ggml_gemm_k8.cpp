@@ -121,7 +121,8 @@ struct XQ {
     const float* dx;
     const int16_t* sum;
     int64_t K;
-    const int8_t* at(int64_t m, int64_t k) const { return q + ((m / 4) * (K / 4) + k / 4) * 16 + (m % 4) * 4 + k % 4; }
+    static constexpr int QUAD = 16;  // bytes from a row group's column quad to its next
+    const int8_t* at(int64_t m, int64_t k) const { return q + ((m / 4) * (K / 4) + k / 4) * QUAD + (m % 4) * 4 + k % 4; }
 };
 
 inline int32_t word4(const void* p) {
@@ -201,9 +202,9 @@ void tile(const Panel& p, int nb, const XQ& x, int kb, int m0, float* y, int64_t
         for (int g0 = 0; g0 < 64; g0 += RUN) {
             __m256i h[M][2];
             const auto w = [&](int g, int v) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * NT + 8 * v)); };
-            quads<M, true>(h, w(g0, 0), w(g0, 1), xb, 16 * g0);
+            quads<M, true>(h, w(g0, 0), w(g0, 1), xb, XQ::QUAD * g0);
 #pragma GCC unroll 1
-            for (int g = g0 + 1; g < g0 + RUN; ++g) quads<M, false>(h, w(g, 0), w(g, 1), xb, 16 * g);
+            for (int g = g0 + 1; g < g0 + RUN; ++g) quads<M, false>(h, w(g, 0), w(g, 1), xb, XQ::QUAD * g);
             const uint32_t* s = p.sc + (b * 16 + g0 / KG) * NT;
             const __m256i s0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
             const __m256i s1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 8));
@@ -260,7 +261,8 @@ void tile(const Panel& p, int nb, const XQ& x, int kb, int m0, float* y, int64_t
 // Rows of x per tile: 8 run sums, 2 weight vectors and 2 temporaries in AVX2's 16 registers,
 // the int32 sums in L1. Measured with the intrinsics (before quads' asm): 4 rows 156 GFLOP/s
 // on one thread against 3 rows with the int32 sums in registers 132, 5 rows 144, 6 rows 131
-// (Q4_K, 8960 x 1536, 128 rows).
+// (Q4_K, 8960 x 1536, 128 rows); 3 rows with the quads and the widening in asm, 0.87-0.95x of
+// 4 (docs/benchmarks.md).
 constexpr int MR = 4;
 
 template <class T, int M = MR - 1>
@@ -310,7 +312,7 @@ int ggml_gemm_k8(const float* x, int R, int64_t ldx, int K, int nparts, const in
             int16_t* s16 = sum16.data() + static_cast<int64_t>(r) * (K / 16);
             ggml_quantize_q8(x + r * ldx, 1, ldx, K, row.data(), dx + r * nxb, s16, xs + r * (K / 32));
             int8_t* dst = const_cast<int8_t*>(packed.at(r, 0));
-            for (int g = 0; g < K / 4; ++g) std::memcpy(dst + 16 * g, row.data() + 4 * g, 4);
+            for (int g = 0; g < K / 4; ++g) std::memcpy(dst + XQ::QUAD * g, row.data() + 4 * g, 4);
             // |a 32-column sum| <= 32 * 127: int16
             for (int j = 0; j < K / 32; ++j) sum32[r * (K / 32) + j] = static_cast<int16_t>(s16[2 * j] + s16[2 * j + 1]);
         }
