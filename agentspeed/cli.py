@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from agentspeed.config import (
+    HOST_ALLOCATORS,
     KV_CACHE_DTYPES,
     CacheConfig,
     EngineConfig,
@@ -114,6 +115,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--structured-output-backend", default="auto", choices=["auto", "xgrammar", "guidance"],
                    help="grammar library for constrained decoding (response_format, structured_outputs, "
                         "forced tool calls): xgrammar or llguidance (auto: xgrammar)")
+    g.add_argument("--host-allocator", default="caching", choices=list(HOST_ALLOCATORS),
+                   help="CPU engines: where tensors of 1 MiB or more live. caching (default): blocks mapped once "
+                        "and reused step after step (a prefill's activations no longer fragment glibc's heap; "
+                        "reused blocks get 2 MiB pages); system: glibc's malloc, torch's default")
     g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
@@ -141,6 +146,7 @@ def engine_config(args: argparse.Namespace, rank: int = 0, port: int = 29517) ->
             session_retention=args.session_retention, session_gap_cap_s=args.session_retention_cap,
             partial_page_reuse=args.partial_page_reuse),
         structured_output_backend=args.structured_output_backend,
+        host_allocator=args.host_allocator,
     )
 
 

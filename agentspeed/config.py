@@ -150,6 +150,7 @@ class ParallelConfig:
 
 
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8")
+HOST_ALLOCATORS = ("caching", "system")
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +303,13 @@ class EngineConfig:
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     # Grammar library for constrained decoding: auto (xgrammar, else llguidance) | xgrammar | guidance
     structured_output_backend: str = "auto"
+    # CPU tensors of >= 1 MiB: "caching" (execution/host_alloc.py: blocks mapped once and reused,
+    # as a GPU caching allocator does) | "system" (glibc's malloc, torch's default)
+    host_allocator: str = "caching"
+
+    def __post_init__(self) -> None:
+        if self.host_allocator not in HOST_ALLOCATORS:
+            raise ConfigError(f"host allocator must be one of {', '.join(HOST_ALLOCATORS)}, got {self.host_allocator!r}")
 
 
 def resolve_defaults(cfg: EngineConfig, device: str) -> EngineConfig:

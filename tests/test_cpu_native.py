@@ -294,6 +294,13 @@ def test_silu_and_mul_matches_reference(rows: int, d: int) -> None:
     wide = torch.randn(rows, 2 * d + 5, generator=g)  # a strided view, as a column slice is
     torch.testing.assert_close(cpu_native.silu_and_mul(wide[:, : 2 * d]), reference.silu_and_mul(wide[:, : 2 * d]),
                                rtol=1e-5, atol=1e-6)
+    inplace = x.clone()  # written over its own gate half, as the MLP's SiluAndMul(in_place=True) does
+    got = cpu_native.silu_and_mul(inplace, inplace[:, :d])
+    assert got.data_ptr() == inplace.data_ptr() and got.stride() == (2 * d, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inplace[:, d:], x[:, d:])  # the up half is left as it was
+    ref_inplace = x.clone()
+    torch.testing.assert_close(reference.silu_and_mul(ref_inplace, ref_inplace[:, :d]), want, rtol=1e-5, atol=1e-6)
 
 
 @needs_native

@@ -16,6 +16,7 @@ import os
 import torch
 
 from agentspeed.config import CacheConfig, ModelConfig
+from agentspeed.execution.host_alloc import lazy_zeros
 from agentspeed.modeling.context import LayerKV
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ class KVCache:
         fp8 = cache.kv_cache_dtype == "fp8"
 
         def new(pages: int, *row: int) -> torch.Tensor:
+            if str(device) == "cpu":  # resident as pages fill, not at startup (host_alloc.lazy_zeros)
+                return lazy_zeros((pages, ps, *row), self.dtype)
             return torch.zeros((pages, ps, *row), dtype=self.dtype, device=device)
 
         def scales(pages: int) -> torch.Tensor | None:

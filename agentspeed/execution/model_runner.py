@@ -17,6 +17,7 @@ import torch
 from agentspeed.config import EngineConfig
 from agentspeed.control.plan import LAST_SAMPLED, ExecutionPlan, ScheduledChunk, StepResult, TierOp
 from agentspeed.errors import ConfigError
+from agentspeed.execution import host_alloc
 from agentspeed.execution.inputs import build_inputs
 from agentspeed.execution.kv_cache import KVCache, window_group
 from agentspeed.execution.kv_disk import DiskKVTier
@@ -92,6 +93,14 @@ class ModelRunner:
         # the last step's (seconds, pages) of tier loads and of disk reads, and (seconds, tokens)
         # of its forward when prefill-sized: what the scheduler's TierCost learns from
         self.last_costs: StepCosts = _NO_COSTS
+        # Installed after loading: the weights, the KV pool and load-time buffers stay glibc's
+        # (fresh pages, faulted as they are first touched); the forwards' activations, allocated
+        # and freed in the same sizes step after step, come from reused blocks.
+        if device_hint == "cpu" and cfg.host_allocator == "caching":
+            host_alloc.install()
+        elif cfg.host_allocator == "system" and host_alloc.active():
+            log.warning("--host-allocator system: this process already uses the caching allocator (an "
+                        "earlier engine here installed it; it stays for the process's life)")
 
     def expect_matcher(self, request_id: str, matcher: Matcher) -> None:
         """The grammar matcher of a constrained request not yet in a plan (EngineCore hands

@@ -11,7 +11,8 @@ Ops (each has a torch `reference` backend that runs everywhere):
   rms_norm(x, weight, eps) -> Tensor
   rotary_embedding(q, k, cos_sin) -> (q, k)       NeoX-style; cos_sin [T, rot]: each token's
                                                   cos|sin (gathered once per forward)
-  silu_and_mul(x) -> Tensor                                   silu(x[..., :d]) * x[..., d:]
+  silu_and_mul(x, out=None) -> Tensor                         silu(x[..., :d]) * x[..., d:]; into out
+                                                  if given, which may be x[..., :d] (in place)
   store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None
                                                   writes new tokens' K/V in place
   paged_attention_prefill(q, k_cache, v_cache, meta, scale, k_scale=None, v_scale=None, window=None, sinks=None)
@@ -287,8 +288,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return select_kernel("rms_norm", _device_of(x), x.dtype).fn(x, weight, eps)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return select_kernel("silu_and_mul", _device_of(x), x.dtype).fn(x)
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return select_kernel("silu_and_mul", _device_of(x), x.dtype).fn(x, out)
 
 
 def rotary_embedding(

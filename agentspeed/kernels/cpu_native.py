@@ -39,6 +39,7 @@ from agentspeed.kernels import cpu
 from agentspeed.kernels.api import AttentionMetadata
 from agentspeed.kernels.ggml import GgmlLinear
 from agentspeed.kernels.native import NativeBuildError, load
+from agentspeed.kernels.reference import silu_and_mul as _reference_silu_and_mul
 from agentspeed.kernels.registry import register_kernel, register_unavailable
 
 log = logging.getLogger(__name__)
@@ -154,14 +155,19 @@ def paged_attention_prefill(
     return out
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     assert _silu is not None
+    d = x.shape[-1] // 2
+    if out is not None and (x.dtype != torch.float32 or x.dim() != 2 or out.dtype != torch.float32
+                            or out.stride(-1) != 1 or out.shape != (x.shape[0], d)):
+        return _reference_silu_and_mul(x, out)
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous() if x.dtype != torch.float32 else x.contiguous()
-    d = x.shape[-1] // 2
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty(*x.shape[:-1], d, dtype=torch.float32)
-    rc = _silu(x2.data_ptr(), x2.stride(0), x2.shape[0], d, out.data_ptr(), torch.get_num_threads())
+    if out is None:
+        out = torch.empty(*x.shape[:-1], d, dtype=torch.float32)
+    o2 = out.reshape(-1, d)  # a view: [T, d] at one row stride (checked above, or new)
+    rc = _silu(x2.data_ptr(), x2.stride(0), x2.shape[0], d, o2.data_ptr(), o2.stride(0), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"{BACKEND} silu_and_mul returned {rc}")
     return out
@@ -288,7 +294,7 @@ else:
                         prepare=_prepare_linear, packed_rows=cpu_ggml.get_rows,
                         packed_moe=cpu_ggml.packed_moe_int16)(linear_int16)
         _silu = load().silu_and_mul
-        _silu.argtypes = (_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, _I)
+        _silu.argtypes = (_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _I)
         _silu.restype = _I
         register_kernel("silu_and_mul", BACKEND, ("cpu",), (torch.float32,), priority=20)(silu_and_mul)
         _rope = load().rope_neox

@@ -31,9 +31,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @_reg("silu_and_mul")
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = x.shape[-1] // 2
-    return F.silu(x[..., :d]) * x[..., d:]
+    if out is None:
+        return F.silu(x[..., :d]) * x[..., d:]
+    return torch.mul(F.silu(x[..., :d]), x[..., d:], out=out)
 
 
 def _rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

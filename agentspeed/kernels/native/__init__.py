@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -33,7 +34,7 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17
 # Linked without -ffast-math: with it gcc links crtfastmath.o, whose constructor turns on
 # flush-to-zero for the whole process as the library loads (torch's maths included).
 LINK_FLAGS = ("-shared", "-fopenmp")
-ABI_VERSION = 9
+ABI_VERSION = 10
 ENV_CACHE = "AGENTSPEED_CACHE_DIR"
 ENV_CXX = "CXX"
 # Extra compiler flags, e.g. "-mno-avx512f" to build (and test) the AVX2 code path on an
@@ -68,32 +69,40 @@ def _compiler() -> str:
     return cxx
 
 
-@cache
-def load() -> ctypes.CDLL:
-    """The compiled kernel library (built once per source/compiler/CPU, then cached)."""
-    here = Path(__file__).parent
+def build(name: str, sources: Sequence[Path], headers: Sequence[Path] = (), flags: Sequence[str] = FLAGS,
+          link_flags: Sequence[str] = LINK_FLAGS, key: str = "") -> Path:
+    """Compile `sources` into the shared library `name` (cached; see the module docstring for
+    the key and the concurrent-builder rule; `key` adds to the cache key) and return its path."""
     cxx = _compiler()
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise NativeBuildError(f"C++ compiler {cxx!r} does not run: {e}") from e
-    flags = [*FLAGS, *os.environ.get(ENV_FLAGS, "").split()]
     h = hashlib.sha256()
-    for part in (version, " ".join(flags), " ".join(LINK_FLAGS), _cpu_flags(), *(
-            (here / s).read_text() for s in (*SOURCES, *HEADERS))):
+    for part in (version, " ".join(flags), " ".join(link_flags), _cpu_flags(), key,
+                 *(f.read_text() for f in (*sources, *headers))):
         h.update(part.encode())
-    out = _cache_dir() / h.hexdigest()[:16] / "libagentspeed_native.so"
+    out = _cache_dir() / h.hexdigest()[:16] / name
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            objs = [os.path.join(tmp, Path(s).stem + ".o") for s in SOURCES]
-            cmds = [[cxx, *flags, "-c", str(here / s), "-o", o] for s, o in zip(SOURCES, objs)]
-            cmds.append([cxx, *LINK_FLAGS, *objs, "-o", os.path.join(tmp, out.name)])
+            objs = [os.path.join(tmp, s.stem + ".o") for s in sources]
+            cmds = [[cxx, *flags, "-c", str(s), "-o", o] for s, o in zip(sources, objs)]
+            cmds.append([cxx, *objs, *link_flags, "-o", os.path.join(tmp, name)])
             for cmd in cmds:
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 if r.returncode != 0:
-                    raise NativeBuildError(f"building native kernels failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
-            os.replace(os.path.join(tmp, out.name), out)
+                    raise NativeBuildError(f"building {name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+            os.replace(os.path.join(tmp, name), out)
+    return out
+
+
+@cache
+def load() -> ctypes.CDLL:
+    """The compiled kernel library (built once per source/compiler/CPU, then cached)."""
+    here = Path(__file__).parent
+    flags = [*FLAGS, *os.environ.get(ENV_FLAGS, "").split()]
+    out = build("libagentspeed_native.so", [here / s for s in SOURCES], [here / h for h in HEADERS], flags)
     try:
         lib = ctypes.CDLL(str(out))
     except OSError as e:

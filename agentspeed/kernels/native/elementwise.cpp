@@ -43,15 +43,17 @@ inline float silu1(float x) {
 
 extern "C" {
 
-// x [T, 2d] with row stride x_stride (elements); out [T, d] contiguous.
-int silu_and_mul(const float* x, int64_t x_stride, int64_t T, int64_t d, float* out, int threads) {
-    if (T < 0 || d <= 0 || x_stride < 2 * d) return -1;
+// x [T, 2d] with row stride x_stride (elements); out [T, d] with row stride out_stride. out may
+// be x itself (its gate half): each output element reads only its own gate and up values.
+int silu_and_mul(const float* x, int64_t x_stride, int64_t T, int64_t d, float* out, int64_t out_stride,
+                 int threads) {
+    if (T < 0 || d <= 0 || x_stride < 2 * d || out_stride < d) return -1;
     const int nt = T * d >= PARALLEL_ELEMS ? threads : 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t t = 0; t < T; ++t) {
         const float* a = x + t * x_stride;
         const float* b = a + d;
-        float* o = out + t * d;
+        float* o = out + t * out_stride;
         int64_t i = 0;
         for (; i + W <= d; i += W) st(o + i, vsilu(ld(a + i)) * ld(b + i));
         for (; i < d; ++i) o[i] = silu1(a[i]) * b[i];

@@ -37,16 +37,24 @@ class RMSNorm(SpmdModule):
 
 
 class SiluAndMul(SpmdModule):
-    """Input is this rank's [gate_local | up_local], so the op is purely local."""
+    """Input is this rank's [gate_local | up_local], so the op is purely local.
+
+    in_place: the input is a temporary no one reads after this op (the gate|up projection's
+    output inside an MLP chain): the result is written over its gate half and returned as a
+    strided view, one [T, F] activation fewer at the MLP's peak (the down projection reads
+    rows at a stride)."""
 
     in_placement = Shard(-1)
     out_placement = Shard(-1)
 
-    def __init__(self, kernels: KernelSet) -> None:
+    def __init__(self, kernels: KernelSet, in_place: bool = False) -> None:
         super().__init__()
         self.kernels = kernels
+        self.in_place = in_place
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        if self.in_place and x.dim() == 2 and x.stride(-1) == 1:
+            return self.kernels.silu_and_mul(x, x[:, :x.shape[-1] // 2])
         return self.kernels.silu_and_mul(x)
 
 

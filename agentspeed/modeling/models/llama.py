@@ -29,7 +29,7 @@ def dense_mlp(
     """The SwiGLU MLP's modules (after its norm): gate_up (column), act, down (row)."""
     return {
         "gate_up": merged_column(hidden, {"gate": intermediate, "up": intermediate}, False, comm, dtype, device),
-        "act": SiluAndMul(kernels),
+        "act": SiluAndMul(kernels, in_place=True),  # over gate_up's own output
         "down": RowParallelLinear(intermediate, hidden, False, comm, dtype, device),
     }
 
@@ -44,14 +44,15 @@ MLP_ROWS = 512
 def decoder_layer(mods: dict[str, SpmdModule]) -> Chain:
     """Pre-norm residual attention block then MLP block. mods holds attn_norm, the attention
     steps up to o_proj, mlp_norm and the MLP steps (in insertion order); a dense MLP
-    (gate_up, act, down) runs MLP_ROWS token rows at a time."""
+    (gate_up, act, down) runs MLP_ROWS token rows at a time, its norm included (row-wise too:
+    the step's whole normed [T, H] is never held beside the residual and the MLP's output)."""
     names = list(mods)
     split = names.index("mlp_norm")
     attn = Chain([(n, mods[n]) for n in names[:split]], out_placement=Replicate())
-    ffn = [(n, mods[n]) for n in names[split + 1:]]
-    if [n for n, _ in ffn] == ["gate_up", "act", "down"]:
+    ffn = [(n, mods[n]) for n in names[split:]]
+    if [n for n, _ in ffn] == ["mlp_norm", "gate_up", "act", "down"]:
         ffn = [("ffn", RowBlocks(Chain(ffn), MLP_ROWS))]
-    mlp = Chain([("mlp_norm", mods["mlp_norm"]), *ffn], out_placement=Replicate())
+    mlp = Chain(ffn, out_placement=Replicate())
     return Chain([("attn", Residual(attn)), ("mlp", Residual(mlp))])
 
 
