@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from agentspeed.kernels.native import FLAGS, LINK_FLAGS, NativeBuildError, build
+from agentspeed.kernels.native import FLAGS, LINK_FLAGS, NativeBuildError, build, open_library
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,7 @@ def _library() -> ctypes.CDLL:
     link = [*LINK_FLAGS, f"-L{root / 'lib'}", "-lc10", f"-Wl,-rpath,{root / 'lib'}"]
     out = build("libagentspeed_host_alloc.so", [src], flags=flags, link_flags=link,
                 key=f"torch {torch.__version__} {sysconfig.get_platform()}")
-    try:
-        lib = ctypes.CDLL(str(out))
-    except OSError as e:
-        raise NativeBuildError(f"loading {out} failed: {e}") from e
-    if lib.agentspeed_host_alloc_abi() != ABI:
-        raise NativeBuildError(f"{out} has ABI {lib.agentspeed_host_alloc_abi()}, expected {ABI}")
+    lib = open_library(out, "agentspeed_host_alloc_abi", ABI)
     lib.agentspeed_host_alloc_install.argtypes = [ctypes.c_uint64, ctypes.c_int]
     lib.agentspeed_host_alloc_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
     return lib

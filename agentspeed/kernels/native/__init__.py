@@ -103,10 +103,16 @@ def load() -> ctypes.CDLL:
     here = Path(__file__).parent
     flags = [*FLAGS, *os.environ.get(ENV_FLAGS, "").split()]
     out = build("libagentspeed_native.so", [here / s for s in SOURCES], [here / h for h in HEADERS], flags)
+    return open_library(out, "agentspeed_abi_version", ABI_VERSION)
+
+
+def open_library(path: Path, abi_symbol: str, abi: int) -> ctypes.CDLL:
+    """Load a built library and check the ABI version its `abi_symbol()` reports."""
     try:
-        lib = ctypes.CDLL(str(out))
+        lib = ctypes.CDLL(str(path))
     except OSError as e:
-        raise NativeBuildError(f"loading {out} failed: {e}") from e
-    if lib.agentspeed_abi_version() != ABI_VERSION:
-        raise NativeBuildError(f"{out} has ABI {lib.agentspeed_abi_version()}, expected {ABI_VERSION}")
+        raise NativeBuildError(f"loading {path} failed: {e}") from e
+    got = getattr(lib, abi_symbol)()
+    if got != abi:
+        raise NativeBuildError(f"{path} has ABI {got}, expected {abi}")
     return lib
