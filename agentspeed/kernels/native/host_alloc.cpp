@@ -3,10 +3,11 @@
 // and torch's own CUDA allocator reuse their buffers.
 //
 // Why: a prefill step allocates the same activations layer after layer. Through glibc those
-// come from a thread arena's 64 MiB heaps and its fragmentation holds about twice the step's
-// live size (Qwen2.5-1.5B, 2,048-token step: +244 MiB peak for ~105 MiB live); making glibc map
-// each one (M_MMAP_THRESHOLD) frees them but pays a page fault per 4 KiB on every allocation
-// again. Here a block is faulted in once (2 MiB pages where the kernel grants them) and reused.
+// come from a thread arena's 64 MiB heaps, whose fragmentation held about twice the step's
+// live size (a 2,690-token Qwen2.5-1.5B prompt: +232 to +244 MiB at the peak, +129 MiB through
+// this allocator); making glibc map each one (M_MMAP_THRESHOLD) frees them but pays a page fault
+// per 4 KiB on every allocation again. Here a block is faulted in once and reused (on 2 MiB
+// pages from its first reuse, where the kernel grants them).
 //
 // Contract: requests below kMinBlock go to c10's alloc_cpu unchanged. A big request takes the
 // smallest cached block of at least its size and at most kReuseFactor times it, else a new
@@ -61,7 +62,7 @@ class CachingCpuAllocator final : public c10::Allocator {
   void release(void* p) {
     std::lock_guard<std::mutex> g(mu_);
     auto it = live_.find(p);
-    if (it == live_.end()) {  // a small block (or one from before install: never here, see below)
+    if (it == live_.end()) {  // a small block (tensors made before install keep their own deleter)
       c10::free_cpu(p);
       return;
     }
