@@ -288,14 +288,23 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: st
     return y.view(*x.shape[:-1], n)
 
 
-_moe_i16 = _lib.ggml_moe_i16
-_moe_i16.argtypes = (_P, _I, _L, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I, _I)
-_moe_i16.restype = _I
-MOE_ROWS = 64  # most tokens per step the fused expert call takes (benchmarks/kernels/bench_moe.py)
+_moe = _lib.ggml_moe
+_moe.argtypes = (_P, _I, _L, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I, _I, _L, _P, _I)
+_moe.restype = _I
+_moe_workspace = _lib.ggml_moe_workspace
+_moe_workspace.argtypes = (_I, _I, _I, _I, _I, _L, _I)
+_moe_workspace.restype = _L
+# ggml_moe's products round x as linear() does in mode auto (1: ggml_gemm_q8's loop above
+# GEMM_Q8_ROWS rows, 2: ggml_gemm_k8's, 3: neither; exact fp32 above 8 rows) or int16 (0).
+_MOE_MODE = {"q8": 1, "k8": 2, None: 3}[MANY_INT8]
+# The most bytes of per-(token, choice) outputs ggml_moe holds: a step's tokens run in blocks
+# of this / (top_k * hidden * 4); Qwen3-30B-A3B's layer: 1,024 tokens, its 128 experts 64 rows
+# each on average. (The per-expert loop held its gathered x and outputs whole: 268 MB at 2,048.)
+MOE_OUT_BYTES = 64 << 20
 
 
 class MoEPlan:
-    """A layer's packed experts as ggml_moe_i16 takes them: per expert its gate|up weight
+    """A layer's packed experts as ggml_moe takes them: per expert its gate|up weight
     (2 parts of F rows) and down weight (1 part of N rows), the arrays made once."""
 
     def __init__(self, w13: list[GgmlLinear], w2: list[GgmlLinear]) -> None:
@@ -331,35 +340,37 @@ class MoEPlan:
         return MoEPlan(g13, g2)
 
 
-def moe_i16(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, plan: MoEPlan, int8: bool = True) -> torch.Tensor:
-    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for T <= MOE_ROWS tokens, each expert a
-    SwiGLU of packed weights with its activations rounded as linear() rounds decode rows in
-    mode auto (int8 where the product's types allow; int16 throughout with int8=False, as
-    mode int16)."""
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, plan: MoEPlan, int8: bool = True) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for any number of tokens, each expert a
+    SwiGLU of packed weights whose products round x as linear() does for the expert's row
+    count: in mode auto (int8 as linear() takes it, exact fp32 for the other types above 8
+    rows) or, with int8=False, int16 throughout (mode int16)."""
     T, K = x.shape
     x = x.float().contiguous()
     ids32 = ids.to(torch.int32).contiguous()
     w = weights.float().contiguous()
     y = torch.empty(T, plan.N)
     t13, p13, s13, t2, p2, s2 = plan.args
-    rc = _moe_i16(x.data_ptr(), T, K, K, ids.shape[1], ids32.data_ptr(), w.data_ptr(), plan.E, t13, p13, s13,
-                  plan.F, t2, p2, s2, plan.N, y.data_ptr(), int(int8), torch.get_num_threads())
+    threads, topk = torch.get_num_threads(), ids.shape[1]
+    ws = torch.empty(_moe_workspace(T, K, topk, plan.F, plan.N, MOE_OUT_BYTES, threads))
+    rc = _moe(x.data_ptr(), T, K, K, topk, ids32.data_ptr(), w.data_ptr(), plan.E, t13, p13, s13,
+              plan.F, t2, p2, s2, plan.N, y.data_ptr(), _MOE_MODE if int8 else 0, GEMM_Q8_ROWS,
+              MOE_OUT_BYTES, ws.data_ptr(), threads)
     if rc != 0:
-        raise RuntimeError(f"ggml_moe_i16 returned {rc} ({plan.E} experts, {T} tokens)")
+        raise RuntimeError(f"ggml_moe returned {rc} ({plan.E} experts, {T} tokens)")
     return y
 
 
-def packed_moe(w13: list[object], w2: list[object], int8: bool = True) -> tuple[Callable[..., torch.Tensor], int] | None:
-    """For the linear backends that round decode activations (int8 where the types allow, as
-    mode auto; int16 only with int8=False, as mode int16): a layer's fused expert call
-    (x, ids, weights) -> y and the most tokens it takes, or None where its experts are not
-    all packed integer-decodable weights."""
+def packed_moe(w13: list[object], w2: list[object], int8: bool = True) -> Callable[..., torch.Tensor] | None:
+    """For the linear backends reading packed weights in mode auto (int16 throughout with
+    int8=False, as mode int16): a layer's fused routed-experts call (x, ids, weights) -> y for
+    steps of any size, or None where its experts are not all packed integer-decodable weights."""
     plan = MoEPlan.of(w13, w2)
     if plan is None:
         return None
-    return (lambda x, ids, weights: moe_i16(x, ids, weights, plan, int8)), MOE_ROWS
+    return lambda x, ids, weights: moe(x, ids, weights, plan, int8)
 
 
-def packed_moe_int16(w13: list[object], w2: list[object]) -> tuple[Callable[..., torch.Tensor], int] | None:
+def packed_moe_int16(w13: list[object], w2: list[object]) -> Callable[..., torch.Tensor] | None:
     """packed_moe with int16 activations throughout (the cpu_native_int16 backend)."""
     return packed_moe(w13, w2, int8=False)

@@ -34,7 +34,7 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17
 # Linked without -ffast-math: with it gcc links crtfastmath.o, whose constructor turns on
 # flush-to-zero for the whole process as the library loads (torch's maths included).
 LINK_FLAGS = ("-shared", "-fopenmp")
-ABI_VERSION = 10
+ABI_VERSION = 11
 ENV_CACHE = "AGENTSPEED_CACHE_DIR"
 ENV_CXX = "CXX"
 # Extra compiler flags, e.g. "-mno-avx512f" to build (and test) the AVX2 code path on an

@@ -108,8 +108,8 @@ class SparseMoE(SpmdModule):
         self._w13: list[Any] | None = None
         self._w2: list[Any] | None = None
         self._linear: Any = F.linear
-        # The linear backend's fused routed-experts call and the most tokens it takes.
-        self._fused: tuple[Any, int] | None = None
+        # The linear backend's fused routed-experts call (x, ids, weights) -> y.
+        self._fused: Any = None
 
     def checkpoint_targets(self, prefix: str) -> dict[str, tuple[SpmdModule, str, str | None]]:
         """Hugging Face checkpoint names under `prefix` (model.layers.{i}.) -> (module,
@@ -216,10 +216,11 @@ class SparseMoE(SpmdModule):
         return out
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self._fused is not None and x.shape[0] <= self._fused[1]:
-            return self._fused[0](x, ids, weights).to(x.dtype)
-        # Sort the (token, expert) pairs by expert so each expert runs one matmul over its
-        # tokens. The per-expert counts come to the host once per layer.
+        if self._fused is not None:
+            return self._fused(x, ids, weights).to(x.dtype)
+        # Dense experts (safetensors), or packed ones the backend has no fused call for: sort the
+        # (token, expert) pairs by expert so each expert runs one matmul over its tokens. The
+        # per-expert counts come to the host once per layer.
         k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)
