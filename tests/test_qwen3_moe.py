@@ -111,21 +111,15 @@ def test_quantized_gguf_experts_stay_packed(tmp_path: Path, qtype: str, monkeypa
     assert moe._fused is not None
     g = torch.Generator().manual_seed(0)
     for T, blocks in ((1, None), (3, None), (8, None), (20, None), (64, None), (300, None), (1300, None), (1300, 97)):
-        x = torch.randn(T, 256, generator=g)
-        w, ids = torch.rand(T, 2, generator=g), torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)])
         if blocks:  # hold the per-choice outputs of `blocks` tokens at a time
             monkeypatch.setattr(cpu_ggml, "MOE_OUT_BYTES", blocks * 2 * 256 * 4)
-        fused = moe._experts(x, w, ids)
+        fused, loop, ids = _fused_and_loop(moe, T, g)
         monkeypatch.undo()
-        fn, moe._fused = moe._fused, None
-        loop = moe._experts(x, w, ids)
-        moe._fused = fn
         if T == 1300:  # experts with over 256 rows: more than one work item each
             assert int(torch.bincount(ids.flatten()).min()) > 256
         scale = float(loop.abs().max())
-        close = (fused - loop).abs() <= 1e-5 * scale
         if blocks is None:  # every product in the loop's regime: the same up to float order
-            assert bool(close.all()), (T, float((fused - loop).abs().max()), scale)
+            torch.testing.assert_close(fused, loop, rtol=0, atol=1e-5 * scale)
         else:
             # Blocks of 97 tokens give some experts few rows: Q4_K's 8-row decode calls where
             # the loop ran the many-row kernel (the same int8 rounding of x, other float sums,
@@ -133,6 +127,39 @@ def test_quantized_gguf_experts_stay_packed(tmp_path: Path, qtype: str, monkeypa
             # Q8_0's int16 decode rows where the loop's products were exact fp32.
             diff = (fused - loop).abs()
             assert float(diff.max()) < 5e-3 * scale and float(diff.mean()) < 1e-5 * scale
+    # The call's other roundings: int16 throughout (cpu_native_int16), and mode auto on a build
+    # without a many-row int8 kernel (exact fp32 products above 8 rows, as linear() there).
+    int16 = same_rounding if int8 else runner_for(path, kernels=KernelConfig.parse("linear=cpu_native_int16"))
+    moe16 = next(m for m in int16.model.modules() if isinstance(m, SparseMoE))
+    no_many = {"_MOE_MODE": 3, "MANY_INT8": None}
+    for case, m in (("int16", moe16), ("no many-row int8 kernel", moe)):
+        for T in (3, 20, 300):
+            caches = [lin.call_cache for lin in [*m._w13, *m._w2]]
+            if case != "int16":
+                for name, value in no_many.items():
+                    monkeypatch.setattr(cpu_ggml, name, value)
+                for c in caches:  # linear()'s per-weight choices, made again without the kernel
+                    c.clear()
+            fused, loop, _ = _fused_and_loop(m, T, g)
+            monkeypatch.undo()
+            for c in caches:
+                c.clear()
+            torch.testing.assert_close(fused, loop, rtol=0, atol=1e-5 * float(loop.abs().max()), msg=f"{case}, T={T}")
+
+
+def _fused_and_loop(moe: SparseMoE, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's routed experts for T random tokens and routes: by the fused call and by the
+    per-expert loop."""
+    E, k = moe.cfg.num_experts, moe.cfg.top_k
+    x = torch.randn(T, moe.gate.shape[1], generator=g)
+    w, ids = torch.rand(T, k, generator=g), torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    fused = moe._experts(x, w, ids)
+    fn, moe._fused = moe._fused, None
+    try:
+        loop = moe._experts(x, w, ids)
+    finally:
+        moe._fused = fn
+    return fused, loop, ids
 
 
 def test_engine_chunked_prefill_and_prefix_cache(models: dict[str, Path]) -> None:
