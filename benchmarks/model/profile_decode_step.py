@@ -1,7 +1,7 @@
 """Where a single-stream decode step goes: ModelRunner.forward on one sequence after a prompt,
 timed plain (mean ms per step), then under cProfile, printing the functions that take most of
 the step in ms per step (native kernels are the ctypes wrappers that call them: cpu_ggml.linear
-for packed projections and the LM head, moe_i16 for routed experts, paged_attention_decode).
+for packed projections and the LM head, moe for routed experts, paged_attention_decode).
 cProfile adds overhead to every Python call, so its total exceeds the plain time; the gap
 between the named kernels and the plain step is the per-layer Python and small torch ops.
 Then, without cProfile, each packed linear's wall time per step by shape and storage type with
