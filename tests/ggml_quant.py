@@ -1,5 +1,5 @@
 """A reference quantizer (numpy) for ggml's block types, for test data: the `gguf` package
-quantizes Q4_0..Q8_0, F16 and BF16 but only dequantizes the K-quants, so Q2_K..Q6_K are
+quantizes Q4_0..Q8_0, MXFP4, F16 and BF16 but only dequantizes the K-quants, so Q2_K..Q6_K are
 packed here. Plain round-to-nearest against per-block ranges (not llama.cpp's searched
 scales): what matters for tests is that the bytes are valid blocks in ggml's layout, which
 `test_ggml.py` checks by round-tripping them through the `gguf` package's dequantizer.
@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize as gguf_quantize
 
-TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 
 
 def _f16(x: np.ndarray) -> np.ndarray:

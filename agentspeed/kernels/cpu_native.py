@@ -1,7 +1,7 @@
 """`cpu_native` backend: C++ kernels (kernels/native/) for what torch ops do poorly on CPU.
 
 linear reads GGUF weights as they are stored (kernels/ggml.py, kernels/cpu_ggml.py): every
-common ggml type (Q4_0 ... Q8_0, Q2_K ... Q6_K, F16, BF16) is decoded block by block in the
+common ggml type (Q4_0 ... Q8_0, Q2_K ... Q6_K, MXFP4, F16, BF16) is decoded block by block in the
 kernel, so a decode step streams the file's bytes (0.56 per weight for Q4_K); activations are
 rounded to integers where the kernels multiply integer codes (int8 for K-quants, as
 llama.cpp; int16 in decode steps for the other integer types; cpu_ggml's docstring has the

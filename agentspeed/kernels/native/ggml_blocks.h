@@ -119,7 +119,7 @@ inline __attribute__((always_inline)) void unroll(F&& f) {
 // The GGMLQuantizationType numbers these decoders are for.
 enum GgmlType : int {
     F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
-    Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
+    Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30, MXFP4 = 39,
 };
 
 // Each block type: QK weights in BYTES; weight k = d[k / SUB] * code(k) - m[k / SUB] (m only
@@ -206,6 +206,29 @@ struct BlockQ8_0 : Block32 {  // d, 32 int8: w = d * q
     static void prep(const uint8_t* b, State& s) { s.d[0] = f16(b); }
     template <int I>
     static vf code(const uint8_t* b) { return tof(s8(b + 2 + I * W)); }
+};
+
+// MXFP4 (GPT-OSS's experts, llama.cpp's MXFP4_MOE files): an e8m0 exponent byte, then 32 e2m1
+// codes as Q4_0's nibbles; w = 2^(e - 128) * v(code), v the e2m1 values doubled (0, 1, 2, 3, 4,
+// 6, 8, 12 and their negatives, code bit 3 the sign), as ggml's dequantize_row_mxfp4.
+inline float e8m0_half(uint8_t e) {  // 2^(e - 128); e < 2 as ggml gives them, subnormal
+    const uint32_t bits = e < 2 ? 0x00200000u << e : static_cast<uint32_t>(e - 1) << 23;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+struct BlockMXFP4 : Block32 {
+    static constexpr int BYTES = 17;
+    static constexpr bool MIN = false;
+    static void prep(const uint8_t* b, State& s) { s.d[0] = e8m0_half(b[0]); }
+    template <int I>
+    static vf code(const uint8_t* b) {
+        const vi c = nibbles<I * W>(b + 1);
+        const vi m = c & 7;  // 0..3 as they are; 4..7: (4 or 6) << (m / 2) >> 2 = 4, 6, 8, 12
+        const vi mag = m < 4 ? m : (4 + 2 * (m & 1)) << (m >> 1) >> 2;
+        return tof((c & 8) != 0 ? -mag : mag);
+    }
 };
 
 // 256-weight super-blocks ------------------------------------------------------------------
@@ -350,6 +373,7 @@ bool with_block(int type, F&& f) {
         case Q5_0: f(BlockQ5_0{}); return true;
         case Q5_1: f(BlockQ5_1{}); return true;
         case Q8_0: f(BlockQ8_0{}); return true;
+        case MXFP4: f(BlockMXFP4{}); return true;
         case Q2_K: f(BlockQ2_K{}); return true;
         case Q3_K: f(BlockQ3_K{}); return true;
         case Q4_K: f(BlockQ4_K{}); return true;

@@ -183,6 +183,26 @@ struct IBlockQ8_0 : IBlock32<false> {  // d, 32 int8: w = d q
     static v16s icode(const uint8_t* b, const IState&) { return sx16(b + 2 + 16 * G); }
 };
 
+struct IBlockMXFP4 : IBlock32<false> {  // e8m0 exponent, 32 e2m1 nibbles: w = 2^(e - 128) v(q)
+    static constexpr int BYTES = 17;
+    static void iprep(const uint8_t* b, IState& s) { s.d = e8m0_half(b[0]); }
+    template <int G>
+    static v16s icode(const uint8_t* b, const IState&) {
+#if defined(__AVX2__)
+        // the nibbles' doubled e2m1 values by one byte shuffle, then widened
+        const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 1));
+        const __m128i q = _mm_and_si128(G ? _mm_srli_epi16(raw, 4) : raw, _mm_set1_epi8(15));
+        return reinterpret_cast<v16s>(_mm256_cvtepi8_epi16(_mm_shuffle_epi8(lut, q)));
+#else
+        static constexpr int8_t lut[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+        v16s v;
+        for (int i = 0; i < 16; ++i) v[i] = lut[(G ? b[1 + i] >> 4 : b[1 + i]) & 15];
+        return v;
+#endif
+    }
+};
+
 // 256-weight super-blocks; element layouts as in ggml_blocks.h.
 struct IBlock256 {
     static constexpr int QK = 256, NG = 16;
@@ -307,6 +327,7 @@ bool with_iblock(int type, F&& f) {
         case 12: f(IBlockQ4_K{}); return true;
         case 13: f(IBlockQ5_K{}); return true;
         case 14: f(IBlockQ6_K{}); return true;
+        case 39: f(IBlockMXFP4{}); return true;
         default: return false;
     }
 }
