@@ -23,6 +23,24 @@ LAYER = {
 EXPERT = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 GEMMA3 = {**LAYER, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
           "post_feedforward_layernorm": "post_ffw_norm"}
+GPT_OSS = {**LAYER, "post_attention_layernorm": "post_attention_norm", "mlp.router": "ffn_gate_inp"}
+
+
+def gpt_oss_experts(name: str, t: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """conversion/gpt_oss.py on one of transformers' expert tensors: gate_up_proj [E, H, 2I]
+    (x @ W, gate and up interleaved) -> ffn_gate_exps and ffn_up_exps [E, I, H]; down_proj
+    [E, I, H] -> ffn_down_exps [E, H, I]; their biases split alike."""
+    prefix = name.split(".mlp.")[0].replace("model.layers.", "blk.")
+    what = name.rsplit(".", 1)[1]
+    if what == "gate_up_proj":
+        wt = t.swapaxes(-1, -2)
+        return [(f"{prefix}.ffn_gate_exps.weight", wt[:, 0::2]), (f"{prefix}.ffn_up_exps.weight", wt[:, 1::2])]
+    if what == "gate_up_proj_bias":
+        return [(f"{prefix}.ffn_gate_exps.bias", t[:, 0::2]), (f"{prefix}.ffn_up_exps.bias", t[:, 1::2])]
+    if what == "down_proj":
+        return [(f"{prefix}.ffn_down_exps.weight", t.swapaxes(-1, -2))]
+    assert what == "down_proj_bias", name
+    return [(f"{prefix}.ffn_down_exps.bias", t)]
 
 
 def iq4_nl(w: np.ndarray) -> np.ndarray:
@@ -80,7 +98,7 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str, embed_iq4_nl: boo
     tensors = load_file(str(hf_dir / "model.safetensors"))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    names = GEMMA3 if arch == "gemma3" else LAYER
+    names = GEMMA3 if arch == "gemma3" else GPT_OSS if arch == "gpt-oss" else LAYER
     w = gguf.GGUFWriter(str(out), arch)
     if arch == "gemma3":  # as conversion/gemma.py: global RoPE base, the sliding one, the window
         local, rope = rope.get("sliding_attention") or {}, rope.get("full_attention") or {}
@@ -91,6 +109,13 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str, embed_iq4_nl: boo
         if rope.get("rope_type") == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(rope["factor"])
+    if arch == "gpt-oss":  # as conversion/gpt_oss.py: the window, experts of intermediate_size, YaRN
+        w.add_sliding_window(cfg["sliding_window"])
+        cfg = {**cfg, "moe_intermediate_size": cfg["intermediate_size"]}
+        if rope.get("rope_type") == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(rope["factor"])
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -116,6 +141,13 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str, embed_iq4_nl: boo
             gname = GLOBAL[name]
             if arch == "gemma3" and name == "model.norm.weight":
                 t = t + 1.0
+        elif arch == "gpt-oss" and ".mlp.experts." in name:
+            for gname, part in gpt_oss_experts(name, t):
+                _store(w, gname, np.ascontiguousarray(part), qtype)
+            continue
+        elif arch == "gpt-oss" and name.endswith("self_attn.sinks"):
+            w.add_tensor(name.replace("model.layers.", "blk.").replace(".self_attn.sinks", ".attn_sinks.weight"), t)
+            continue
         else:
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
             module, param = rest.rsplit(".", 1)
@@ -131,7 +163,7 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str, arch: str, embed_iq4_nl: boo
             t = t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
         if embed_iq4_nl and gname == "token_embd.weight":
             w.add_tensor(gname, iq4_nl(t), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
-        elif gname.endswith("ffn_gate_inp.weight"):
+        elif gname.endswith(("ffn_gate_inp.weight", "ffn_gate_inp.bias")):
             w.add_tensor(gname, t)  # llama.cpp keeps the router in F32
         else:
             _store(w, gname, t, qtype)

@@ -20,6 +20,7 @@ from test_hf_parity import (
 )
 
 from agentspeed.engine.simple_generate import generate
+from agentspeed.kernels import cpu_native
 from agentspeed.modeling.layers.attention import PagedAttention
 from agentspeed.sampling_params import SamplingParams
 
@@ -106,3 +107,41 @@ def test_mxfp4_release_loads_as_transformers_dequantizes_it(gpt_oss: Path, tmp_p
     ref_tokens, ref_logits = hf_greedy(tmp_path / "dequant", prompt, NEW)
     assert generate(runner, [prompt], GREEDY)[0].token_ids == ref_tokens
     assert_end_logits_match(runner, prompt, ref_tokens, ref_logits, page_size=5)
+
+
+def test_gguf_matches_transformers(gpt_oss: Path, tmp_path: Path) -> None:
+    """llama.cpp's gpt-oss layout (conversion/gpt_oss.py): gate and up experts apart and
+    transposed to [experts, rows, cols], their biases split, a biased router, attn_sinks,
+    post_attention_norm before the MLP, YaRN and the window in the metadata."""
+    from gguf_writer import write_gguf
+
+    runner = runner_for(write_gguf(gpt_oss, tmp_path / "gpt-oss-f32.gguf", "F32", "gpt-oss"), page_size=5)
+    attn = [m for m in runner.model.modules() if isinstance(m, PagedAttention)]
+    assert [a.window for a in attn] == [7, None] and all(a.sinks is not None for a in attn)
+    for prompt in PROMPTS[:2]:
+        ref_tokens, ref_logits = hf_greedy(gpt_oss, prompt, NEW)
+        assert generate(runner, [prompt], GREEDY)[0].token_ids == ref_tokens
+        assert_end_logits_match(runner, prompt, ref_tokens, ref_logits, page_size=5)
+
+
+@pytest.mark.skipif(cpu_native._fn is None, reason=f"native kernels unavailable: {cpu_native._UNAVAILABLE}")
+def test_mxfp4_gguf_stays_packed(gpt_oss: Path, tmp_path: Path) -> None:
+    """An MXFP4 GGUF (llama.cpp's MXFP4_MOE files hold the experts so) is read packed, experts
+    one packed weight each with their biases beside, and gives the greedy tokens of the same
+    file dequantized and run dense."""
+    from gguf_writer import write_gguf
+
+    from agentspeed.config import KernelConfig
+    from agentspeed.kernels.ggml import GgmlLinear
+    from agentspeed.modeling.layers.moe import SparseMoE
+
+    path = write_gguf(gpt_oss, tmp_path / "gpt-oss-mxfp4.gguf", "MXFP4", "gpt-oss")
+    packed = runner_for(path, page_size=5)
+    assert packed.kernels.widened == {}
+    moes = [m for m in packed.model.modules() if isinstance(m, SparseMoE)]
+    assert len(moes) == 2 and all(m.w13 is None and m.b13 is not None for m in moes)
+    assert all(isinstance(w, GgmlLinear) for m in moes for w in [*(m._w13 or []), *(m._w2 or [])])
+    dense = runner_for(path, page_size=5, kernels=KernelConfig.parse("linear=cpu"))
+    ours, ref = generate(packed, PROMPTS, GREEDY), generate(dense, PROMPTS, GREEDY)
+    assert [o.token_ids for o in ours] == [r.token_ids for r in ref]
+    assert len({t for o in ours for t in o.token_ids}) > 3

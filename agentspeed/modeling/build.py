@@ -68,7 +68,7 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, LazyTensor]], tot
         except ValueError as e:
             raise ModelLoadError(f"weight {name}: {e}") from None
         loaded.add(name)
-    missing = sorted(model.required_weights() - loaded)
+    missing = model.missing_weights(loaded)
     if missing:
         more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ModelLoadError(f"checkpoint lacks weights: {', '.join(missing[:3])}{more}")

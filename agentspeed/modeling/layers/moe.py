@@ -132,6 +132,18 @@ class SparseMoE(SpmdModule):
                  "experts.down_proj", "experts.down_proj_bias")
         return {f"{prefix}mlp.{n}": (self, n, None) for n in names}
 
+    def gpt_oss_gguf_targets(self, prefix: str) -> dict[str, tuple[SpmdModule, str, str | None]]:
+        """GPT-OSS from GGUF (llama.cpp's converter): the router and down biases under
+        transformers' names, one tensor per expert projection, gate and up biases apart."""
+        t: dict[str, tuple[SpmdModule, str, str | None]] = {
+            f"{prefix}mlp.{n}": (self, n, None)
+            for n in ("router.weight", "router.bias", "experts.down_proj_bias", "experts.gate_proj_bias",
+                       "experts.up_proj_bias")}
+        for e in range(self.cfg.num_experts):
+            for w in ("gate", "up", "down"):
+                t[f"{prefix}mlp.experts.{e}.{w}_proj.weight"] = (self, "expert", f"{e}.{w}")
+        return t
+
     def _load_gpt_oss(self, param: str, t: LazyTensor) -> None:
         # gate_up_proj [E, hidden, 2I] with gate and up interleaved (even, odd columns);
         # down_proj [E, I, hidden]: x @ W layouts, read whole and sliced here.
@@ -148,6 +160,10 @@ class SparseMoE(SpmdModule):
         elif param == "experts.gate_up_proj_bias":
             assert self.b13 is not None
             copy_into(self.b13, torch.cat([w[:, 0::2][:, rows], w[:, 1::2][:, rows]], dim=1), "experts gate_up bias")
+        elif param in ("experts.gate_proj_bias", "experts.up_proj_bias"):  # GGUF: [E, I] each
+            assert self.b13 is not None
+            half = slice(0, self.local) if param == "experts.gate_proj_bias" else slice(self.local, 2 * self.local)
+            copy_into(self.b13[:, half], w[:, rows], param.replace("_", " "))
         elif param == "experts.down_proj":
             copy_into(self.w2, w.transpose(1, 2)[:, :, rows], "experts down")
         else:

@@ -23,7 +23,7 @@ from agentspeed.modeling.loaders.gguf_file import GgufFile, TensorInfo
 log = logging.getLogger(__name__)
 
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-          "qwen3moe": "Qwen3MoeForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+          "qwen3moe": "Qwen3MoeForCausalLM", "gemma3": "Gemma3ForCausalLM", "gpt-oss": "GptOssForCausalLM"}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -47,6 +47,13 @@ _LAYER_NAMES = {
 # Gemma 3 has norms after attention and MLP, and its ffn_norm is the pre-MLP one.
 _GEMMA3_NAMES = {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
                  "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+# GPT-OSS (conversion/gpt_oss.py): the pre-MLP norm is post_attention_norm, a biased router,
+# sinks (no .weight in transformers' name), expert biases stacked [experts, rows], gate and up
+# apart (transformers interleaves them in one tensor).
+_GPT_OSS_NAMES = {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.router",
+                  "attn_sinks": "self_attn.sinks"}
+_GPT_OSS_EXPERT_BIASES = {"ffn_gate_exps": "mlp.experts.gate_proj_bias", "ffn_up_exps": "mlp.experts.up_proj_bias",
+                          "ffn_down_exps": "mlp.experts.down_proj_bias"}
 # Stacked [experts, rows, cols] tensors -> one Hugging Face name per expert
 _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -80,15 +87,22 @@ def gguf_model_config(reader: GgufFile) -> ModelConfig:
     hidden = int(a("embedding_length"))
     scaling = None
     kind = a("rope.scaling.type")
+    gpt_oss = arch == "gpt-oss"
     if kind == "linear":
         scaling = RopeScaling("linear", float(a("rope.scaling.factor")))
+    elif kind == "yarn":
+        # GPT-OSS's YaRN keeps the correction range unrounded (transformers' truncate=False)
+        scaling = RopeScaling("yarn", float(a("rope.scaling.factor")),
+                              original_max_position_embeddings=int(a("rope.scaling.original_context_length")),
+                              beta_fast=float(a("rope.scaling.yarn_beta_fast", 32.0)),
+                              beta_slow=float(a("rope.scaling.yarn_beta_slow", 1.0)), truncate=not gpt_oss)
     elif kind not in (None, "none"):
         # Refuse rather than run with the wrong positions.
         raise UnsupportedModelError(f"unsupported GGUF rope scaling type {kind!r}")
     vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"])
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    gemma = _gemma3(a, heads, hidden) if arch == "gemma3" else {}
+    extra = _gemma3(a, heads, hidden) if arch == "gemma3" else _gpt_oss(a) if gpt_oss else {}
     return ModelConfig(
         architecture=_ARCHS[arch],
         vocab_size=int(vocab),
@@ -102,14 +116,15 @@ def gguf_model_config(reader: GgufFile) -> ModelConfig:
         rope_theta=float(a("rope.freq_base", 10000.0)),
         max_position_embeddings=int(a("context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
-        attention_bias=arch == "qwen2",
+        attention_bias=arch == "qwen2" or gpt_oss,
+        o_proj_bias=gpt_oss,
         qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
-        moe=_moe(a) if arch == "qwen3moe" else None,
+        moe=_moe(a) if arch == "qwen3moe" else _gpt_oss_moe(a) if gpt_oss else None,
         rope_scaling=scaling,
         rope_freq_factors=_rope_freqs(reader),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
-        **gemma,
+        **extra,
     )
 
 
@@ -134,6 +149,33 @@ def _gemma3(a: Any, heads: int, hidden: int) -> dict[str, Any]:
             sliding = tuple(p == 0 or i % p < p - 1 for i in range(n))
         out.update(sliding_window=int(window), sliding_layers=sliding)
     return out
+
+
+def _gpt_oss(a: Any) -> dict[str, Any]:
+    """GPT-OSS's layers as llama.cpp builds them: sinks, and a window on every other layer
+    from the first (its swa pattern of 2)."""
+    n = int(a("block_count"))
+    return {"attention_sinks": True, "sliding_window": int(a("attention.sliding_window")),
+            "sliding_layers": tuple(i % 2 == 0 for i in range(n))}
+
+
+def _gpt_oss_moe(a: Any) -> MoEConfig:
+    # llama.cpp's gpt-oss graph: softmax over the chosen biased logits, biased experts, the
+    # clamped SwiGLU with its fixed alpha 1.702 and limit 7 (transformers' defaults too).
+    return MoEConfig(
+        num_experts=int(a("expert_count")),
+        top_k=int(a("expert_used_count")),
+        intermediate_size=int(a("expert_feed_forward_length")),
+        num_shared=0,
+        first_dense=0,
+        scoring="topk_softmax",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        router_bias=True,
+        expert_bias=True,
+        swiglu_limit=7.0,
+        swiglu_alpha=1.702,
+    )
 
 
 def _moe(a: Any) -> MoEConfig:
@@ -241,7 +283,7 @@ def count_tensors(reader: GgufFile) -> int:
     """How many tensors iter_gguf yields at most (an expert stack counts once per expert)."""
     def n(t: TensorInfo) -> int:
         m = _LAYER_RE.match(t.name)
-        return int(t.shape[2]) if m is not None and m.group(2) in _EXPERT_NAMES else 1
+        return int(t.shape[2]) if m is not None and m.group(2) in _EXPERT_NAMES and m.group(3) == "weight" else 1
 
     return sum(n(t) for t in reader.tensors)
 
@@ -251,18 +293,24 @@ def iter_gguf(reader: GgufFile, cfg: ModelConfig) -> Iterator[tuple[str, LazyTen
     rows un-permuted, Gemma's norms back to w from llama.cpp's 1 + w."""
     permute = cfg.architecture == "LlamaForCausalLM"
     gemma = cfg.architecture == "Gemma3ForCausalLM"
-    layer_names = _GEMMA3_NAMES if gemma else _LAYER_NAMES
+    gpt_oss = cfg.architecture == "GptOssForCausalLM"
+    layer_names = _GEMMA3_NAMES if gemma else _GPT_OSS_NAMES if gpt_oss else _LAYER_NAMES
     for t in reader.tensors:
         if t.name in _GLOBAL_NAMES:
             name = _GLOBAL_NAMES[t.name]
         else:
             m = _LAYER_RE.match(t.name)
-            if m is not None and m.group(2) in _EXPERT_NAMES:
+            if m is not None and m.group(2) in _EXPERT_NAMES and m.group(3) == "weight":
                 yield from _experts(t, m.group(1))
                 continue
-            if m is None or m.group(2) not in layer_names:
+            if gpt_oss and m is not None and m.group(2) in _EXPERT_NAMES:
+                name = f"model.layers.{m.group(1)}.{_GPT_OSS_EXPERT_BIASES[m.group(2)]}"
+            elif m is None or m.group(2) not in layer_names:
                 continue
-            name = f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
+            elif m.group(2) == "attn_sinks":
+                name = f"model.layers.{m.group(1)}.self_attn.sinks"
+            else:
+                name = f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
         n_head = None
         if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
             n_head = cfg.num_heads

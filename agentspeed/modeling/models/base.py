@@ -42,6 +42,9 @@ class CausalLM(nn.Module):
         if cfg.rope_local_theta is not None:
             self.cos_sin_local = cos_sin_table(rope_dim, cfg.max_position_embeddings, cfg.rope_local_theta, None, device)
         self.targets: Targets = {}
+        # Weights a checkpoint may hold in one of several layouts (GPT-OSS's experts: 3-D
+        # tensors in safetensors, one tensor per expert in GGUF): one whole set must load.
+        self.alternatives: list[tuple[frozenset[str], ...]] = []
         self.collectives: list[Insertion] = []
 
     def finish(
@@ -75,5 +78,18 @@ class CausalLM(nn.Module):
         return logits[:, : self.cfg.vocab_size].float()
 
     def required_weights(self) -> set[str]:
-        """Checkpoint names that must be present."""
-        return set(self.targets)
+        """Checkpoint names that must be present (those of `alternatives` are checked by
+        missing_weights)."""
+        return set(self.targets) - self.alternative_names()
+
+    def alternative_names(self) -> set[str]:
+        return {n for sets in self.alternatives for names in sets for n in names}
+
+    def missing_weights(self, loaded: set[str]) -> list[str]:
+        """Required names not loaded, and for each group of alternatives none of which fully
+        loaded, what the one closest to complete lacks."""
+        missing = set(self.required_weights()) - loaded
+        for sets in self.alternatives:
+            if not any(names <= loaded for names in sets):
+                missing |= min((names - loaded for names in sets), key=len)
+        return sorted(missing)

@@ -101,7 +101,12 @@ class LlamaForCausalLM(CausalLM):
                 mods["moe"] = moe = SparseMoE(cfg.hidden_size, cfg.moe, False, comm, kernels, dtype, device)
                 gpt_oss = cfg.architecture == "GptOssForCausalLM"
                 prefix = f"model.layers.{i}."
-                self.targets.update(moe.gpt_oss_targets(prefix) if gpt_oss else moe.checkpoint_targets(prefix))
+                if gpt_oss:  # safetensors' 3-D expert tensors, or GGUF's per-expert ones
+                    hf, gguf = moe.gpt_oss_targets(prefix), moe.gpt_oss_gguf_targets(prefix)
+                    self.targets.update({**hf, **gguf})
+                    self.alternatives.append((frozenset(hf.keys() - gguf.keys()), frozenset(gguf.keys() - hf.keys())))
+                else:
+                    self.targets.update(moe.checkpoint_targets(prefix))
             else:
                 mods.update(dense_mlp(cfg.hidden_size, cfg.intermediate_size, comm, kernels, dtype, device))
             if cfg.attention_sinks:
@@ -121,7 +126,7 @@ class LlamaForCausalLM(CausalLM):
     def required_weights(self) -> set[str]:
         """Checkpoint names that must be present (biases and q/k norms only when configured)."""
         need = set()
-        for name in self.targets:
+        for name in self.targets.keys() - self.alternative_names():
             if name.endswith("o_proj.bias") and not self.cfg.o_proj_bias:
                 continue
             if name.endswith("_proj.bias") and "o_proj" not in name and not self.cfg.attention_bias:
