@@ -130,6 +130,7 @@ def test_mxfp4_gguf_stays_packed(gpt_oss: Path, tmp_path: Path) -> None:
     one packed weight each with their biases beside, and gives the greedy tokens of the same
     file dequantized and run dense."""
     from gguf_writer import write_gguf
+    from test_qwen3_moe import fused_and_loop
 
     from agentspeed.config import KernelConfig
     from agentspeed.kernels.ggml import GgmlLinear
@@ -145,3 +146,14 @@ def test_mxfp4_gguf_stays_packed(gpt_oss: Path, tmp_path: Path) -> None:
     ours, ref = generate(packed, PROMPTS, GREEDY), generate(dense, PROMPTS, GREEDY)
     assert [o.token_ids for o in ours] == [r.token_ids for r in ref]
     assert len({t for o in ours for t in o.token_ids}) > 3
+    # Its routed experts take the fused native call (biases, clamped SwiGLU) at every step
+    # size: the per-expert loop's sums, up to float order and an int16 step of h where the two
+    # activations' last bits differ.
+    assert all(m._fused is not None for m in moes)
+    g = torch.Generator().manual_seed(0)
+    for T, scale in ((1, 1.0), (5, 1.0), (40, 1.0), (300, 1.0), (40, 300.0)):  # the last beyond the clamp
+        fused, loop, _ = fused_and_loop(moes[0], T, g, scale)
+        torch.testing.assert_close(fused, loop, rtol=0, atol=1e-4 * float(loop.abs().max()), msg=lambda m: f"T={T}, x scale {scale}: {m}")
+    x = torch.randn(40, 64, generator=g) * 300.0
+    gate_up = packed.kernels.linear(x, moes[0]._w13[0], moes[0].b13[0])  # type: ignore[index]
+    assert float(gate_up.abs().max()) > 2 * 7.0  # so the clamp at 7 took part above

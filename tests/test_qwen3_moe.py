@@ -117,7 +117,7 @@ def test_quantized_gguf_experts_stay_packed(tmp_path: Path, qtype: str, monkeypa
     for T, blocks in ((1, None), (3, None), (8, None), (20, None), (64, None), (300, None), (1300, None), (1300, 97)):
         if blocks:  # hold the per-choice outputs of `blocks` tokens at a time
             monkeypatch.setattr(cpu_ggml, "MOE_OUT_BYTES", blocks * 2 * 256 * 4)
-        fused, loop, ids = _fused_and_loop(moe, T, g)
+        fused, loop, ids = fused_and_loop(moe, T, g)
         monkeypatch.undo()
         if T == 1300:  # experts with over 256 rows: more than one work item each
             assert int(torch.bincount(ids.flatten()).min()) > 256
@@ -144,18 +144,19 @@ def test_quantized_gguf_experts_stay_packed(tmp_path: Path, qtype: str, monkeypa
                     monkeypatch.setattr(cpu_ggml, name, value)
                 for c in caches:  # linear()'s per-weight choices, made again without the kernel
                     c.clear()
-            fused, loop, _ = _fused_and_loop(m, T, g)
+            fused, loop, _ = fused_and_loop(m, T, g)
             monkeypatch.undo()
             for c in caches:
                 c.clear()
             torch.testing.assert_close(fused, loop, rtol=0, atol=same * float(loop.abs().max()), msg=f"{case}, T={T}")
 
 
-def _fused_and_loop(moe: SparseMoE, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A layer's routed experts for T random tokens and routes: by the fused call and by the
-    per-expert loop."""
+def fused_and_loop(moe: SparseMoE, T: int, g: torch.Generator,
+                   scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's routed experts for T random tokens (normal, times scale) and routes: by the
+    fused call and by the per-expert loop."""
     E, k = moe.cfg.num_experts, moe.cfg.top_k
-    x = torch.randn(T, moe.gate.shape[1], generator=g)
+    x = torch.randn(T, moe.gate.shape[1], generator=g) * scale
     w, ids = torch.rand(T, k, generator=g), torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     fused = moe._experts(x, w, ids)
     fn, moe._fused = moe._fused, None

@@ -289,7 +289,8 @@ def linear(x: torch.Tensor, lin: GgmlLinear, bias: torch.Tensor | None, mode: st
 
 
 _moe = _lib.ggml_moe
-_moe.argtypes = (_P, _I, _L, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I, _I, _L, _P, _I)
+_moe.argtypes = (_P, _I, _L, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _P, _I, _I, _L, _P, _P, _P,
+                 ctypes.c_float, ctypes.c_float, _I)
 _moe.restype = _I
 _moe_workspace = _lib.ggml_moe_workspace
 _moe_workspace.argtypes = (_I, _I, _I, _I, _I, _L, _I)
@@ -307,8 +308,13 @@ class MoEPlan:
     """A layer's packed experts as ggml_moe takes them: per expert its gate|up weight
     (2 parts of F rows) and down weight (1 part of N rows), the arrays made once."""
 
-    def __init__(self, w13: list[GgmlLinear], w2: list[GgmlLinear]) -> None:
+    def __init__(self, w13: list[GgmlLinear], w2: list[GgmlLinear], b13: torch.Tensor | None = None,
+                 b2: torch.Tensor | None = None, swiglu: tuple[float, float] | None = None) -> None:
         self.E, self.F, self.N = len(w13), w13[0].native[0][4], w2[0].out_features
+        # GPT-OSS: expert biases [E, 2F] and [E, N], and the clamped SwiGLU's (limit, alpha)
+        self.b13 = None if b13 is None else b13.float().contiguous()
+        self.b2 = None if b2 is None else b2.float().contiguous()
+        self.swiglu = swiglu or (0.0, 0.0)
         t13, p13, s13, t2, p2, s2 = [], [], [], [], [], []
         for a, b in zip(w13, w2):
             (o1, q1, w1, st1, n1), (o2, q2, w2_, st2, n2) = a.native
@@ -326,7 +332,8 @@ class MoEPlan:
         self.args = tuple(ctypes.addressof(a) for a in self._arrays)
 
     @staticmethod
-    def of(w13: list[object], w2: list[object]) -> MoEPlan | None:
+    def of(w13: list[object], w2: list[object], b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+           swiglu: tuple[float, float] | None = None) -> MoEPlan | None:
         """The plan, or None where an expert is not packed in int16-decodable parts."""
         def ok(w: object, parts: int) -> bool:
             return (isinstance(w, GgmlLinear) and len(w.native) == parts and w.covered
@@ -337,7 +344,7 @@ class MoEPlan:
         g2 = [b for b in w2 if isinstance(b, GgmlLinear)]
         if len({a.native[0][4] for a in g13} | {a.native[1][4] for a in g13}) != 1:
             return None
-        return MoEPlan(g13, g2)
+        return MoEPlan(g13, g2, b13, b2, swiglu)
 
 
 def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, plan: MoEPlan, int8: bool = True) -> torch.Tensor:
@@ -355,22 +362,28 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, plan: MoEPlan
     ws = torch.empty(_moe_workspace(T, K, topk, plan.F, plan.N, MOE_OUT_BYTES, threads))
     rc = _moe(x.data_ptr(), T, K, K, topk, ids32.data_ptr(), w.data_ptr(), plan.E, t13, p13, s13,
               plan.F, t2, p2, s2, plan.N, y.data_ptr(), _MOE_MODE if int8 else 0, GEMM_Q8_ROWS,
-              MOE_OUT_BYTES, ws.data_ptr(), threads)
+              MOE_OUT_BYTES, ws.data_ptr(), None if plan.b13 is None else plan.b13.data_ptr(),
+              None if plan.b2 is None else plan.b2.data_ptr(), *plan.swiglu, threads)
     if rc != 0:
         raise RuntimeError(f"ggml_moe returned {rc} ({plan.E} experts, {T} tokens)")
     return y
 
 
-def packed_moe(w13: list[object], w2: list[object], int8: bool = True) -> Callable[..., torch.Tensor] | None:
+def packed_moe(w13: list[object], w2: list[object], b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+               swiglu: tuple[float, float] | None = None, int8: bool = True) -> Callable[..., torch.Tensor] | None:
     """For the linear backends reading packed weights in mode auto (int16 throughout with
     int8=False, as mode int16): a layer's fused routed-experts call (x, ids, weights) -> y for
-    steps of any size, or None where its experts are not all packed integer-decodable weights."""
-    plan = MoEPlan.of(w13, w2)
+    steps of any size, or None where its experts are not all packed integer-decodable weights.
+    GPT-OSS's experts: biases b13 [E, 2F] (gate | up) and b2 [E, N], and swiglu = (limit,
+    alpha) for its clamped SwiGLU."""
+    plan = MoEPlan.of(w13, w2, b13, b2, swiglu)
     if plan is None:
         return None
     return lambda x, ids, weights: moe(x, ids, weights, plan, int8)
 
 
-def packed_moe_int16(w13: list[object], w2: list[object]) -> Callable[..., torch.Tensor] | None:
+def packed_moe_int16(w13: list[object], w2: list[object], b13: torch.Tensor | None = None,
+                     b2: torch.Tensor | None = None,
+                     swiglu: tuple[float, float] | None = None) -> Callable[..., torch.Tensor] | None:
     """packed_moe with int16 activations throughout (the cpu_native_int16 backend)."""
-    return packed_moe(w13, w2, int8=False)
+    return packed_moe(w13, w2, b13, b2, swiglu, int8=False)

@@ -35,8 +35,9 @@ class KernelImpl:
     # Other backends are handed those weights dequantized.
     packed_rows: Callable[..., torch.Tensor] | None = None
     # For `linear` backends reading packed weights: (a layer's prepared expert weights, gate|up
-    # and down per expert) -> a fused routed-experts call (x, ids, weights) -> y for steps of
-    # any size, or None where those experts do not suit it (kernels/cpu_ggml.py).
+    # and down per expert, their biases or None, GPT-OSS's (swiglu limit, alpha) or None) -> a
+    # fused routed-experts call (x, ids, weights) -> y for steps of any size, or None where
+    # those experts do not suit it (kernels/cpu_ggml.py).
     packed_moe: Callable[..., Any] | None = None
 
     def why_not(self, device: str, dtype: torch.dtype, traits: Traits) -> str | None:

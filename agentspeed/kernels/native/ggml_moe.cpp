@@ -12,6 +12,7 @@
 // opens per product.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -79,6 +80,24 @@ int product(const Mode& m, const float* x, int R, int K, int nparts, const int* 
     return 0;
 }
 
+// y[r, :n] += b for n-wide rows.
+void add_rows(float* y, int rows, int n, const float* b) {
+    for (int r = 0; r < rows; ++r)
+        for (int i = 0; i < n; ++i) y[int64_t{r} * n + i] += b[i];
+}
+
+// GPT-OSS's activation of gate|up rows [rows, 2F] into h [rows, F], as SparseMoE._act.
+void clamped_swiglu(const float* g13, int rows, int F, float limit, float alpha, float* h) {
+    for (int r = 0; r < rows; ++r)
+        for (int i = 0; i < F; ++i) {
+            const float g = std::min(g13[int64_t{r} * 2 * F + i], limit);
+            const float u = std::clamp(g13[int64_t{r} * 2 * F + F + i], -limit, limit);
+            // sigmoid(z) with e = exp(-|z|) <= 1: no inf (this file is built with -ffast-math)
+            const float z = g * alpha, e = std::exp(-std::fabs(z));
+            h[int64_t{r} * F + i] = (u + 1.0f) * g * ((z < 0.0f ? e : 1.0f) / (1.0f + e));
+        }
+}
+
 // Tokens per block: out_bytes of per-(token, choice) outputs, at least 1, at most T.
 int64_t token_block(int T, int topk, int N, int64_t out_bytes) {
     return std::min<int64_t>(T, std::max<int64_t>(1, out_bytes / (int64_t{topk} * N * 4)));
@@ -106,12 +125,16 @@ int64_t ggml_moe_workspace(int T, int K, int topk, int F, int N, int64_t out_byt
 // y [T, N] is overwritten; each token's choices are summed in router order (the same result
 // whatever the thread split). many, q8_rows: how products round x (Mode above). The
 // per-choice outputs are held for out_bytes / (topk * N * 4) tokens at a time (at least 1);
-// ws: ggml_moe_workspace(T, K, topk, F, N, out_bytes, threads) floats.
+// ws: ggml_moe_workspace(T, K, topk, F, N, out_bytes, threads) floats. GPT-OSS's experts:
+// b13 [E, 2F] and b2 [E, N] biases (or null) added to each product, and with limit > 0 the
+// clamped SwiGLU (clamp(up, +-limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit), in
+// place of silu(gate) * up.
 // Returns 0; -1 for bad arguments; a kernel's negative code (minus 10) if a product fails.
 int ggml_moe(const float* x, int T, int64_t ldx, int K, int topk, const int32_t* ids, const float* weights, int E,
              const int* types13, const uint8_t* const* ws13, const int64_t* strides13, int F, const int* types2,
              const uint8_t* const* ws2, const int64_t* strides2, int N, float* y, int many, int q8_rows,
-             int64_t out_bytes, float* ws, int threads) {
+             int64_t out_bytes, float* ws, const float* b13, const float* b2, float limit, float alpha,
+             int threads) {
     if (T < 1 || topk < 1 || E < 1 || F < 1 || N < 1 || many < 0 || many > 3) return -1;
     for (int64_t i = 0; i < int64_t{T} * topk; ++i)
         if (ids[i] < 0 || ids[i] >= E) return -1;
@@ -146,9 +169,14 @@ int ggml_moe(const float* x, int T, int64_t ldx, int K, int topk, const int32_t*
                 int code = product(mode, xe, n, K, 2, types13 + 2 * e, ws13 + 2 * e, strides13 + 2 * e, rows13,
                                    offs13, h13, 2 * F);
                 if (code == 0) {
-                    silu_and_mul(h13, 2 * F, n, F, h, F, 1);  // the dense MLP's, bit for bit
+                    if (b13) add_rows(h13, n, 2 * F, b13 + int64_t{e} * 2 * F);
+                    if (limit > 0.0f)
+                        clamped_swiglu(h13, n, F, limit, alpha, h);
+                    else
+                        silu_and_mul(h13, 2 * F, n, F, h, F, 1);  // the dense MLP's, bit for bit
                     const int rows2[1] = {N}, offs2[1] = {0};
                     code = product(mode, h, n, F, 1, types2 + e, ws2 + e, strides2 + e, rows2, offs2, ye, N);
+                    if (code == 0 && b2) add_rows(ye, n, N, b2 + int64_t{e} * N);
                 }
                 if (code != 0) {
 #pragma omp critical

@@ -209,9 +209,10 @@ class SparseMoE(SpmdModule):
                         for e in range(E)]
             self._linear = kernels.linear
             self.w13 = self.w2 = None  # type: ignore[assignment]
-            plain = self.b13 is None and self.cfg.swiglu_limit is None  # what the fused call computes
-            if kernels.packed_moe is not None and plain:
-                self._fused = kernels.packed_moe(self._w13, self._w2)
+            if kernels.packed_moe is not None:
+                limit = self.cfg.swiglu_limit
+                swiglu = None if limit is None else (limit, self.cfg.swiglu_alpha)
+                self._fused = kernels.packed_moe(self._w13, self._w2, self.b13, self.b2, swiglu)
         else:
             with torch.no_grad():
                 for (e, which), w in self._packed.items():
