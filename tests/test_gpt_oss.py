@@ -153,7 +153,7 @@ def test_mxfp4_gguf_stays_packed(gpt_oss: Path, tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     for T, scale in ((1, 1.0), (5, 1.0), (40, 1.0), (300, 1.0), (40, 300.0)):  # the last beyond the clamp
         fused, loop, _ = fused_and_loop(moes[0], T, g, scale)
-        torch.testing.assert_close(fused, loop, rtol=0, atol=1e-4 * float(loop.abs().max()), msg=lambda m: f"T={T}, x scale {scale}: {m}")
+        torch.testing.assert_close(fused, loop, rtol=0, atol=1e-4 * float(loop.abs().max()), msg=lambda m, T=T, scale=scale: f"T={T}, x scale {scale}: {m}")
     x = torch.randn(40, 64, generator=g) * 300.0
     gate_up = packed.kernels.linear(x, moes[0]._w13[0], moes[0].b13[0])  # type: ignore[index]
     assert float(gate_up.abs().max()) > 2 * 7.0  # so the clamp at 7 took part above
