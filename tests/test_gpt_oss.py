@@ -157,3 +157,18 @@ def test_mxfp4_gguf_stays_packed(gpt_oss: Path, tmp_path: Path) -> None:
     x = torch.randn(40, 64, generator=g) * 300.0
     gate_up = packed.kernels.linear(x, moes[0]._w13[0], moes[0].b13[0])  # type: ignore[index]
     assert float(gate_up.abs().max()) > 2 * 7.0  # so the clamp at 7 took part above
+
+
+def test_experts_must_load_whole_in_one_layout(gpt_oss: Path) -> None:
+    """GPT-OSS's experts come as transformers' 3-D tensors or as GGUF's per-expert ones: either
+    whole set loads; a set short of a tensor is named missing (the one closest to complete)."""
+    model = runner_for(gpt_oss, page_size=5).model
+    names = set(model.targets)
+    hf = {n for n in names if n.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj"))}
+    gguf = {n for n in names if (".experts." in n and n.split(".experts.")[1][0].isdigit())
+            or n.endswith(("experts.gate_proj_bias", "experts.up_proj_bias"))}
+    assert len(hf) == 2 * 3 and len(gguf) == 2 * (3 * 8 + 2)
+    assert model.missing_weights(names - gguf) == [] and model.missing_weights(names - hf) == []
+    short = "model.layers.1.mlp.experts.5.up_proj.weight"
+    assert model.missing_weights(names - hf - {short}) == [short]
+    assert model.missing_weights(names - hf - gguf) == sorted(hf)
