@@ -19,6 +19,7 @@ from agentspeed.errors import ModelLoadError, UnsupportedModelError
 from agentspeed.kernels.ggml import NATIVE_TYPES, GgmlWeight
 from agentspeed.modeling.layers.weights import LazyTensor, dense
 from agentspeed.modeling.loaders.gguf_file import GgufFile, TensorInfo
+from agentspeed.modeling.loaders.hf_config import gpt_oss_moe
 
 log = logging.getLogger(__name__)
 
@@ -160,22 +161,10 @@ def _gpt_oss(a: Any) -> dict[str, Any]:
 
 
 def _gpt_oss_moe(a: Any) -> MoEConfig:
-    # llama.cpp's gpt-oss graph: softmax over the chosen biased logits, biased experts, the
-    # clamped SwiGLU with its fixed alpha 1.702 and limit 7 (transformers' defaults too).
-    return MoEConfig(
-        num_experts=int(a("expert_count")),
-        top_k=int(a("expert_used_count")),
-        intermediate_size=int(a("expert_feed_forward_length")),
-        num_shared=0,
-        first_dense=0,
-        scoring="topk_softmax",
-        topk_method="greedy",
-        norm_topk_prob=False,
-        router_bias=True,
-        expert_bias=True,
-        swiglu_limit=7.0,
-        swiglu_alpha=1.702,
-    )
+    # llama.cpp's gpt-oss graph is transformers' (its fixed SwiGLU alpha and limit are
+    # transformers' defaults): the expert counts under transformers' keys.
+    return gpt_oss_moe({"num_local_experts": a("expert_count"), "num_experts_per_tok": a("expert_used_count"),
+                        "intermediate_size": a("expert_feed_forward_length")})
 
 
 def _moe(a: Any) -> MoEConfig:

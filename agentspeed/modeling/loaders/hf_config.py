@@ -117,7 +117,7 @@ def model_config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | N
         moe = _qwen3_moe(cfg)
     gpt_oss = arch == "GptOssForCausalLM"
     if gpt_oss:
-        moe = _gpt_oss_moe(cfg)
+        moe = gpt_oss_moe(cfg)
     if mla is not None:
         # Llama-style fields describe nothing real for MLA; keep them consistent.
         cfg = {**cfg, "num_key_value_heads": heads, "head_dim": mla.qk_head_dim}
@@ -255,7 +255,7 @@ def _qwen3_moe(cfg: dict[str, Any]) -> MoEConfig | None:
     )
 
 
-def _gpt_oss_moe(cfg: dict[str, Any]) -> MoEConfig:
+def gpt_oss_moe(cfg: dict[str, Any]) -> MoEConfig:
     """Every layer MoE: top-k of the biased router's logits, softmaxed; biased experts with a
     clamped SwiGLU. Its MXFP4 releases are read by checkpoint_quant (or refused there)."""
     return MoEConfig(
