@@ -13,6 +13,7 @@ dense tensors of the compute dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,7 +110,7 @@ class SparseMoE(SpmdModule):
         self._w2: list[Any] | None = None
         self._linear: Any = F.linear
         # The linear backend's fused routed-experts call (x, ids, weights) -> y.
-        self._fused: Any = None
+        self._fused: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def checkpoint_targets(self, prefix: str) -> dict[str, tuple[SpmdModule, str, str | None]]:
         """Hugging Face checkpoint names under `prefix` (model.layers.{i}.) -> (module,

@@ -60,6 +60,11 @@ _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_do
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
+def _expert_stack(m: re.Match[str] | None) -> bool:
+    """Whether a layer tensor's name match is a stacked experts weight (not GPT-OSS's biases)."""
+    return m is not None and m.group(2) in _EXPERT_NAMES and m.group(3) == "weight"
+
+
 def open_gguf(path: Path) -> GgufFile:
     """The file's header and tensor directory, or a one-line ModelLoadError for a corrupt or
     truncated file (every tensor's extent is checked here, not mid-load)."""
@@ -272,7 +277,7 @@ def count_tensors(reader: GgufFile) -> int:
     """How many tensors iter_gguf yields at most (an expert stack counts once per expert)."""
     def n(t: TensorInfo) -> int:
         m = _LAYER_RE.match(t.name)
-        return int(t.shape[2]) if m is not None and m.group(2) in _EXPERT_NAMES and m.group(3) == "weight" else 1
+        return int(t.shape[2]) if _expert_stack(m) else 1
 
     return sum(n(t) for t in reader.tensors)
 
@@ -289,7 +294,8 @@ def iter_gguf(reader: GgufFile, cfg: ModelConfig) -> Iterator[tuple[str, LazyTen
             name = _GLOBAL_NAMES[t.name]
         else:
             m = _LAYER_RE.match(t.name)
-            if m is not None and m.group(2) in _EXPERT_NAMES and m.group(3) == "weight":
+            if _expert_stack(m):
+                assert m is not None
                 yield from _experts(t, m.group(1))
                 continue
             if gpt_oss and m is not None and m.group(2) in _EXPERT_NAMES:
