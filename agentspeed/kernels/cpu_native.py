@@ -40,6 +40,7 @@ from agentspeed.kernels.api import AttentionMetadata
 from agentspeed.kernels.ggml import GgmlLinear
 from agentspeed.kernels.native import NativeBuildError, load
 from agentspeed.kernels.reference import silu_and_mul as _reference_silu_and_mul
+from agentspeed.kernels.reference import store_kv as _reference_store_kv
 from agentspeed.kernels.registry import register_kernel, register_unavailable
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,18 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) ->
     return q_out, k_out
 
 
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """fp32 rows into fp32/bf16/fp16 caches in one native call (torch's rounding; the
+    reference's indexing and conversion were ~40 us a layer in a decode step); fp8 caches,
+    whose rows are scaled per token, take the reference's quantizer."""
+    assert _store is not None
+    if k_scale is None and v_scale is None and _store(k, v, k_cache, v_cache, slot_mapping):
+        return
+    _reference_store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
 def _prepare_linear(w: torch.Tensor | GgmlLinear) -> torch.Tensor | GgmlLinear:
     if isinstance(w, GgmlLinear):
         return w  # read as stored
@@ -246,13 +259,14 @@ def linear_int16(x: torch.Tensor, w: torch.Tensor | GgmlLinear, bias: torch.Tens
 
 # Ops this backend registers where the library builds (and records as unavailable where not).
 NATIVE_OPS = ("paged_attention_decode", "paged_attention_prefill", "linear", "silu_and_mul", "rotary_embedding",
-              "rms_norm")
+              "rms_norm", "store_kv")
 _fn = None
 _prefill = None
 _prefill_supports = None
 _silu = None
 _rope = None
 _rms = None
+_store = None
 _UNAVAILABLE = ""
 if os.environ.get("AGENTSPEED_NATIVE", "1") == "0":
     _UNAVAILABLE = "disabled by AGENTSPEED_NATIVE=0"
@@ -305,3 +319,7 @@ else:
         _rms.argtypes = (_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_float, _P, _I)
         _rms.restype = _I
         register_kernel("rms_norm", BACKEND, ("cpu",), (torch.float32,), priority=20)(rms_norm)
+        from agentspeed.kernels import cpu_decode
+
+        _store = cpu_decode.store_kv
+        register_kernel("store_kv", BACKEND, ("cpu",), (torch.float32,), priority=20)(store_kv)

@@ -117,6 +117,10 @@ def build_model(cfg: EngineConfig, comm: Communicator) -> BuiltModel:
         prepare = getattr(m, "prepare_weights", None)
         if prepare is not None:
             prepare(kernels)
+    if device == "cpu":
+        from agentspeed.modeling.fused_decode import FusedDecode
+
+        model.fused_decode = FusedDecode.of(model)
     for line in kernels.describe_variants():
         log.info("kernels of %s", line)
     for kind, (n, nbytes) in kernels.widened.items():

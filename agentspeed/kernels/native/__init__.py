@@ -27,14 +27,14 @@ from pathlib import Path
 
 from agentspeed.errors import AgentspeedError
 
-SOURCES = ("elementwise.cpp", "ggml_gemm_i16.cpp", "ggml_gemm_k8.cpp", "ggml_gemm_q8.cpp", "ggml_i16.cpp", "ggml_linear.cpp", "ggml_moe.cpp", "ggml_q8.cpp", "paged_decode.cpp",
+SOURCES = ("decode_layers.cpp", "elementwise.cpp", "ggml_gemm_i16.cpp", "ggml_gemm_k8.cpp", "ggml_gemm_q8.cpp", "ggml_i16.cpp", "ggml_linear.cpp", "ggml_moe.cpp", "ggml_q8.cpp", "paged_decode.cpp",
            "paged_prefill.cpp")
 HEADERS = ("ggml_blocks.h", "ggml_iblocks.h", "ggml_qblocks.h", "kv_load.h", "vec.h")  # part of the cache key, not compiled on their own
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17")
 # Linked without -ffast-math: with it gcc links crtfastmath.o, whose constructor turns on
 # flush-to-zero for the whole process as the library loads (torch's maths included).
 LINK_FLAGS = ("-shared", "-fopenmp")
-ABI_VERSION = 11
+ABI_VERSION = 12
 ENV_CACHE = "AGENTSPEED_CACHE_DIR"
 ENV_CXX = "CXX"
 # Extra compiler flags, e.g. "-mno-avx512f" to build (and test) the AVX2 code path on an

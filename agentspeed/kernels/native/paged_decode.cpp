@@ -457,7 +457,7 @@ void run(const Args& a, int split, int threads) {
 
 extern "C" {
 
-int agentspeed_abi_version() { return 11; }
+int agentspeed_abi_version() { return 12; }
 
 // Returns 0 on success, a negative code for arguments the kernel cannot take (the Python
 // wrapper checks these first; the codes are a second line of defence, never a crash).

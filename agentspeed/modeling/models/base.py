@@ -4,6 +4,8 @@ loaders fill."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -15,6 +17,9 @@ from agentspeed.modeling.layers.basic import RMSNorm, Scale
 from agentspeed.modeling.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from agentspeed.modeling.layers.rotary import cos_sin_table
 from agentspeed.modeling.placement import Replicate
+
+if TYPE_CHECKING:
+    from agentspeed.modeling.fused_decode import FusedDecode
 
 # target key -> (module, parameter name, part)
 Targets = dict[str, tuple[SpmdModule, str, str | None]]
@@ -46,6 +51,8 @@ class CausalLM(nn.Module):
         # tensors in safetensors, one tensor per expert in GGUF): one whole set must load.
         self.alternatives: list[tuple[frozenset[str], ...]] = []
         self.collectives: list[Insertion] = []
+        # Decode steps' layers in native calls (modeling/fused_decode.py; set at build on CPU).
+        self.fused_decode: FusedDecode | None = None
 
     def finish(
         self, embed: VocabParallelEmbedding, layers: list[tuple[str, SpmdModule]], norm: RMSNorm,
@@ -73,7 +80,8 @@ class CausalLM(nn.Module):
         ctx.rope = self.cos_sin[ctx.positions]
         if self.cos_sin_local is not None:
             ctx.rope_local = self.cos_sin_local[ctx.positions]
-        hidden = self.body(input_ids, ctx)
+        fused = self.fused_decode
+        hidden = fused.forward(input_ids, ctx) if fused is not None and fused.takes(ctx) else self.body(input_ids, ctx)
         logits = self.head(hidden[ctx.logits_indices], ctx)
         return logits[:, : self.cfg.vocab_size].float()
 
