@@ -17,6 +17,11 @@ from agentspeed.config import CacheConfig, EngineConfig, KernelConfig
 from agentspeed.control.plan import ScheduledChunk
 from agentspeed.execution.model_runner import ModelRunner
 from agentspeed.kernels import cpu_native, reference
+from agentspeed.modeling import fused_decode
+from agentspeed.modeling.layers.moe import SparseMoE
+
+if cpu_native._fn is not None:
+    from agentspeed.kernels import cpu_decode
 
 pytestmark = pytest.mark.skipif(cpu_native._fn is None,
                                 reason=f"native kernels unavailable: {cpu_native._UNAVAILABLE}")
@@ -28,7 +33,7 @@ MODELS = {
     "qwen2-q4_0-bias": ("qwen2", "qwen2", "Q4_0", {}),  # qkv bias
     # int8 decode kernel (K-quants, K a multiple of 256), per-head q/k norm
     "qwen3-q4_k": ("qwen3", "qwen3", "Q4_K", {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}),
-    # attention natively, the routed experts by their module between runs of layers
+    # routed experts behind Qwen3-MoE's routing (computed natively: equal up to float rounding)
     "qwen3moe-q4_k": ("qwen3_moe", "qwen3moe", "Q4_K", {"hidden_size": 256, "head_dim": 64,
                                                         "moe_intermediate_size": 256, "num_hidden_layers": 3}),
 }
@@ -54,14 +59,29 @@ def caches(r: ModelRunner) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "bfloat16", "float16"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", [*sorted(MODELS), "qwen3moe-q4_k-module-experts"])
 def test_native_layers_equal_the_modules(ggufs: dict[str, Path], name: str, kv_dtype: str,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    r = runner(ggufs[name], kv_dtype)
+    """The same logits and K/V rows bit for bit: dense layers; routed experts natively (the
+    modules routing as the loop does: torch's router product rounds differently, ~1e-7, and
+    the experts' int8 rounding of x can turn that into a code one step away, which flips
+    near-tied greedy tokens of these random models); the module's experts between runs of
+    native layers (as for routings the loop does not compute)."""
+    module_experts = name.endswith("-module-experts")
+    if module_experts:
+        monkeypatch.setattr(fused_decode, "_qwen3_experts", lambda *a: None)
+    elif "moe" in name:  # the modules route as the native loop does (tested against torch's below)
+        def forward(self: SparseMoE, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
+            c = self.cfg
+            weights, ids = cpu_decode.route(self.gate, x, c.top_k, c.norm_topk_prob, c.routed_scaling_factor)
+            return self._experts(x, weights, ids)
+
+        monkeypatch.setattr(SparseMoE, "forward", forward)
+    r = runner(ggufs[name.removesuffix("-module-experts")], kv_dtype)
     fused = r.model.fused_decode
     assert fused is not None
     assert fused.layers == r.model_config.num_layers
-    assert len(fused.runs) == (r.model_config.num_layers if "moe" in name else 1)
+    assert len(fused.runs) == (r.model_config.num_layers if module_experts else 1)
     taken = []
     native = fused.forward
     monkeypatch.setattr(fused, "forward", lambda ids, ctx: taken.append(1) or native(ids, ctx))
@@ -112,6 +132,28 @@ def test_other_steps_and_models_keep_the_modules_path(ggufs: dict[str, Path], tm
     assert runner(path, kernels=KernelConfig.parse("rms_norm=reference")).model.fused_decode is None
     assert runner(make_tiny("llama", tmp_path)).model.fused_decode is None  # safetensors: dense fp32
     assert runner(make_tiny("gemma3", tmp_path)).model.fused_decode is None
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_native_routing_equals_torch(renorm: bool) -> None:
+    """Qwen3-MoE's routing (modeling/layers/moe.py's route): the same experts, weights within
+    float rounding, for batches of one to eight tokens."""
+    from agentspeed.config import MoEConfig
+    from agentspeed.modeling.layers.moe import route
+
+    g = torch.Generator().manual_seed(int(renorm))
+    cfg = MoEConfig(num_experts=128, top_k=8, intermediate_size=64, num_shared=0, first_dense=0,
+                    scoring="softmax", topk_method="greedy", norm_topk_prob=renorm, routed_scaling_factor=2.5)
+    router = torch.randn(128, 512, generator=g) * 0.05
+    for R in (1, 3, 8):
+        h = torch.randn(R, 512, generator=g)
+        w, ids = cpu_decode.route(router, h, 8, renorm, 2.5)
+        want_w, want_ids = route(torch.nn.functional.linear(h, router), None, cfg)
+        order = want_ids.sort(-1).indices
+        got_order = ids.long().sort(-1).indices
+        assert torch.equal(ids.long().gather(1, got_order), want_ids.gather(1, order))
+        torch.testing.assert_close(w.gather(1, got_order), want_w.gather(1, order), rtol=1e-5, atol=1e-7)
+        assert bool((w[:, :-1] >= w[:, 1:]).all())  # largest first
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

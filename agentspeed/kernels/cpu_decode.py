@@ -33,8 +33,14 @@ class _Lin(ctypes.Structure):
                 ("nparts", _I), ("n", _I), ("k", _I), ("q8", _I)]
 
 
+class _Moe(ctypes.Structure):
+    _fields_ = [("router", _P), ("types13", _P), ("types2", _P), ("ws13", _P), ("ws2", _P), ("strides13", _P),
+                ("strides2", _P), ("out_bytes", _L), ("route_scale", _F), ("E", _I), ("topk", _I), ("renorm", _I),
+                ("F", _I), ("mode", _I), ("q8_rows", _I)]
+
+
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _Lin), ("o", _Lin), ("gate_up", _Lin), ("down", _Lin),
+    _fields_ = [("qkv", _Lin), ("o", _Lin), ("gate_up", _Lin), ("down", _Lin), ("moe", _Moe),
                 ("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P), ("k_norm", _P),
                 ("k_cache", _P), ("v_cache", _P), ("eps", _F), ("qk_eps", _F), ("scale", _F),
                 ("cache_code", _I), ("H", _I), ("KVH", _I), ("D", _I)]
@@ -50,8 +56,11 @@ _run = _lib.decode_layers
 _run.argtypes = (_P, _I, _P, _P, _I, _P)
 _run.restype = _I
 _workspace = _lib.decode_layers_workspace
-_workspace.argtypes = (_P, _I, _I, _I)
+_workspace.argtypes = (_P, _I, _I, _I, _I)
 _workspace.restype = _L
+_route = _lib.moe_route
+_route.argtypes = (_P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _I)
+_route.restype = _I
 _store = _lib.store_kv_rows
 _store.argtypes = (_P, _L, _P, _L, _I, _I, _P, _L, _P, _P, _I)
 _store.restype = _I
@@ -76,9 +85,21 @@ def _lin(w: GgmlLinear, bias: torch.Tensor | None) -> _Lin:
 
 
 @dataclass(slots=True)
+class RoutedExperts:
+    """A layer's routed experts (SparseMoE's fused call) and its Qwen3-MoE routing: softmax
+    of router @ x, the top k, renormalised if asked, times scale."""
+
+    router: torch.Tensor  # [E, hidden] fp32
+    experts: cpu_ggml.FusedMoE
+    top_k: int
+    renorm: bool
+    scale: float
+
+
+@dataclass(slots=True)
 class LayerWeights:
     """One layer's tensors as its modules hold them (fp32 norms and biases, packed
-    projections); gate_up/down None: the layer's MLP is not a dense SwiGLU (the caller runs it)."""
+    projections); gate_up/down None and moe None: the caller runs the layer's MLP."""
 
     attn_norm: torch.Tensor
     qkv: GgmlLinear
@@ -90,6 +111,7 @@ class LayerWeights:
     mlp_norm: torch.Tensor | None
     gate_up: GgmlLinear | None
     down: GgmlLinear | None
+    moe: RoutedExperts | None
     eps: float
     qk_eps: float
     scale: float
@@ -110,6 +132,12 @@ class DecodeLayers:
             a.qkv, a.o = _lin(w.qkv, w.qkv_bias), _lin(w.o, w.o_bias)
             if w.gate_up is not None and w.down is not None:
                 a.gate_up, a.down = _lin(w.gate_up, None), _lin(w.down, None)
+            elif w.moe is not None:
+                m, plan = w.moe, w.moe.experts.plan
+                t13, p13, s13, t2, p2, s2 = plan.args
+                a.moe = _Moe(m.router.data_ptr(), t13, t2, p13, p2, s13, s2, cpu_ggml.MOE_OUT_BYTES, m.scale,
+                             plan.E, m.top_k, int(m.renorm), plan.F,
+                             cpu_ggml._MOE_MODE if m.experts.int8 else 0, cpu_ggml.GEMM_Q8_ROWS)
             a.attn_norm = w.attn_norm.data_ptr()
             a.mlp_norm = None if w.mlp_norm is None else w.mlp_norm.data_ptr()
             a.q_norm = None if w.q_norm is None else w.q_norm.data_ptr()
@@ -136,7 +164,7 @@ class DecodeLayers:
         """x [R, hidden] fp32 contiguous through the layers, in place."""
         s = step.struct
         n = len(self.array)
-        ws = torch.empty(_workspace(self.array, n, s.R, self.hidden))
+        ws = torch.empty(_workspace(self.array, n, s.R, self.hidden, s.threads))
         rc = _run(self.array, n, ctypes.byref(s), x.data_ptr(), self.hidden, ws.data_ptr())
         if rc != 0:
             raise RuntimeError(f"decode_layers returned {rc}")
@@ -185,3 +213,18 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if rc != 0:
         raise RuntimeError(f"store_kv_rows returned {rc}")
     return True
+
+
+def route(router: torch.Tensor, h: torch.Tensor, top_k: int, renorm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [R, k] fp32, ids [R, k] int32) as decode_layers routes h [R, hidden] (Qwen3-MoE:
+    softmax of router @ h, the top k largest first, renormalised if asked, times scale)."""
+    E, hidden = router.shape
+    r = router.float().contiguous()
+    x = h.float().contiguous()
+    R = x.shape[0]
+    logits, ids, w = torch.empty(R, E), torch.empty(R, top_k, dtype=torch.int32), torch.empty(R, top_k)
+    rc = _route(r.data_ptr(), E, hidden, x.data_ptr(), R, top_k, int(renorm), scale, logits.data_ptr(),
+                ids.data_ptr(), w.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"moe_route: {top_k} of {E} experts, h {tuple(h.shape)}")
+    return w, ids

@@ -29,7 +29,6 @@ dense copy of a weight outlives the call.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -369,21 +368,31 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, plan: MoEPlan
     return y
 
 
+class FusedMoE:
+    """A layer's routed experts as one ggml_moe call: (x, ids, weights) -> y (see `moe`)."""
+
+    __slots__ = ("int8", "plan")
+
+    def __init__(self, plan: MoEPlan, int8: bool) -> None:
+        self.plan, self.int8 = plan, int8
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return moe(x, ids, weights, self.plan, self.int8)
+
+
 def packed_moe(w13: list[object], w2: list[object], b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
-               swiglu: tuple[float, float] | None = None, int8: bool = True) -> Callable[..., torch.Tensor] | None:
+               swiglu: tuple[float, float] | None = None, int8: bool = True) -> FusedMoE | None:
     """For the linear backends reading packed weights in mode auto (int16 throughout with
     int8=False, as mode int16): a layer's fused routed-experts call (x, ids, weights) -> y for
     steps of any size, or None where its experts are not all packed integer-decodable weights.
     GPT-OSS's experts: biases b13 [E, 2F] (gate | up) and b2 [E, N], and swiglu = (limit,
     alpha) for its clamped SwiGLU."""
     plan = MoEPlan.of(w13, w2, b13, b2, swiglu)
-    if plan is None:
-        return None
-    return lambda x, ids, weights: moe(x, ids, weights, plan, int8)
+    return None if plan is None else FusedMoE(plan, int8)
 
 
 def packed_moe_int16(w13: list[object], w2: list[object], b13: torch.Tensor | None = None,
                      b2: torch.Tensor | None = None,
-                     swiglu: tuple[float, float] | None = None) -> Callable[..., torch.Tensor] | None:
+                     swiglu: tuple[float, float] | None = None) -> FusedMoE | None:
     """packed_moe with int16 activations throughout (the cpu_native_int16 backend)."""
     return packed_moe(w13, w2, b13, b2, swiglu, int8=False)

@@ -85,7 +85,7 @@ def _layer(layer: Any, ops: dict[str, Any]) -> tuple[cpu_decode.LayerWeights, Pa
     qk = attn.qk_norm_eps is not None
     need(_fp32(norm.weight) and _fp32(qkv.bias) and _fp32(o.bias)
          and (not qk or (_fp32(attn.q_norm) and _fp32(attn.k_norm))), "fp32 norms and biases")
-    mlp_norm = gate_up = down = None
+    mlp_norm = gate_up = down = experts = None
     moe_block = None
     names = mlp_chain.step_names
     if names == ["ffn"] and isinstance(mlp_chain.steps()[0], RowBlocks):
@@ -100,7 +100,10 @@ def _layer(layer: Any, ops: dict[str, Any]) -> tuple[cpu_decode.LayerWeights, Pa
              and cpu_decode.packed_args(gate_up._w) is not None and cpu_decode.packed_args(down._w) is not None,
              "MLP projections not packed integer types")
     elif names == ["mlp_norm", "moe"] and isinstance(mlp_chain.steps()[1], SparseMoE):
-        moe_block = mlp_res
+        mlp_norm, moe = mlp_chain.steps()
+        experts = _qwen3_experts(moe, mlp_norm, ops)
+        if experts is None:  # other routing: the module runs it, between runs of native layers
+            moe_block, mlp_norm = mlp_res, None
     else:
         raise _Refused("MLP block layout")
     w = cpu_decode.LayerWeights(
@@ -108,11 +111,27 @@ def _layer(layer: Any, ops: dict[str, Any]) -> tuple[cpu_decode.LayerWeights, Pa
         q_norm=attn.q_norm if qk else None, k_norm=attn.k_norm if qk else None,
         o=o._w, o_bias=o.bias, mlp_norm=None if mlp_norm is None else mlp_norm.weight,
         gate_up=None if gate_up is None else gate_up._w, down=None if down is None else down._w,
-        eps=norm.eps, qk_eps=attn.qk_norm_eps or 0.0, scale=attn.scale,
+        moe=experts, eps=norm.eps, qk_eps=attn.qk_norm_eps or 0.0, scale=attn.scale,
         heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=attn.head_dim)
     if mlp_norm is not None:
         need(mlp_norm.eps == norm.eps, "MLP norm eps differs")
     return w, attn, moe_block
+
+
+def _qwen3_experts(moe: SparseMoE, norm: Any, ops: dict[str, Any]) -> cpu_decode.RoutedExperts | None:
+    """The layer's experts for the native loop where they are packed in SparseMoE's fused
+    call (mode auto or int16) behind Qwen3-MoE's routing (softmax, greedy top k, no
+    biases, groups or shared experts, plain SwiGLU); None otherwise."""
+    from agentspeed.kernels import cpu_decode, cpu_ggml
+
+    c = moe.cfg
+    if not (isinstance(norm, RMSNorm) and norm.kernels.rms_norm is ops["rms_norm"] and _fp32(norm.weight)
+            and isinstance(moe._fused, cpu_ggml.FusedMoE) and norm.weight.shape[0] == moe._fused.plan.N
+            and c.scoring == "softmax" and c.topk_method == "greedy" and c.num_groups == 1 and c.num_shared == 0
+            and moe.bias is None and moe.router_bias is None and moe.b13 is None and moe.b2 is None
+            and c.swiglu_limit is None and _fp32(moe.gate)):
+        return None
+    return cpu_decode.RoutedExperts(moe.gate.data, moe._fused, c.top_k, c.norm_topk_prob, c.routed_scaling_factor)
 
 
 class FusedDecode:

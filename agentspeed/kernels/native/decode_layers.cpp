@@ -2,7 +2,10 @@
 // for each layer x += o(attn(rope(qkv(rms(x))))), then, where the layer has a dense MLP,
 // x += down(silu_and_mul(gate_up(rms(x)))), every op the same native function, with the
 // same arguments, that the layer's modules call one by one from Python, so the step's
-// values are the same bit for bit.
+// values are the same bit for bit. Where it has routed experts of the Qwen3-MoE kind
+// (softmax over the router's logits, the top k, optionally renormalised), x += the
+// ggml_moe call the SparseMoE module makes, after routing computed here: the same experts
+// and weights up to float rounding of the router's product and softmax.
 //
 // Why: a decode step of a 1.5B model is ~28 layers x ~12 native calls; each call from
 // Python costs 5-15 us of wrapper, view and ctypes work (rms_norm on 1,536 floats: 10.6 us
@@ -12,8 +15,11 @@
 //
 // Also here: store_kv_rows, the native KV-cache store of the cpu_native backend.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "vec.h"
 
 extern "C" {
 #define GGML_PARTS_ARGS                                                                                    \
@@ -28,6 +34,11 @@ int silu_and_mul(const float* x, int64_t x_stride, int64_t T, int64_t d, float* 
                  int threads);
 int rope_neox(const float* q, int64_t q_stride, const float* k, int64_t k_stride, const float* cos_sin, int64_t T,
               int H, int KVH, int D, int rot, float* q_out, float* k_out, int threads);
+int ggml_moe(const float* x, int T, int64_t ldx, int K, int topk, const int32_t* ids, const float* weights, int E,
+             const int* types13, const uint8_t* const* ws13, const int64_t* strides13, int F, const int* types2,
+             const uint8_t* const* ws2, const int64_t* strides2, int N, float* y, int many, int q8_rows,
+             int64_t out_bytes, float* ws, const float* b13, const float* b2, float limit, float alpha, int threads);
+int64_t ggml_moe_workspace(int T, int K, int topk, int F, int N, int64_t out_bytes, int threads);
 int paged_decode_attention(const float* q, const int32_t* query_start, const void* k_cache, const void* v_cache,
                            const float* k_scale, const float* v_scale, int dtype, const int32_t* page_table,
                            int64_t pt_stride, const int32_t* seq_lens, int B, int H, int KVH, int D, int page_size,
@@ -50,9 +61,22 @@ struct Lin {
     int nparts, n, k, q8;
 };
 
+// Routed experts as SparseMoE's fused call takes them (cpu_ggml.MoEPlan's arrays), and the
+// Qwen3-MoE routing that chooses them.
+struct Moe {
+    const float* router;  // [E, hidden] fp32
+    const int *types13, *types2;
+    const uint8_t *const *ws13, *const *ws2;
+    const int64_t *strides13, *strides2;
+    int64_t out_bytes;
+    float route_scale;
+    int E, topk, renorm, F, mode, q8_rows;
+};
+
 // One decoder layer (kernels/cpu_decode.py's _Layer mirrors it field for field).
 struct Layer {
-    Lin qkv, o, gate_up, down;  // gate_up.n == 0: no MLP here (the caller runs the layer's MoE)
+    Lin qkv, o, gate_up, down;  // gate_up.n == 0: no dense MLP (moe.E > 0: routed experts)
+    Moe moe;                    // moe.E == 0: none; neither: the caller runs the layer's MLP
     const float *attn_norm, *mlp_norm, *q_norm, *k_norm;  // q_norm null: no per-head q/k norm
     void *k_cache, *v_cache;
     float eps, qk_eps, scale;
@@ -99,6 +123,49 @@ void store_rows(const float* x, int64_t ld, int T, int n, const int64_t* slots, 
     }
 }
 
+// Router logits of h [R, hidden] (fp32 dot products), their softmax, the top k of each row
+// (largest first; ties to the lower expert), renormalised to sum 1 if asked, times scale.
+void route(const Moe& m, const float* h, int R, int hidden, float* logits, int32_t* ids, float* w, int threads) {
+    const int E = m.E;
+    const int nt = int64_t{E} * hidden * R >= (1 << 15) ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int e = 0; e < E; ++e) {
+        const float* a = m.router + int64_t{e} * hidden;
+        for (int r = 0; r < R; ++r) {
+            const float* b = h + int64_t{r} * hidden;
+            vf acc = vf{};
+            int i = 0;
+            for (; i + W <= hidden; i += W) acc += ld(a + i) * ld(b + i);
+            float sum = 0.0f;
+            for (int j = 0; j < W; ++j) sum += acc[j];
+            for (; i < hidden; ++i) sum += a[i] * b[i];
+            logits[int64_t{r} * E + e] = sum;
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        float* p = logits + int64_t{r} * E;
+        float top = p[0];
+        for (int e = 1; e < E; ++e) top = p[e] > top ? p[e] : top;
+        float z = 0.0f;
+        for (int e = 0; e < E; ++e) z += (p[e] = std::exp(p[e] - top));
+        for (int e = 0; e < E; ++e) p[e] /= z;
+        int32_t* id = ids + int64_t{r} * m.topk;
+        float* wr = w + int64_t{r} * m.topk;
+        float kept = 0.0f;
+        for (int j = 0; j < m.topk; ++j) {  // k passes: k is small (8 of 128)
+            int best = -1;
+            for (int e = 0; e < E; ++e) {
+                bool taken = false;
+                for (int i = 0; i < j; ++i) taken = taken || id[i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            id[j] = best;
+            kept += (wr[j] = p[best]);
+        }
+        for (int j = 0; j < m.topk; ++j) wr[j] = (m.renorm ? wr[j] / (kept + 1e-20f) : wr[j]) * m.route_scale;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -116,17 +183,32 @@ int store_kv_rows(const float* k, int64_t k_ld, const float* v, int64_t v_ld, in
     return 0;
 }
 
+// Qwen3-MoE routing of h [R, hidden] by router [E, hidden] as decode_layers routes: ids and
+// weights [R, topk]; logits: R * E floats of scratch. (For tests: the same routing in the
+// modules' path makes the two paths' steps equal bit for bit.)
+int moe_route(const float* router, int E, int hidden, const float* h, int R, int topk, int renorm, float scale,
+              float* logits, int32_t* ids, float* w, int threads) {
+    if (E <= 0 || topk <= 0 || topk > E || R < 0 || hidden <= 0) return -1;
+    Moe m{};
+    m.router = router, m.E = E, m.topk = topk, m.renorm = renorm, m.route_scale = scale;
+    route(m, h, R, hidden, logits, ids, w, threads);
+    return 0;
+}
+
 // Floats of the workspace decode_layers needs for R rows of these layers.
-int64_t decode_layers_workspace(const Layer* layers, int n, int R, int hidden) {
+int64_t decode_layers_workspace(const Layer* layers, int n, int R, int hidden, int threads) {
     int64_t most = 0;
     for (int i = 0; i < n; ++i) {
         const Layer& L = layers[i];
         const int64_t q = int64_t{L.H} * L.D, kv = int64_t{L.KVH} * L.D;
         // qkv | q/k normed | q/k rotated | attention out | normed x | o or down out | gate|up
-        const int64_t f = L.qkv.n + 2 * (q + kv) + q + 2 * int64_t{hidden} + L.gate_up.n;
+        int64_t f = (L.qkv.n + 2 * (q + kv) + q + 2 * int64_t{hidden} + L.gate_up.n) * R;
+        if (L.moe.E)  // | router logits, ids, weights | ggml_moe's workspace
+            f += int64_t{R} * (L.moe.E + 2 * L.moe.topk) +
+                 ggml_moe_workspace(R, hidden, L.moe.topk, L.moe.F, hidden, L.moe.out_bytes, threads);
         most = f > most ? f : most;
     }
-    return most * R;
+    return most;
 }
 
 // x [R, hidden] (contiguous) through layers[0..n) in place; ws: decode_layers_workspace floats.
@@ -171,6 +253,20 @@ int decode_layers(const Layer* layers, int n, const Step* s, float* x, int hidde
             return err - 6;
         if (linear(L.o, att, R, q, y, th)) return err - 7;
         for (int64_t j = 0; j < int64_t{R} * hidden; ++j) x[j] = y[j] + x[j];
+        if (L.moe.E) {
+            const Moe& m = L.moe;
+            if (rms_norm(x, hidden, R, hidden, L.mlp_norm, L.eps, h, th)) return err - 8;
+            float* logits = gu;
+            int32_t* ids = reinterpret_cast<int32_t*>(logits + int64_t{R} * m.E);
+            float* w = logits + int64_t{R} * (m.E + m.topk);
+            route(m, h, R, hidden, logits, ids, w, th);
+            if (ggml_moe(h, R, hidden, hidden, m.topk, ids, w, m.E, m.types13, m.ws13, m.strides13, m.F, m.types2,
+                         m.ws2, m.strides2, hidden, y, m.mode, m.q8_rows, m.out_bytes, w + int64_t{R} * m.topk,
+                         nullptr, nullptr, 0.0f, 0.0f, th))
+                return err - 12;
+            for (int64_t j = 0; j < int64_t{R} * hidden; ++j) x[j] = y[j] + x[j];
+            continue;
+        }
         if (L.gate_up.n == 0) continue;
         const int F = L.gate_up.n / 2;
         if (rms_norm(x, hidden, R, hidden, L.mlp_norm, L.eps, h, th)) return err - 8;
