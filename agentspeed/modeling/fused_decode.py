@@ -6,11 +6,13 @@ q/k norm, NeoX RoPE, paged attention without window or sinks, packed o_proj) fol
 dense SwiGLU MLP of packed projections or by routed experts, and every op is the
 `cpu_native` backend's (linear in its default mode) with no collective anywhere (tensor-parallel
 size 1), builds kernels/cpu_decode.py's per-layer arguments. Decode steps of up to 8
-sequences of one token each then run the layers natively; the experts, the embedding, the
-final norm and the LM head stay with their modules. Anything else (prefill, drafts being
-verified, sliding windows, fp8 caches, TP, other backends) takes the modules' path: the
-same values either way, so the choice is speed only (tests/test_cpu_decode.py holds the two
-paths bit-equal).
+sequences of one token each then run the layers natively, Qwen3-MoE's routing and packed
+experts included (experts routed otherwise run by their module between runs of native
+layers); the embedding, the final norm and the LM head stay with their modules. Anything
+else (prefill, drafts being verified, sliding windows, fp8 caches, TP, other backends) takes
+the modules' path: the same values either way, so the choice is speed only
+(tests/test_cpu_decode.py holds the two paths bit-equal; routed experts given the same
+routing, torch's router product rounding differently by ~1e-7).
 """
 
 from __future__ import annotations
