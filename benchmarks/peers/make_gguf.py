@@ -7,6 +7,7 @@ tokenizer is the default model's (SmolLM2's GGUF metadata is copied), so the voc
 re-saved by transformers: its pre-tokenizer hash is not in the script's list.)
 
     python benchmarks/peers/make_gguf.py --shape qwen2.5-1.5b --types Q4_K_M,Q8_0,Q6_K --out .cache/gguf
+    python benchmarks/peers/make_gguf.py --shape gpt-oss-6l --types MXFP4_MOE --out .cache/gguf
 
 Writes OUT/<shape>-<TYPE>.gguf (and keeps OUT/<shape>-F16.gguf).
 """
@@ -33,8 +34,16 @@ SHAPES = {
                          num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
                          tie_word_embeddings=False, rope_theta=1e7, max_position_embeddings=32768),
+    # GPT-OSS-20B's layer (hidden 2880, 64 heads of 64, 8 KV heads, qkv/o biases, sinks, a
+    # 128-token window on every other layer, 32 biased experts of 2880, top 4, YaRN x32), 6 of
+    # its 24 layers (the F16 file: 10 GiB). Quantize with MXFP4_MOE, as its releases ship.
+    "gpt-oss-6l": dict(architectures=["GptOssForCausalLM"], hidden_size=2880, intermediate_size=2880,
+                       num_hidden_layers=6, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                       num_experts=32, num_experts_per_tok=4, moe_intermediate_size=2880, sliding_window=128,
+                       tie_word_embeddings=False, rope_theta=150000.0, max_position_embeddings=131072,
+                       yarn=(32.0, 4096)),
 }
-_ARCH = {"Qwen2ForCausalLM": "qwen2", "Qwen3MoeForCausalLM": "qwen3moe"}
+_ARCH = {"Qwen2ForCausalLM": "qwen2", "Qwen3MoeForCausalLM": "qwen3moe", "GptOssForCausalLM": "gpt-oss"}
 
 
 def write_f16(shape: str, path: Path) -> None:
@@ -47,7 +56,14 @@ def write_f16(shape: str, path: Path) -> None:
     src = gguf.GGUFReader(str(default_model_path()))
     vocab = len(src.fields["tokenizer.ggml.tokens"].data)
     moe = "num_experts" in cfg
+    gpt_oss = cfg["architectures"] == ["GptOssForCausalLM"]
     w = gguf.GGUFWriter(str(path), _ARCH[cfg["architectures"][0]])
+    if gpt_oss:  # as llama.cpp's conversion/gpt_oss.py writes them
+        w.add_sliding_window(cfg["sliding_window"])
+        factor, orig = cfg["yarn"]
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(orig)
     w.add_name(f"random {shape}")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -86,6 +102,20 @@ def write_f16(shape: str, path: Path) -> None:
         b = f"blk.{i}."
         for name, shape_ in (("attn_q", (q, h)), ("attn_k", (kv, h)), ("attn_v", (kv, h)), ("attn_output", (h, q))):
             w.add_tensor(b + name + ".weight", rand(*shape_))
+        if gpt_oss:  # biases, sinks, a biased F32 router, biased experts, the pre-MLP norm's name
+            E, fe = cfg["num_experts"], cfg["moe_intermediate_size"]
+            for name, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv), ("attn_output", h)):
+                w.add_tensor(b + name + ".bias", np.zeros(n, np.float32))
+            w.add_tensor(b + "attn_sinks.weight", np.zeros(cfg["num_attention_heads"], np.float32))
+            w.add_tensor(b + "ffn_gate_inp.weight", rand(E, h).astype(np.float32))
+            w.add_tensor(b + "ffn_gate_inp.bias", np.zeros(E, np.float32))
+            for name, shape_ in (("ffn_gate_exps", (E, fe, h)), ("ffn_up_exps", (E, fe, h)),
+                                 ("ffn_down_exps", (E, h, fe))):
+                w.add_tensor(b + name + ".weight", rand(*shape_))
+                w.add_tensor(b + name + ".bias", np.zeros(shape_[:2], np.float32))
+            w.add_tensor(b + "attn_norm.weight", np.ones(h, np.float32))
+            w.add_tensor(b + "post_attention_norm.weight", np.ones(h, np.float32))
+            continue
         if moe:  # router (F32, as llama.cpp keeps it), experts stacked [E, rows, cols], q/k norms
             E, fe = cfg["num_experts"], cfg["moe_intermediate_size"]
             w.add_tensor(b + "ffn_gate_inp.weight", rand(E, h).astype(np.float32))
