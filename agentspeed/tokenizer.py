@@ -72,7 +72,12 @@ def _convert_gguf(path: str, cached: str) -> tuple[bool, str]:
     try:
         hf = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     except Exception as e:
-        return False, f"cannot build a tokenizer from {path}: {e}"
+        # transformers parses the model's metadata too, and fails on some it need not read for
+        # a tokenizer (GPT-OSS's YaRN keys: it reads each value's key-length part, as of 5.x):
+        # retry on a copy of the metadata without RoPE scaling or tensors.
+        hf = _without_rope_scaling(p)
+        if hf is None:
+            return False, f"cannot build a tokenizer from {path}: {e}"
     try:  # written aside and renamed, so a concurrent reader never sees half of it
         Path(cached).parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=Path(cached).parent) as tmp:
@@ -81,6 +86,32 @@ def _convert_gguf(path: str, cached: str) -> tuple[bool, str]:
     except OSError as e:  # (a concurrent loader's rename won, or the cache is not writable)
         return True, str(e)
     return True, ""
+
+
+def _without_rope_scaling(path: Path) -> Any:
+    """AutoTokenizer of a copy of the file's metadata without its RoPE-scaling keys or tensors;
+    None where it has no such keys or that fails too."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    reader = gguf.GGUFReader(str(path))
+    if not any(".rope.scaling." in k for k in reader.fields):
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            w = gguf.GGUFWriter(str(Path(tmp) / path.name), str(reader.fields["general.architecture"].contents()))
+            for key, field in reader.fields.items():
+                if key.startswith("GGUF.") or key == "general.architecture" or ".rope.scaling." in key:
+                    continue
+                vtype = field.types[0]
+                sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+                w.add_key_value(key, field.contents(), vtype, sub)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.close()
+            return AutoTokenizer.from_pretrained(tmp, gguf_file=path.name)
+    except Exception:
+        return None
 
 
 def _from_directory(path: Path) -> Any:

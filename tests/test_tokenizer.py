@@ -68,6 +68,35 @@ def test_gguf_tokenizer_loads_without_torch_and_equals_autotokenizer(tmp_path: P
     _same(Tokenizer.load(ModelSource("gguf", smollm2_path, "smollm2")).hf, ref)
 
 
+def test_gguf_tokenizer_of_a_yarn_gpt_oss_file(tmp_path: Path, smollm2_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' GGUF parser fails on GPT-OSS's YaRN keys (every released gpt-oss GGUF
+    has them) while building the tokenizer: ours still builds it, equal to the same fields'."""
+    import gguf
+
+    src = gguf.GGUFReader(str(smollm2_path))
+    path = tmp_path / "oss.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt-oss")
+    w.add_block_count(1)
+    w.add_context_length(131072)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(32.0)
+    w.add_rope_scaling_orig_ctx_len(4096)
+    for key, field in src.fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            w.add_key_value(key, field.contents(), vtype, field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(TypeError):  # transformers' own parse (if this stops failing, drop the workaround)
+        AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    monkeypatch.setenv("AGENTSPEED_CACHE_DIR", str(tmp_path / "cache"))
+    tok = Tokenizer.load(ModelSource("gguf", path, "oss"))
+    ref = AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    assert tok.encode("hello owls") == ref.encode("hello owls")
+
+
 @pytest.mark.parametrize("cls", ["TokenizersBackend", "PreTrainedTokenizerFast", "GPT2Tokenizer", "NoSuchTokenizer"])
 def test_directory_tokenizer_by_its_class_equals_autotokenizer(tmp_path: Path, smollm2_path: Path, cls: str) -> None:
     """A directory naming its tokenizer class loads by that class (one transformers does not
