@@ -92,9 +92,12 @@ def test_native_layers_equal_the_modules(ggufs: dict[str, Path], name: str, kv_d
     assert not taken  # a prefill step keeps the modules' path
     pos = {rid: len(p) for rid, p in prompts.items()}
     toks = {rid: int(logits[i].argmax()) for i, rid in enumerate(prompts)}
-    for step in range(5):
+    for step in range(6):
         rids = list(prompts)[: 1 + step % 3]  # 1, 2 and 3 sequences
-        chunks = [ScheduledChunk(rid, (toks[rid],), pos[rid], pages[rid]) for rid in rids]
+        # steps 4 and 5: drafts being verified (3 tokens of "a", then 2 of "a" and 3 of "b")
+        drafts = {4: {"a": (7, 7)}, 5: {"a": (3,), "b": (9, 1)}}.get(step, {})
+        new = {rid: (toks[rid], *drafts.get(rid, ())) for rid in rids}
+        chunks = [ScheduledChunk(rid, new[rid], pos[rid], pages[rid]) for rid in rids]
         before = [t.clone() for t in caches(r)]
         logits = r.forward(chunks)
         after = [t.clone() for t in caches(r)]
@@ -106,10 +109,10 @@ def test_native_layers_equal_the_modules(ggufs: dict[str, Path], name: str, kv_d
         assert torch.equal(logits, want), f"step {step}: {(logits - want).abs().max()}"
         assert all(torch.equal(a, b) for a, b in zip(after, caches(r)))
         assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the step stored its rows
-        for i, rid in enumerate(rids):
-            pos[rid] += 1
+        for i, rid in enumerate(rids):  # (logits of each chunk's last token)
+            pos[rid] += len(new[rid])
             toks[rid] = int(logits[i].argmax())
-    assert len(taken) == 5
+    assert len(taken) == 6
 
 
 def test_other_steps_and_models_keep_the_modules_path(ggufs: dict[str, Path], tmp_path: Path) -> None:
@@ -121,11 +124,12 @@ def test_other_steps_and_models_keep_the_modules_path(ggufs: dict[str, Path], tm
     r.model.fused_decode.forward = lambda *a: called.append(1)  # type: ignore[method-assign]
     r.forward([ScheduledChunk("a", (int(out[0].argmax()),), 3, [1])])
     assert not called
-    # two new tokens of one sequence (drafts being verified): the modules' path
+    # more than 8 token rows, or a prompt's chunk beside a decode: the modules' path
     r2 = runner(path)
     r2.model.fused_decode.forward = lambda *a: called.append(1)  # type: ignore[method-assign]
-    r2.forward([ScheduledChunk("a", (1, 2, 3), 0, [1])])
-    r2.forward([ScheduledChunk("a", (4, 5), 3, [1, 2])])
+    r2.forward([ScheduledChunk(rid, (1, 2, 3), 0, [1 + i]) for i, rid in enumerate("abc")])
+    r2.forward([ScheduledChunk(rid, (4, 5, 6), 3, [1 + i, 4 + i]) for i, rid in enumerate("abc")])
+    r2.forward([ScheduledChunk("a", (7,), 6, [1, 4]), ScheduledChunk("d", tuple(range(9, 29)), 0, [7, 8, 9, 10, 11])])
     assert not called
     # other linear backends, dense weights, sliding windows: no native layers
     assert runner(path, kernels=KernelConfig.parse("linear=cpu_native_exact")).model.fused_decode is None

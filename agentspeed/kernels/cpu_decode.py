@@ -25,7 +25,7 @@ from agentspeed.kernels.native import load
 
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 CACHE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # decode_layers.cpp's Store
-MAX_ROWS = cpu_ggml.I16_ROWS  # the decode kernels' most rows (more take the GEMM paths)
+MAX_ROWS = cpu_ggml.I16_ROWS  # the decode kernels' most token rows (more take the GEMM paths)
 
 
 class _Lin(ctypes.Structure):
@@ -47,8 +47,9 @@ class _Layer(ctypes.Structure):
 
 
 class _Step(ctypes.Structure):
-    _fields_ = [("cos_sin", _P), ("slots", _P), ("table", _P), ("lens", _P), ("table_stride", _L),
-                ("nslots", _L), ("R", _I), ("rot", _I), ("page_size", _I), ("split", _I), ("threads", _I)]
+    _fields_ = [("cos_sin", _P), ("slots", _P), ("table", _P), ("lens", _P), ("query_start", _P),
+                ("table_stride", _L), ("nslots", _L), ("R", _I), ("B", _I), ("rot", _I), ("page_size", _I),
+                ("split", _I), ("threads", _I)]
 
 
 _lib = load()
@@ -171,21 +172,24 @@ class DecodeLayers:
 
 
 class Step:
-    """The inputs every layer of a decode step shares (R sequences of one token each)."""
+    """The inputs every layer of a decode step shares: token rows of sequences each adding one
+    token or a few (drafts being verified; query_start [B + 1] their first rows, else None)."""
 
     __slots__ = ("_keep", "struct")
 
     def __init__(self, cos_sin: torch.Tensor, slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
-                 page_size: int, nslots: int) -> None:
+                 query_start: torch.Tensor | None, page_size: int, nslots: int) -> None:
         cs = cos_sin if cos_sin.dtype == torch.float32 and cos_sin.is_contiguous() else cos_sin.float().contiguous()
         sl = slots.to(torch.int64).contiguous()
         tb = table if table.dtype == torch.int32 and table.is_contiguous() else table.to(torch.int32).contiguous()
         ln = lens.to(torch.int32).contiguous()
-        self._keep = (cs, sl, tb, ln)
+        qs = None if query_start is None else query_start.to(torch.int32).contiguous()
+        self._keep = (cs, sl, tb, ln, qs)
         from agentspeed.kernels.cpu_native import SPLIT_TOKENS
 
-        self.struct = _Step(cs.data_ptr(), sl.data_ptr(), tb.data_ptr(), ln.data_ptr(), tb.stride(0), nslots,
-                            sl.shape[0], cs.shape[-1], page_size, SPLIT_TOKENS, torch.get_num_threads())
+        self.struct = _Step(cs.data_ptr(), sl.data_ptr(), tb.data_ptr(), ln.data_ptr(),
+                            None if qs is None else qs.data_ptr(), tb.stride(0), nslots, sl.shape[0], ln.shape[0],
+                            cs.shape[-1], page_size, SPLIT_TOKENS, torch.get_num_threads())
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -5,11 +5,11 @@ where every layer is a pre-norm attention block (RMSNorm, packed q|k|v, optional
 q/k norm, NeoX RoPE, paged attention without window or sinks, packed o_proj) followed by a
 dense SwiGLU MLP of packed projections or by routed experts, and every op is the
 `cpu_native` backend's (linear in its default mode) with no collective anywhere (tensor-parallel
-size 1), builds kernels/cpu_decode.py's per-layer arguments. Decode steps of up to 8
-sequences of one token each then run the layers natively, Qwen3-MoE's routing and packed
+size 1), builds kernels/cpu_decode.py's per-layer arguments. Decode steps of up to 8 token
+rows (sequences adding one token each, or drafts being verified) then run the layers natively, Qwen3-MoE's routing and packed
 experts included (experts routed otherwise run by their module between runs of native
 layers); the embedding, the final norm and the LM head stay with their modules. Anything
-else (prefill, drafts being verified, sliding windows, fp8 caches, TP, other backends) takes
+else (prefill, mixed steps, sliding windows, fp8 caches, TP, other backends) takes
 the modules' path: the same values either way, so the choice is speed only
 (tests/test_cpu_decode.py holds the two paths bit-equal; routed experts given the same
 routing, torch's router product rounding differently by ~1e-7).
@@ -182,17 +182,17 @@ class FusedDecode:
         if pending:
             runs.append((cpu_decode.DecodeLayers(pending, model.cfg.hidden_size), idx, None))
         fused = FusedDecode(steps[0], runs, steps[-1], model.cfg.hidden_size)
-        log.info("decode steps of up to %d sequences: %d layers in %d native call(s)",
+        log.info("decode steps of up to %d token rows: %d layers in %d native call(s)",
                  cpu_decode.MAX_ROWS, fused.layers, len(runs))
         return fused
 
     def takes(self, ctx: ForwardContext) -> bool:
-        """Whether this step is one the native layers run: up to MAX_ROWS sequences of one
-        new token each, one page table for every layer, caches of a type they store."""
+        """Whether this step is one the native layers run: up to MAX_ROWS token rows, each
+        sequence's one new token or drafts being verified (a decode step: the decode attention
+        kernel's), one page table for every layer, caches of a type they store."""
         a = ctx.attn
-        T = len(a.query_lens_cpu)
-        if (self.max_rows < T or a.decode_split is not None or ctx.attn_window is not None
-                or ctx.positions.shape[0] != T or max(a.query_lens_cpu) != 1 or ctx.rope is None):
+        if (ctx.positions.shape[0] > self.max_rows or not a.is_decode or a.decode_split is not None
+                or ctx.attn_window is not None or ctx.rope is None):
             return False
         for run, idx, _ in self.runs:
             kvs = [ctx.kv_caches[i] for i in idx]
@@ -210,8 +210,9 @@ class FusedDecode:
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
         k0 = ctx.kv_caches[self.runs[0][1][0]].k
-        step = self._step(ctx.rope, a.slot_mapping, a.page_table, a.seq_lens, a.page_size,
-                               k0.numel() // (k0.shape[-2] * k0.shape[-1]))
+        one_each = ctx.positions.shape[0] == len(a.query_lens_cpu)  # as the decode attention wrapper
+        step = self._step(ctx.rope, a.slot_mapping, a.page_table, a.seq_lens, None if one_each else a.query_start_loc,
+                          a.page_size, k0.numel() // (k0.shape[-2] * k0.shape[-1]))
         for run, _, moe_block in self.runs:
             run.run(x, step)
             if moe_block is not None:

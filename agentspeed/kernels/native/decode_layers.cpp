@@ -83,14 +83,16 @@ struct Layer {
     int cache_code, H, KVH, D;
 };
 
-// The step's inputs every layer shares: R sequences of one token each.
+// The step's inputs every layer shares: R token rows of B sequences, each sequence's last few
+// tokens (one, or drafts being verified).
 struct Step {
-    const float* cos_sin;  // [R, rot]
-    const int64_t* slots;  // [R] flat cache slots
-    const int32_t* table;  // [R, table_stride] page table
-    const int32_t* lens;   // [R] context lengths, the new token included
+    const float* cos_sin;         // [R, rot]
+    const int64_t* slots;         // [R] flat cache slots
+    const int32_t* table;         // [B, table_stride] page table
+    const int32_t* lens;          // [B] context lengths, the new tokens included
+    const int32_t* query_start;   // [B + 1] each sequence's first row; null: one row each (R == B)
     int64_t table_stride, nslots;  // nslots: every layer's cache rows
-    int R, rot, page_size, split, threads;
+    int R, B, rot, page_size, split, threads;
 };
 
 int linear(const Lin& l, const float* x, int R, int64_t ldx, float* y, int threads) {
@@ -247,9 +249,9 @@ int decode_layers(const Layer* layers, int n, const Step* s, float* x, int hidde
         if (L.cache_code < F32 || L.cache_code > F16) return err - 5;
         store_rows(kr, kv, R, kv, s->slots, L.k_cache, L.cache_code);
         store_rows(qkv + q + kv, L.qkv.n, R, kv, s->slots, L.v_cache, L.cache_code);
-        if (paged_decode_attention(qr, nullptr, L.k_cache, L.v_cache, nullptr, nullptr, L.cache_code, s->table,
-                                   s->table_stride, s->lens, R, H, KVH, D, s->page_size, L.scale, att, s->split, th,
-                                   0, nullptr))
+        if (paged_decode_attention(qr, s->query_start, L.k_cache, L.v_cache, nullptr, nullptr, L.cache_code, s->table,
+                                   s->table_stride, s->lens, s->B, H, KVH, D, s->page_size, L.scale, att, s->split,
+                                   th, 0, nullptr))
             return err - 6;
         if (linear(L.o, att, R, q, y, th)) return err - 7;
         for (int64_t j = 0; j < int64_t{R} * hidden; ++j) x[j] = y[j] + x[j];
