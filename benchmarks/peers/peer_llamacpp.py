@@ -318,7 +318,7 @@ def main() -> None:
                    help="extra llama-server flags, e.g. '--spec-type ngram-simple --spec-draft-n-max 3' "
                         "(its own n-gram speculative decoding, against agentspeed's --num-speculative-tokens)")
     r.add_argument("--output", default="peer_results.json")
-    r.add_argument("--plot", default="peer_pareto.png")
+    r.add_argument("--plot", default=None, help="also plot useful tok/s against TTFT to this PNG file")
     d = sub.add_parser("decode", help="one stream, no speculation: load time, decode tok/s, peak RSS")
     d.add_argument("--model", required=True, help="GGUF file")
     d.add_argument("--tokens", type=int, default=128)
