@@ -139,10 +139,9 @@ def _qwen3_experts(moe: SparseMoE, norm: Any, ops: dict[str, Any]) -> cpu_decode
 class FusedDecode:
     """The model's decode steps through kernels/cpu_decode.py; see the module docstring."""
 
-    def __init__(self, embed: Any, runs: list[tuple[cpu_decode.DecodeLayers, list[int], Any]], norm: Any,
-                 hidden: int) -> None:
+    def __init__(self, embed: Any, runs: list[tuple[cpu_decode.DecodeLayers, list[int], Any]], norm: Any) -> None:
         """runs: (native layers, their layer indices, the MLP block to run after them or None)."""
-        self.embed, self.runs, self.norm, self.hidden = embed, runs, norm, hidden
+        self.embed, self.runs, self.norm = embed, runs, norm
         self.layers = sum(len(idx) for _, idx, _ in runs)
         from agentspeed.kernels import cpu_decode
 
@@ -181,7 +180,7 @@ class FusedDecode:
             return None
         if pending:
             runs.append((cpu_decode.DecodeLayers(pending, model.cfg.hidden_size), idx, None))
-        fused = FusedDecode(steps[0], runs, steps[-1], model.cfg.hidden_size)
+        fused = FusedDecode(steps[0], runs, steps[-1])
         log.info("decode steps of up to %d token rows: %d layers in %d native call(s)",
                  cpu_decode.MAX_ROWS, fused.layers, len(runs))
         return fused
