@@ -6,6 +6,7 @@ speed drifts within minutes, so only paired rounds compare). Prints each path's 
     python benchmarks/model/bench_decode_layers.py --model .cache/gguf/qwen2.5-1.5b-Q4_K_M.gguf
     python benchmarks/model/bench_decode_layers.py --model .cache/gguf/qwen2.5-1.5b-Q4_K_M.gguf --batch 8
     python benchmarks/model/bench_decode_layers.py --model .cache/gguf/qwen3-moe-8l-Q4_K_M.gguf
+    python benchmarks/model/bench_decode_layers.py --model .cache/gguf/qwen2.5-1.5b-Q4_K_M.gguf --tokens 4
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from agentspeed.execution.model_runner import ModelRunner
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a GGUF whose layers take the native path")
-    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (at most 8)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--tokens", type=int, default=1,
+                    help="tokens each sequence adds a step (above 1: drafts being verified; batch x tokens <= 8)")
     ap.add_argument("--prompt", type=int, default=10, help="prompt tokens of each sequence before the steps")
     ap.add_argument("--steps", type=int, default=20, help="decode steps per path per round")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--kv-cache-dtype", default="float16", help="as the server's flag (the peer benchmarks use float16)")
     a = ap.parse_args()
     page = 16
-    per_seq = -(-(a.prompt + 2 * a.rounds * a.steps + 40) // page)
+    per_seq = -(-(a.prompt + a.tokens * (2 * a.rounds * a.steps + 10) + 40) // page)
     cache = CacheConfig(page_size=page, num_pages=a.batch * per_seq + 1, kv_cache_dtype=a.kv_cache_dtype)
     runner = ModelRunner(EngineConfig(model=a.model, cache=cache))
     model = runner.model
@@ -48,8 +51,8 @@ def main() -> None:
         nonlocal pos
         out = torch.empty(0)
         for _ in range(n):
-            out = runner.forward([ScheduledChunk(rid, (5,), pos, pages[rid]) for rid in rids])
-            pos += 1
+            out = runner.forward([ScheduledChunk(rid, (5,) * a.tokens, pos, pages[rid]) for rid in rids])
+            pos += a.tokens
         return out
 
     steps(3)
@@ -70,7 +73,7 @@ def main() -> None:
             steps(a.steps)
             times[name].append((time.perf_counter() - t0) / a.steps * 1e3)
     model.fused_decode = fused
-    print(f"{a.model}: batch {a.batch}, {a.prompt}-token prompts, {a.steps} steps x {a.rounds} rounds, "
+    print(f"{a.model}: batch {a.batch} x {a.tokens} token(s), {a.prompt}-token prompts, {a.steps} steps x {a.rounds} rounds, "
           f"{torch.get_num_threads()} threads, KV {a.kv_cache_dtype}")
     for name, ts in times.items():
         print(f"  {name:14s} {statistics.median(ts):7.2f} ms per step (median; rounds {', '.join(f'{t:.1f}' for t in ts)})")
