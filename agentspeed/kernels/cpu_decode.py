@@ -146,6 +146,7 @@ class DecodeLayers:
             a.eps, a.qk_eps, a.scale = w.eps, w.qk_eps, w.scale
             a.H, a.KVH, a.D = w.heads, w.kv_heads, w.head_dim
         self._caches: tuple[torch.Tensor, ...] = ()
+        self._floats: dict[tuple[int, int], int] = {}  # workspace floats by (rows, threads)
 
     def bind_caches(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Point the layers at their K/V caches ([pages, page_size, kv_heads, head_dim] each);
@@ -165,7 +166,11 @@ class DecodeLayers:
         """x [R, hidden] fp32 contiguous through the layers, in place."""
         s = step.struct
         n = len(self.array)
-        ws = torch.empty(_workspace(self.array, n, s.R, self.hidden, s.threads))
+        key = (s.R, s.threads)
+        floats = self._floats.get(key)
+        if floats is None:
+            floats = self._floats[key] = _workspace(self.array, n, s.R, self.hidden, s.threads)
+        ws = torch.empty(floats)
         rc = _run(self.array, n, ctypes.byref(s), x.data_ptr(), self.hidden, ws.data_ptr())
         if rc != 0:
             raise RuntimeError(f"decode_layers returned {rc}")
@@ -178,18 +183,17 @@ class Step:
     __slots__ = ("_keep", "struct")
 
     def __init__(self, cos_sin: torch.Tensor, slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
-                 query_start: torch.Tensor | None, page_size: int, nslots: int) -> None:
+                 query_start: torch.Tensor | None, page_size: int, nslots: int, split: int) -> None:
+        """split: tokens per decode-attention work item (cpu_native.SPLIT_TOKENS)."""
         cs = cos_sin if cos_sin.dtype == torch.float32 and cos_sin.is_contiguous() else cos_sin.float().contiguous()
         sl = slots.to(torch.int64).contiguous()
         tb = table if table.dtype == torch.int32 and table.is_contiguous() else table.to(torch.int32).contiguous()
         ln = lens.to(torch.int32).contiguous()
         qs = None if query_start is None else query_start.to(torch.int32).contiguous()
         self._keep = (cs, sl, tb, ln, qs)
-        from agentspeed.kernels.cpu_native import SPLIT_TOKENS
-
         self.struct = _Step(cs.data_ptr(), sl.data_ptr(), tb.data_ptr(), ln.data_ptr(),
                             None if qs is None else qs.data_ptr(), tb.stride(0), nslots, sl.shape[0], ln.shape[0],
-                            cs.shape[-1], page_size, SPLIT_TOKENS, torch.get_num_threads())
+                            cs.shape[-1], page_size, split, torch.get_num_threads())
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -143,9 +143,9 @@ class FusedDecode:
         """runs: (native layers, their layer indices, the MLP block to run after them or None)."""
         self.embed, self.runs, self.norm = embed, runs, norm
         self.layers = sum(len(idx) for _, idx, _ in runs)
-        from agentspeed.kernels import cpu_decode
+        from agentspeed.kernels import cpu_decode, cpu_native
 
-        self._step, self.max_rows = cpu_decode.Step, cpu_decode.MAX_ROWS
+        self._step, self.max_rows, self._split = cpu_decode.Step, cpu_decode.MAX_ROWS, cpu_native.SPLIT_TOKENS
 
     @staticmethod
     def of(model: Any) -> FusedDecode | None:
@@ -211,7 +211,7 @@ class FusedDecode:
         k0 = ctx.kv_caches[self.runs[0][1][0]].k
         one_each = ctx.positions.shape[0] == len(a.query_lens_cpu)  # as the decode attention wrapper
         step = self._step(ctx.rope, a.slot_mapping, a.page_table, a.seq_lens, None if one_each else a.query_start_loc,
-                          a.page_size, k0.numel() // (k0.shape[-2] * k0.shape[-1]))
+                          a.page_size, k0.numel() // (k0.shape[-2] * k0.shape[-1]), self._split)
         for run, _, moe_block in self.runs:
             run.run(x, step)
             if moe_block is not None:
